@@ -1,0 +1,22 @@
+"""FedAvg / FedIT: sample-weighted average of A and of B, separately."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ModuleStack, Strategy, weighted_sum
+
+
+class FedAvg(Strategy):
+    """Averages the factors, not the products: cheap, but Σ w B · Σ w A ≠ Σ w BA (the known FedIT bias).
+
+    Heterogeneous ranks are zero-padded to the largest, which is exact per edge.
+    """
+
+    name = "fedavg"
+
+    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        w = stack.normalized
+        a = weighted_sum(w, stack.a) if stack.a is not None else None
+        b = weighted_sum(w, stack.b) if stack.b is not None else None
+        return a, b

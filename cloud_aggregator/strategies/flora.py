@@ -1,0 +1,50 @@
+"""FLoRA (Wang et al. 2024): stack factors so the global ΔW is exactly Σ_k w_k s_k B_k A_k.
+
+``A_g = [A_1; …; A_K]`` (rank axis), ``B_g = [w_1 s_1 B_1, …, w_K s_K B_K]``; no cross terms,
+so no aggregation noise.  An edge gets its rank through the truncated SVD of the stacked
+product (computed once per global version, then sliced).
+
+The stacked rank Σ r_k can exceed ``min(out, in)``; storing it then only wastes space, so by
+default (``lossless_compaction=True``) such a module is re-factored into its exact SVD form of
+rank ``min(out, in)``.  Either way ``B_g @ A_g`` is the exact weighted sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..contribution import GlobalAdapter
+from ..naming import lora_a, lora_b
+from .base import ModuleStack, Strategy, fit_rank
+from .lowrank import balanced_factors, svd_of_product
+
+
+class FLoRA(Strategy):
+    name = "flora"
+    factor_space = False
+
+    def __init__(self, lossless_compaction: bool = True) -> None:
+        self.lossless_compaction = lossless_compaction
+
+    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        assert stack.a is not None and stack.b is not None
+        w = stack.normalized.to(stack.b.dtype)
+        keep = stack.ranks.tolist()
+        k, _, r_max = stack.b.shape
+        # drop the zero padding so the stacked rank is exactly Σ r_k
+        if all(r == r_max for r in keep):
+            a = stack.a.reshape(k * r_max, -1)
+            b = (stack.b * w[:, None, None]).transpose(0, 1).reshape(stack.b.shape[1], k * r_max)
+        else:
+            a = torch.cat([stack.a[i, :r] for i, r in enumerate(keep)])
+            b = torch.cat([stack.b[i, :, :r] * w[i] for i, r in enumerate(keep)], dim=1)
+        if self.lossless_compaction and a.shape[0] > min(a.shape[1], b.shape[0]):
+            a, b = balanced_factors(*svd_of_product(b, a))
+        return a.contiguous(), b.contiguous()
+
+    def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        cache = g.cache.setdefault("flora_svd", {})
+        if module not in cache:
+            cache[module] = balanced_factors(*svd_of_product(g.tensors[lora_b(module)], g.tensors[lora_a(module)]))
+        a, b = cache[module]
+        return fit_rank(a, b, rank)

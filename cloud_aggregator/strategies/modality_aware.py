@@ -1,0 +1,47 @@
+"""Modality-aware aggregation (ML-ECS style).
+
+A module tied to a modality (``.modality_proj.<m>.`` in its name) is aggregated only over the
+edges that saw samples of ``m``, weighted by how many; an edge without audio therefore cannot
+dilute the audio modules.  Every module is aggregated and viewed by an inner rule (default
+fedavg), and an edge only receives the modality modules it has data for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..contribution import Contribution, GlobalAdapter
+from ..naming import modality_of
+from .base import ModuleStack, Strategy, edge_has
+
+
+class ModalityAware(Strategy):
+    name = "modality-aware"
+
+    def __init__(self, inner: Strategy | str = "fedavg", **inner_config: object) -> None:
+        if isinstance(inner, str):
+            from . import get_strategy
+
+            inner = get_strategy(inner, **inner_config)
+        if isinstance(inner, ModalityAware):
+            raise ValueError("modality-aware cannot wrap itself")
+        self.inner = inner
+        self.factor_space = inner.factor_space  # type: ignore[misc]
+        self.shares_a = inner.shares_a  # type: ignore[misc]
+        self.shares_b = inner.shares_b  # type: ignore[misc]
+
+    def base_weight(self, c: Contribution, name: str) -> float | None:
+        mod = modality_of(name)
+        if mod is None:
+            return self.inner.base_weight(c, name)
+        seen = c.modalities.get(mod, 0)
+        return float(seen) if seen > 0 else None
+
+    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.inner.aggregate_module(stack)
+
+    def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self.inner.view_module(g, module, rank)
+
+    def wants(self, name: str, modalities: dict[str, int] | None) -> bool:
+        return edge_has(modalities, name)
