@@ -1,0 +1,40 @@
+"""The receiving half of the bus contract: topic + payload in, checked envelope out.
+
+Every megace receiver (device SDK, edge, cloud, dashboards) feeds raw MQTT
+messages through an :class:`Inbox`, which parses the topic, reassembles chunks
+and decodes the envelope. Anything wrong raises a :class:`broker.errors.WireError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from broker import topics
+from broker.chunking import Reassembler
+from broker.errors import ChunkError
+from broker.wire.envelope import DEFAULT_MAX_PAYLOAD, Envelope, Kind, decode_envelope
+
+
+class Inbox:
+    """Stateful decoder for one receiver: owns the chunk reassembly buffers."""
+
+    def __init__(self, reassembler: Reassembler | None = None, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.reassembler = reassembler or Reassembler(max_transfer_bytes=max_payload)
+        self.max_payload = max_payload
+
+    def accept(self, topic: str, payload: bytes) -> tuple[topics.Parsed, Envelope] | None:
+        """Decode one MQTT message; ``None`` means a chunk was stored and the transfer is not complete."""
+        parsed = topics.parse(topic)
+        if parsed.chunk_index is None:
+            return parsed, decode_envelope(payload, max_size=self.max_payload)
+        env = decode_envelope(payload, expect=Kind.CHUNK, max_size=self.max_payload)
+        if isinstance(env.body, dict) and env.body.get("index") != parsed.chunk_index:
+            raise ChunkError(f"chunk body index {env.body.get('index')!r} != topic index {parsed.chunk_index}")
+        base = replace(parsed, chunk_index=None)
+        whole = self.reassembler.feed(f"{base.base}|{env.sender}", env.body)
+        if whole is None:
+            return None
+        inner = decode_envelope(whole, max_size=self.max_payload)
+        if inner.kind is Kind.CHUNK:
+            raise ChunkError("a chunked transfer may not contain another chunk")
+        return base, inner

@@ -1,0 +1,211 @@
+"""The megace topic tree: every topic string in the project is built and parsed here.
+
+Layout (``{x}`` are ids matching ``[A-Za-z0-9_.-]{1,64}``)::
+
+    megace/v1/site/{site}/device/{device}/up/{features|register|infer}     device -> edge
+    megace/v1/site/{site}/device/{device}/down/{config|prediction|feedback|model|error}
+                                                                            edge -> device
+    megace/v1/cloud/up/{site}/adapter                                       edge -> cloud
+    megace/v1/cloud/down/global                       (retained)            cloud -> all edges
+    megace/v1/cloud/down/site/{site}/feedback         (retained)            cloud -> one edge
+    megace/v1/status/{role}/{id}                      (retained, last will) everyone -> dashboards
+    megace/v1/metrics/{role}/{id}                     (JSON)                everyone -> dashboards
+
+A payload too large for one packet travels as chunks on ``{topic}/chunk/{index}``
+(see :mod:`broker.chunking`); :func:`subscriptions` returns the filters that cover both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from broker.errors import TopicError
+
+ROOT = "megace/v1"
+_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class Uplink(StrEnum):
+    """What a device sends to its edge."""
+
+    FEATURES = "features"
+    REGISTER = "register"
+    INFER = "infer"
+
+
+class Downlink(StrEnum):
+    """What an edge sends to one device."""
+
+    CONFIG = "config"
+    PREDICTION = "prediction"
+    FEEDBACK = "feedback"
+    MODEL = "model"
+    ERROR = "error"
+
+
+class Role(StrEnum):
+    """Who publishes a status or metrics topic."""
+
+    DEVICE = "device"
+    EDGE = "edge"
+    CLOUD = "cloud"
+    BROKER = "broker"
+
+
+class Channel(StrEnum):
+    """The kind of topic a parsed string belongs to."""
+
+    DEVICE_UP = "device_up"
+    DEVICE_DOWN = "device_down"
+    ADAPTER_UP = "adapter_up"
+    GLOBAL_DOWN = "global_down"
+    SITE_FEEDBACK = "site_feedback"
+    STATUS = "status"
+    METRICS = "metrics"
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid topic level id, else raise :class:`TopicError`."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise TopicError(f"invalid {what} {value!r}: must match [A-Za-z0-9_.-]{{1,64}}")
+    return value
+
+
+def device_up(site: str, device: str, what: Uplink) -> str:
+    return f"{ROOT}/site/{check_id(site, 'site')}/device/{check_id(device, 'device')}/up/{Uplink(what).value}"
+
+
+def device_down(site: str, device: str, what: Downlink) -> str:
+    return f"{ROOT}/site/{check_id(site, 'site')}/device/{check_id(device, 'device')}/down/{Downlink(what).value}"
+
+
+def site_device_uplinks(site: str) -> str:
+    """Filter an edge subscribes to: every uplink of every device of its site."""
+    return f"{ROOT}/site/{check_id(site, 'site')}/device/+/up/+"
+
+
+def device_downlinks(site: str, device: str) -> str:
+    """Filter a device subscribes to: everything its edge sends it."""
+    return f"{ROOT}/site/{check_id(site, 'site')}/device/{check_id(device, 'device')}/down/+"
+
+
+def adapter_up(site: str) -> str:
+    return f"{ROOT}/cloud/up/{check_id(site, 'site')}/adapter"
+
+
+def all_adapter_uplinks() -> str:
+    return f"{ROOT}/cloud/up/+/adapter"
+
+
+def global_down() -> str:
+    return f"{ROOT}/cloud/down/global"
+
+
+def site_feedback(site: str) -> str:
+    return f"{ROOT}/cloud/down/site/{check_id(site, 'site')}/feedback"
+
+
+def status(role: Role, ident: str) -> str:
+    return f"{ROOT}/status/{Role(role).value}/{check_id(ident)}"
+
+
+def metrics(role: Role, ident: str) -> str:
+    return f"{ROOT}/metrics/{Role(role).value}/{check_id(ident)}"
+
+
+def all_status() -> str:
+    return f"{ROOT}/status/#"
+
+
+def all_metrics() -> str:
+    return f"{ROOT}/metrics/#"
+
+
+def chunk(topic: str, index: int) -> str:
+    """Topic of chunk ``index`` of a transfer whose whole payload belongs on ``topic``."""
+    if index < 0:
+        raise TopicError(f"negative chunk index {index}")
+    return f"{topic}/chunk/{index}"
+
+
+def subscriptions(topic_filter: str) -> list[str]:
+    """Filters covering a topic (filter) and its chunk topics."""
+    if topic_filter.endswith("#"):
+        return [topic_filter]
+    return [topic_filter, f"{topic_filter}/chunk/+"]
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A topic taken apart. ``what`` is the last meaningful level (e.g. ``features``)."""
+
+    channel: Channel
+    site: str | None = None
+    device: str | None = None
+    role: Role | None = None
+    ident: str | None = None
+    what: str | None = None
+    chunk_index: int | None = None
+
+    @property
+    def base(self) -> str:
+        """The topic of the whole payload (without any chunk suffix)."""
+        return _build(self)
+
+
+def _build(p: Parsed) -> str:
+    c = p.channel
+    if c is Channel.DEVICE_UP:
+        return device_up(p.site or "", p.device or "", Uplink(p.what))
+    if c is Channel.DEVICE_DOWN:
+        return device_down(p.site or "", p.device or "", Downlink(p.what))
+    if c is Channel.ADAPTER_UP:
+        return adapter_up(p.site or "")
+    if c is Channel.GLOBAL_DOWN:
+        return global_down()
+    if c is Channel.SITE_FEEDBACK:
+        return site_feedback(p.site or "")
+    if c is Channel.STATUS:
+        return status(p.role or Role.EDGE, p.ident or "")
+    return metrics(p.role or Role.EDGE, p.ident or "")
+
+
+def parse(topic: str) -> Parsed:
+    """Take a concrete topic apart; raise :class:`TopicError` if it is not ours."""
+    if not isinstance(topic, str) or not topic.startswith(ROOT + "/"):
+        raise TopicError(f"not a megace/v1 topic: {topic!r}")
+    levels = topic[len(ROOT) + 1 :].split("/")
+    chunk_index: int | None = None
+    if len(levels) >= 2 and levels[-2] == "chunk":
+        if not levels[-1].isdigit():
+            raise TopicError(f"bad chunk index in {topic!r}")
+        chunk_index = int(levels[-1])
+        levels = levels[:-2]
+    try:
+        parsed = _parse_levels(levels, chunk_index)
+    except (ValueError, TopicError) as exc:
+        raise TopicError(f"not a megace/v1 topic: {topic!r} ({exc})") from None
+    return parsed
+
+
+def _parse_levels(lv: list[str], chunk_index: int | None) -> Parsed:
+    match lv:
+        case ["site", site, "device", device, "up", what]:
+            return Parsed(Channel.DEVICE_UP, check_id(site), check_id(device), what=Uplink(what).value,
+                          chunk_index=chunk_index)
+        case ["site", site, "device", device, "down", what]:
+            return Parsed(Channel.DEVICE_DOWN, check_id(site), check_id(device), what=Downlink(what).value,
+                          chunk_index=chunk_index)
+        case ["cloud", "up", site, "adapter"]:
+            return Parsed(Channel.ADAPTER_UP, check_id(site), what="adapter", chunk_index=chunk_index)
+        case ["cloud", "down", "global"]:
+            return Parsed(Channel.GLOBAL_DOWN, what="global", chunk_index=chunk_index)
+        case ["cloud", "down", "site", site, "feedback"]:
+            return Parsed(Channel.SITE_FEEDBACK, check_id(site), what="feedback", chunk_index=chunk_index)
+        case ["status", role, ident]:
+            return Parsed(Channel.STATUS, role=Role(role), ident=check_id(ident), chunk_index=chunk_index)
+        case ["metrics", role, ident]:
+            return Parsed(Channel.METRICS, role=Role(role), ident=check_id(ident), chunk_index=chunk_index)
+    raise TopicError("unknown layout")

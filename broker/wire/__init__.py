@@ -1,0 +1,40 @@
+"""The wire format: msgpack envelopes and the message bodies inside them (JSON for status/metrics)."""
+
+from broker.wire.adapters import AdapterUpdate, GlobalAdapter, Rejection, SiteFeedback, modality_of
+from broker.wire.arrays import DTYPES, decode_array, encode_array
+from broker.wire.device import (
+    CapabilityProfile,
+    DeviceConfig,
+    DeviceFeedback,
+    ErrorReport,
+    FeatureRecord,
+    ModalityProfile,
+    Prediction,
+)
+from broker.wire.envelope import Envelope, Kind, decode_envelope, encode_envelope
+from broker.wire.status import Status, decode_metrics, metrics_payload
+
+__all__ = [
+    "DTYPES",
+    "AdapterUpdate",
+    "CapabilityProfile",
+    "DeviceConfig",
+    "DeviceFeedback",
+    "Envelope",
+    "ErrorReport",
+    "FeatureRecord",
+    "GlobalAdapter",
+    "Kind",
+    "ModalityProfile",
+    "Prediction",
+    "Rejection",
+    "SiteFeedback",
+    "Status",
+    "decode_array",
+    "decode_envelope",
+    "decode_metrics",
+    "encode_array",
+    "encode_envelope",
+    "metrics_payload",
+    "modality_of",
+]

@@ -1,0 +1,232 @@
+"""Messages between a device and its edge: features, registration, config, predictions, errors.
+
+A :class:`FeatureRecord` is one sample of one device: one or several modalities
+(name -> array), an optional label and optional quality indicators. Records of
+the same sample always travel together, so the edge never has to join streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from broker.errors import DecodeError, UnknownModalityError
+from broker.wire.arrays import DTYPES, decode_array, encode_array
+from broker.wire.fields import (
+    body_map,
+    check_modality,
+    get_float,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+    number_map,
+)
+
+
+@dataclass(slots=True)
+class FeatureRecord:
+    """One multimodal sample as a device publishes it (also the body of an inference request)."""
+
+    device: str
+    sample: int
+    modalities: dict[str, np.ndarray]
+    label: int | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "device": self.device,
+            "sample": int(self.sample),
+            "modalities": {check_modality(k): encode_array(v) for k, v in self.modalities.items()},
+        }
+        if self.label is not None:
+            body["label"] = int(self.label)
+        if self.quality:
+            body["quality"] = {k: float(v) for k, v in self.quality.items()}
+        return body
+
+    @classmethod
+    def from_body(
+        cls,
+        body: Any,
+        *,
+        allowed_modalities: frozenset[str] | set[str] | None = None,
+        max_array_bytes: int | None = None,
+    ) -> FeatureRecord:
+        b = body_map(body, "features")
+        mods = get_map(b, "modalities")
+        if not mods:
+            raise UnknownModalityError("a feature record needs at least one modality")
+        arrays = {
+            check_modality(name, allowed_modalities): decode_array(arr, max_bytes=max_array_bytes)
+            for name, arr in mods.items()
+        }
+        return cls(
+            device=get_str(b, "device"),  # type: ignore[arg-type]
+            sample=get_int(b, "sample"),  # type: ignore[arg-type]
+            modalities=arrays,
+            label=get_int(b, "label", optional=True),
+            quality=number_map(get_map(b, "quality", optional=True), "quality"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModalityProfile:
+    """What a device can produce for one modality."""
+
+    shape: tuple[int, ...]
+    dtype: str = "<f4"
+    rate_hz: float = 1.0
+
+    def to_body(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "rate_hz": float(self.rate_hz)}
+
+    @classmethod
+    def from_body(cls, body: Any) -> ModalityProfile:
+        b = body_map(body, "modality profile")
+        shape = get_list(b, "shape")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise DecodeError(f"modality shape must be positive ints, got {shape!r}")
+        dtype = get_str(b, "dtype")
+        if dtype not in DTYPES:
+            raise DecodeError(f"unsupported dtype {dtype!r} in modality profile")
+        return cls(shape=tuple(shape), dtype=dtype, rate_hz=get_float(b, "rate_hz"))  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class CapabilityProfile:
+    """A device's registration: modalities it can sense and the compute it has."""
+
+    device: str
+    modalities: dict[str, ModalityProfile]
+    compute: dict[str, float] = field(default_factory=dict)
+    sdk_version: str = ""
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "modalities": {check_modality(k): v.to_body() for k, v in self.modalities.items()},
+            "compute": {k: float(v) for k, v in self.compute.items()},
+            "sdk": self.sdk_version,
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> CapabilityProfile:
+        b = body_map(body, "register")
+        mods = get_map(b, "modalities")
+        if not mods:
+            raise UnknownModalityError("a capability profile needs at least one modality")
+        return cls(
+            device=get_str(b, "device"),  # type: ignore[arg-type]
+            modalities={check_modality(k): ModalityProfile.from_body(v) for k, v in mods.items()},
+            compute=number_map(get_map(b, "compute", optional=True), "compute"),
+            sdk_version=get_str(b, "sdk", optional=True) or "",
+        )
+
+
+@dataclass(slots=True)
+class DeviceConfig:
+    """The edge's answer to a registration: what to send, how often, in which shape."""
+
+    modalities: list[str]
+    rate_hz: dict[str, float] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    model_version: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "modalities": [check_modality(m) for m in self.modalities],
+            "rate_hz": {k: float(v) for k, v in self.rate_hz.items()},
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "model_version": int(self.model_version),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> DeviceConfig:
+        b = body_map(body, "config")
+        shapes = get_map(b, "shapes", optional=True)
+        return cls(
+            modalities=[check_modality(m) for m in get_list(b, "modalities")],
+            rate_hz=number_map(get_map(b, "rate_hz", optional=True), "rate_hz"),
+            shapes={check_modality(k): tuple(int(d) for d in v) for k, v in shapes.items()},
+            model_version=get_int(b, "model_version", optional=True) or 0,
+        )
+
+
+@dataclass(slots=True)
+class Prediction:
+    """The edge's answer to an inference request (``sample`` echoes the request's)."""
+
+    device: str
+    sample: int
+    label: int
+    probs: np.ndarray
+    model_version: int = 0
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "sample": int(self.sample),
+            "label": int(self.label),
+            "probs": encode_array(np.asarray(self.probs, dtype=np.float32)),
+            "model_version": int(self.model_version),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> Prediction:
+        b = body_map(body, "prediction")
+        return cls(
+            device=get_str(b, "device"),  # type: ignore[arg-type]
+            sample=get_int(b, "sample"),  # type: ignore[arg-type]
+            label=get_int(b, "label"),  # type: ignore[arg-type]
+            probs=decode_array(get_map(b, "probs")),
+            model_version=get_int(b, "model_version", optional=True) or 0,
+        )
+
+
+@dataclass(slots=True)
+class DeviceFeedback:
+    """Top-down feedback relayed to a device: the model version it is served by and how it does."""
+
+    global_version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+    def to_body(self) -> dict[str, Any]:
+        return {"global_version": int(self.global_version), "metrics": dict(self.metrics), "message": self.message}
+
+    @classmethod
+    def from_body(cls, body: Any) -> DeviceFeedback:
+        b = body_map(body, "feedback")
+        return cls(
+            global_version=get_int(b, "global_version"),  # type: ignore[arg-type]
+            metrics=number_map(get_map(b, "metrics", optional=True), "metrics"),
+            message=get_str(b, "message", optional=True) or "",
+        )
+
+
+@dataclass(slots=True)
+class ErrorReport:
+    """Why a message from a device was rejected (``ref`` is the rejected envelope's seq)."""
+
+    code: str
+    message: str
+    ref: int | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.ref is not None:
+            body["ref"] = int(self.ref)
+        return body
+
+    @classmethod
+    def from_body(cls, body: Any) -> ErrorReport:
+        b = body_map(body, "error")
+        return cls(
+            code=get_str(b, "code"),  # type: ignore[arg-type]
+            message=get_str(b, "message"),  # type: ignore[arg-type]
+            ref=get_int(b, "ref", optional=True),
+        )

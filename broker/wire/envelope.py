@@ -1,0 +1,123 @@
+"""The versioned envelope every msgpack payload on the bus travels in.
+
+``{"v": 1, "k": kind, "s": sender, "n": seq, "t": unix_ms, "ct": content_type, "b": body}``,
+keys in that order, so encoding is deterministic and test vectors are stable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+
+from broker import WIRE_VERSION
+from broker.errors import DecodeError, OversizeError, SchemaVersionError, UnknownKindError
+
+DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
+"""Largest payload a decoder accepts unless told otherwise (chunked transfers reassemble to this)."""
+
+
+class Kind(StrEnum):
+    """What an envelope's body is."""
+
+    FEATURES = "features"
+    REGISTER = "register"
+    INFER = "infer"
+    CONFIG = "config"
+    PREDICTION = "prediction"
+    FEEDBACK = "feedback"
+    MODEL = "model"
+    ERROR = "error"
+    ADAPTER = "adapter"
+    GLOBAL = "global"
+    SITE_FEEDBACK = "site_feedback"
+    CHUNK = "chunk"
+
+
+def content_type(kind: Kind) -> str:
+    return f"application/vnd.megace.{Kind(kind).value}+msgpack"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded envelope; ``body`` is still the plain msgpack structure."""
+
+    kind: Kind
+    sender: str
+    seq: int
+    ts_ms: int
+    content_type: str
+    body: Any
+    version: int = WIRE_VERSION
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_envelope(
+    kind: Kind,
+    sender: str,
+    seq: int,
+    body: Any,
+    *,
+    ts_ms: int | None = None,
+    ctype: str | None = None,
+) -> bytes:
+    """Pack ``body`` (msgpack-ready: maps, lists, scalars, bytes/memoryviews) into an envelope."""
+    kind = Kind(kind)
+    return msgpack.packb(
+        {
+            "v": WIRE_VERSION,
+            "k": kind.value,
+            "s": sender,
+            "n": int(seq),
+            "t": now_ms() if ts_ms is None else int(ts_ms),
+            "ct": ctype or content_type(kind),
+            "b": body,
+        },
+        use_bin_type=True,
+    )
+
+
+_KEYS = {"v", "k", "s", "n", "t", "ct", "b"}
+
+
+def decode_envelope(
+    payload: bytes | bytearray | memoryview,
+    *,
+    expect: Kind | frozenset[Kind] | None = None,
+    max_size: int = DEFAULT_MAX_PAYLOAD,
+) -> Envelope:
+    """Unpack and check an envelope; every failure is a :class:`broker.errors.WireError`."""
+    if len(payload) > max_size:
+        raise OversizeError(f"payload of {len(payload)} bytes exceeds the limit of {max_size}")
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises many unrelated types on garbage
+        raise DecodeError(f"not a msgpack document: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict) or set(obj) != _KEYS:
+        raise DecodeError("an envelope is a map with exactly the keys v, k, s, n, t, ct, b")
+    if obj["v"] != WIRE_VERSION:
+        raise SchemaVersionError(f"schema version {obj['v']!r} is not supported (this code speaks {WIRE_VERSION})")
+    try:
+        kind = Kind(obj["k"])
+    except ValueError:
+        raise UnknownKindError(f"unknown envelope kind {obj['k']!r}") from None
+    if expect is not None:
+        allowed = {expect} if isinstance(expect, Kind) else expect
+        if kind not in allowed:
+            raise UnknownKindError(f"expected {sorted(k.value for k in allowed)}, got {kind.value!r}")
+    sender, seq, ts, ct = obj["s"], obj["n"], obj["t"], obj["ct"]
+    if not isinstance(sender, str) or not isinstance(ct, str):
+        raise DecodeError("envelope sender and content type must be strings")
+    if not _is_int(seq) or not _is_int(ts) or seq < 0:
+        raise DecodeError("envelope seq and timestamp must be non-negative integers")
+    return Envelope(kind=kind, sender=sender, seq=seq, ts_ms=ts, content_type=ct, body=obj["b"])
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,65 @@
+"""Status and metrics: JSON, not msgpack, so a browser dashboard can read them with no codec.
+
+Status is published retained with a last-will of ``offline``, so a dashboard that
+subscribes late still sees who is up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from broker import WIRE_VERSION
+from broker.errors import DecodeError, SchemaVersionError
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+@dataclass(slots=True)
+class Status:
+    role: str
+    id: str
+    state: str
+    ts: float = field(default_factory=time.time)
+    detail: dict[str, Any] = field(default_factory=dict)
+    v: int = WIRE_VERSION
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Status:
+        obj = _load(payload)
+        try:
+            return cls(role=obj["role"], id=obj["id"], state=obj["state"], ts=float(obj["ts"]),
+                       detail=dict(obj.get("detail", {})), v=obj["v"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"bad status document: {exc}") from None
+
+
+def metrics_payload(role: str, ident: str, values: dict[str, Any]) -> bytes:
+    """A JSON metrics document: ``{"v", "role", "id", "ts", "metrics": {...}}``."""
+    doc = {"v": WIRE_VERSION, "role": role, "id": ident, "ts": time.time(), "metrics": values}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=float).encode()
+
+
+def decode_metrics(payload: bytes) -> dict[str, Any]:
+    obj = _load(payload)
+    if not isinstance(obj.get("metrics"), dict):
+        raise DecodeError("metrics document has no metrics map")
+    return obj
+
+
+def _load(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError("expected a JSON object")
+    if obj.get("v") != WIRE_VERSION:
+        raise SchemaVersionError(f"schema version {obj.get('v')!r} is not supported")
+    return obj
