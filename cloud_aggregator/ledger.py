@@ -1,0 +1,337 @@
+"""Durable record of what the cloud accepted and published, so a crash loses and repeats nothing.
+
+Layout under ``root``::
+
+    ledger.sqlite                       WAL, synchronous=FULL: updates, rejections, globals
+    updates/<edge-hash>_<seq>_<rand>.safetensors  one accepted contribution
+    globals/v<version>.safetensors          one global adapter (+ v<version>.opt.safetensors)
+
+Ordering rules that make recovery exact:
+
+* ``accept`` writes the tensors (tmp + fsync + rename + dir fsync) *before* the row is
+  committed, and the caller acknowledges only after ``accept`` returns; an ack therefore
+  always means "on disk".  A crash between the two leaves an orphan file, removed at open.
+* ``commit_global`` writes the global file first, then in one transaction inserts the version
+  and flips exactly the consumed updates from pending to applied (refusing any that are not
+  pending).  A crash before that transaction leaves the previous version current and the
+  updates pending, so re-aggregating after restart yields the same version number again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from .contribution import Contribution, GlobalAdapter
+from .errors import DuplicateUpdate
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY,
+    edge_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    received_version INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    samples INTEGER NOT NULL,
+    modalities TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    weight REAL NOT NULL,
+    norm REAL,
+    path TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'applied')),
+    applied_version INTEGER,
+    received_at REAL NOT NULL,
+    UNIQUE (edge_id, seq)
+);
+CREATE INDEX IF NOT EXISTS updates_status ON updates (status);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY,
+    edge_id TEXT NOT NULL,
+    seq INTEGER,
+    base_version INTEGER,
+    received_version INTEGER,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS globals (
+    version INTEGER PRIMARY KEY,
+    strategy TEXT NOT NULL,
+    path TEXT NOT NULL,
+    opt_path TEXT,
+    n_updates INTEGER NOT NULL,
+    meta TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """tmp + fsync + rename + fsync(dir): after return the file is complete and durable."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    # clone: views of one stacked buffer share storage, which safetensors refuses
+    own = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    write_atomic(path, st_save(own, metadata=meta))
+
+
+@dataclass(frozen=True)
+class PendingUpdate:
+    """An accepted, not yet aggregated update, with what aggregation needs."""
+
+    id: int
+    contribution: Contribution
+    weight: float
+    received_version: int
+
+
+class VersionConflict(RuntimeError):
+    """``commit_global`` was asked to skip/repeat a version or re-apply an update."""
+
+
+class Ledger:
+    """One process owns a ledger directory at a time (the service is the single writer)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / "updates").mkdir(parents=True, exist_ok=True)
+        (self.root / "globals").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "ledger.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._remove_orphans()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _remove_orphans(self) -> None:
+        """Files written but never committed (crash between write and commit) are garbage."""
+        known = {r[0] for r in self._db.execute("SELECT path FROM updates")}
+        for r in self._db.execute("SELECT path, opt_path FROM globals"):
+            known.update(p for p in r if p)
+        for sub in ("updates", "globals"):
+            for f in (self.root / sub).iterdir():
+                rel = f"{sub}/{f.name}"
+                if rel not in known:
+                    f.unlink(missing_ok=True)
+
+    # ---- dedup ----------------------------------------------------------------------------
+    def seen(self, edge_id: str, seq: int) -> bool:
+        row = self._db.execute("SELECT 1 FROM updates WHERE edge_id=? AND seq=?", (edge_id, seq)).fetchone()
+        return row is not None
+
+    def last_seq(self, edge_id: str) -> int | None:
+        row = self._db.execute("SELECT MAX(seq) FROM updates WHERE edge_id=?", (edge_id,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    # ---- updates -------------------------------------------------------------------------
+    def accept(self, c: Contribution, received_version: int, weight: float, norm: float | None = None) -> int:
+        """Persist an accepted update; returns its id.  Acknowledge the edge only after this returns."""
+        digest = hashlib.sha256(c.edge_id.encode()).hexdigest()[:16]
+        # unique name: a racing replay must never overwrite the file of the copy that won
+        rel = f"updates/{digest}_{c.seq}_{uuid.uuid4().hex[:12]}.safetensors"
+        save_tensors(self.root / rel, c.tensors, {"edge_id": c.edge_id, "seq": str(c.seq)})
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO updates (edge_id, seq, base_version, received_version, rank, alpha, samples,"
+                    " modalities, fingerprint, weight, norm, path, status, received_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?)",
+                    (
+                        c.edge_id,
+                        c.seq,
+                        c.base_version,
+                        received_version,
+                        c.rank,
+                        float(c.alpha),
+                        c.samples,
+                        json.dumps(c.modalities, sort_keys=True),
+                        c.fingerprint,
+                        float(weight),
+                        norm,
+                        rel,
+                        time.time(),
+                    ),
+                )
+            except sqlite3.IntegrityError as e:
+                # the same (edge, seq) raced past validation: the first copy wins
+                (self.root / rel).unlink(missing_ok=True)
+                raise DuplicateUpdate(f"{c.edge_id}#{c.seq}") from e
+            return int(cur.lastrowid or 0)
+
+    def reject(
+        self,
+        edge_id: str,
+        seq: int | None,
+        reason: str,
+        detail: str = "",
+        base_version: int | None = None,
+        received_version: int | None = None,
+    ) -> None:
+        """Record a refusal (for metrics and audits); it never blocks a later valid seq."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO rejections (edge_id, seq, base_version, received_version, reason, detail, at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (edge_id, seq, base_version, received_version, reason, detail, time.time()),
+            )
+
+    def rejections(self) -> list[tuple[str, int | None, str]]:
+        return list(self._db.execute("SELECT edge_id, seq, reason FROM rejections ORDER BY id"))
+
+    def pending_count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM updates WHERE status='pending'").fetchone()[0])
+
+    def pending(self, limit: int | None = None) -> list[PendingUpdate]:
+        """Accepted-but-unapplied updates in arrival order, tensors loaded (survives restarts)."""
+        q = (
+            "SELECT id, edge_id, seq, base_version, received_version, rank, alpha, samples, modalities,"
+            " fingerprint, weight, path FROM updates WHERE status='pending' ORDER BY id"
+        )
+        rows = list(self._db.execute(q + (f" LIMIT {int(limit)}" if limit is not None else "")))
+        out = []
+        for r in rows:
+            c = Contribution(
+                edge_id=r[1],
+                seq=r[2],
+                base_version=r[3],
+                rank=r[5],
+                alpha=r[6],
+                samples=r[7],
+                modalities=json.loads(r[8]),
+                fingerprint=r[9],
+                tensors=load_file(self.root / r[11]),
+            )
+            out.append(PendingUpdate(id=r[0], contribution=c, weight=r[10], received_version=r[4]))
+        return out
+
+    # ---- globals -------------------------------------------------------------------------
+    def latest_version(self) -> int | None:
+        row = self._db.execute("SELECT MAX(version) FROM globals").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def commit_global(
+        self,
+        g: GlobalAdapter,
+        applied: Iterable[int],
+        server_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Publish ``g`` as the next version and mark ``applied`` update ids as consumed, atomically."""
+        applied = sorted(set(applied))
+        latest = self.latest_version()
+        if latest is not None and g.version != latest + 1:
+            raise VersionConflict(f"version {g.version} after {latest}")
+        rel = f"globals/v{g.version:08d}.safetensors"
+        save_tensors(self.root / rel, g.tensors, {"strategy": g.strategy})
+        opt_rel = None
+        if server_state:
+            opt_rel = f"globals/v{g.version:08d}.opt.safetensors"
+            save_tensors(self.root / opt_rel, server_state)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO globals (version, strategy, path, opt_path, n_updates, meta, created_at)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (g.version, g.strategy, rel, opt_rel, len(applied), json.dumps(g.meta, default=str), time.time()),
+                )
+                changed = 0
+                for chunk in _chunks(applied, 500):
+                    marks = ",".join("?" * len(chunk))
+                    changed += self._db.execute(
+                        "UPDATE updates SET status='applied', applied_version=?"
+                        f" WHERE status='pending' AND id IN ({marks})",
+                        (g.version, *chunk),
+                    ).rowcount
+                if changed != len(applied):
+                    raise VersionConflict(f"{len(applied) - changed} of the updates are not pending")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def latest_global(self) -> GlobalAdapter | None:
+        """The last committed global (resume point after a crash), or None before the first."""
+        row = self._db.execute("SELECT version FROM globals ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else self.load_global(int(row[0]))
+
+    def load_global(self, version: int) -> GlobalAdapter:
+        row = self._db.execute("SELECT strategy, path, meta FROM globals WHERE version=?", (version,)).fetchone()
+        if row is None:
+            raise KeyError(version)
+        return GlobalAdapter(
+            version=version, tensors=load_file(self.root / row[1]), strategy=row[0], meta=json.loads(row[2])
+        )
+
+    def server_state(self, version: int | None = None) -> dict[str, torch.Tensor]:
+        """Server-optimizer state saved with ``version`` (default: latest); empty if none."""
+        version = self.latest_version() if version is None else version
+        if version is None:
+            return {}
+        row = self._db.execute("SELECT opt_path FROM globals WHERE version=?", (version,)).fetchone()
+        return load_file(self.root / row[0]) if row and row[0] else {}
+
+    def prune(self, keep_globals: int = 3) -> int:
+        """Delete tensors of applied updates and of all but the last ``keep_globals`` versions (rows stay)."""
+        removed = 0
+        with self._lock:
+            rows = list(self._db.execute("SELECT id, path FROM updates WHERE status='applied' AND path != ''"))
+            for uid, rel in rows:
+                (self.root / rel).unlink(missing_ok=True)
+                self._db.execute("UPDATE updates SET path='' WHERE id=?", (uid,))
+                removed += 1
+            old = list(
+                self._db.execute(
+                    "SELECT version, path, opt_path FROM globals WHERE path != ''"
+                    " ORDER BY version DESC LIMIT -1 OFFSET ?",
+                    (keep_globals,),
+                )
+            )
+            for version, rel, opt_rel in old:
+                for p in (rel, opt_rel):
+                    if p:
+                        (self.root / p).unlink(missing_ok=True)
+                self._db.execute("UPDATE globals SET path='', opt_path=NULL WHERE version=?", (version,))
+                removed += 1
+        return removed
+
+
+def _chunks(xs: Sequence[int], n: int) -> Iterable[Sequence[int]]:
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
