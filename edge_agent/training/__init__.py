@@ -1,0 +1,1 @@
+"""Replay buffer, trainer and checkpoints of the edge model."""

@@ -1,0 +1,125 @@
+"""Bounded replay buffer of labelled multimodal samples.
+
+Edge boxes have little memory and devices can flood them, so every device and
+every modality has a cap; when a cap is hit the *oldest* matching sample is
+dropped (recent data reflects the current distribution) and the drop is
+counted, so the service can export how much data it is throwing away.
+Thread-safe: the MQTT loop adds while a training thread takes snapshots.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BufferedSample:
+    """One stored sample; ``seq`` increases monotonically over the buffer's lifetime."""
+
+    seq: int
+    device_id: str
+    modalities: dict[str, np.ndarray]
+    label: int
+
+    @property
+    def presence(self) -> tuple[str, ...]:
+        return tuple(sorted(self.modalities))
+
+    def as_sample(self) -> dict[str, Any]:
+        """The collate format ``{"modalities": ..., "label": ...}``."""
+        return {"modalities": self.modalities, "label": self.label}
+
+
+class ReplayBuffer:
+    """FIFO with per-device, per-modality and total caps (``None`` = no cap)."""
+
+    def __init__(
+        self,
+        *,
+        max_total: int = 4096,
+        max_per_device: int | None = 1024,
+        max_per_modality: int | None = None,
+    ) -> None:
+        for cap in (max_total, max_per_device, max_per_modality):
+            if cap is not None and cap < 1:
+                raise ValueError("caps must be >= 1 or None")
+        self.max_total = max_total
+        self.max_per_device = max_per_device
+        self.max_per_modality = max_per_modality
+        self._items: OrderedDict[int, BufferedSample] = OrderedDict()
+        self._by_device: dict[str, deque[int]] = {}
+        self._by_modality: dict[str, deque[int]] = {}
+        self._device_count: Counter[str] = Counter()
+        self._modality_count: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()
+        self._next_seq = 0
+        self._lock = threading.Lock()
+
+    def add(self, device_id: str, modalities: Mapping[str, Any], label: int) -> BufferedSample:
+        """Store a copy (float32) of the sample and evict what the caps require."""
+        arrays = {name: np.array(value, dtype=np.float32, copy=True) for name, value in modalities.items()}
+        with self._lock:
+            item = BufferedSample(seq=self._next_seq, device_id=device_id, modalities=arrays, label=int(label))
+            self._next_seq += 1
+            self._items[item.seq] = item
+            self._by_device.setdefault(device_id, deque()).append(item.seq)
+            self._device_count[device_id] += 1
+            for name in item.presence:
+                self._by_modality.setdefault(name, deque()).append(item.seq)
+                self._modality_count[name] += 1
+            self._enforce_caps(item)
+            return item
+
+    def _enforce_caps(self, item: BufferedSample) -> None:
+        if self.max_per_device is not None:
+            while self._device_count[item.device_id] > self.max_per_device:
+                self._evict_oldest(self._by_device[item.device_id], f"device:{item.device_id}")
+        if self.max_per_modality is not None:
+            for name in item.presence:
+                while self._modality_count[name] > self.max_per_modality:
+                    self._evict_oldest(self._by_modality[name], f"modality:{name}")
+        while len(self._items) > self.max_total:
+            self._evict(next(iter(self._items)), "total")
+
+    def _evict_oldest(self, queue: deque[int], reason: str) -> None:
+        while queue[0] not in self._items:  # lazily skip entries evicted through another index
+            queue.popleft()
+        self._evict(queue[0], reason)
+
+    def _evict(self, seq: int, reason: str) -> None:
+        item = self._items.pop(seq)
+        self._device_count[item.device_id] -= 1
+        for name in item.presence:
+            self._modality_count[name] -= 1
+        self._dropped[reason] += 1
+        self._dropped["all"] += 1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def snapshot(self) -> list[BufferedSample]:
+        """Current samples, oldest first (items are immutable; safe to use without the lock)."""
+        with self._lock:
+            return list(self._items.values())
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Drops by reason (``device:<id>``, ``modality:<m>``, ``total``) plus ``all``."""
+        with self._lock:
+            return dict(self._dropped)
+
+    def counts(self) -> dict[str, Any]:
+        """Occupancy for metrics: total, per device, per modality."""
+        with self._lock:
+            return {
+                "total": len(self._items),
+                "devices": {k: v for k, v in self._device_count.items() if v},
+                "modalities": {k: v for k, v in self._modality_count.items() if v},
+            }
