@@ -51,17 +51,23 @@ def voices(n: int) -> list[Voice]:
     return list(out.values())
 
 
-def _render(wav: np.ndarray, rate: int, rng: np.random.Generator) -> np.ndarray:
+def _render(wav: np.ndarray, rate: int, rng: np.random.Generator, snr_db: tuple[float, float]) -> np.ndarray:
     speech = trim_silence(wav, rate)
     pad = rng.integers(0, rate // 10, size=2)  # up to 100 ms of capture slack at each end
     padded = np.pad(speech, (int(pad[0]), int(pad[1])))
-    return mfcc_frames(add_noise(padded, float(rng.uniform(*SNR_DB)), rng), rate, n_frames=N_FRAMES, n_coeffs=N_COEFFS)
+    return mfcc_frames(add_noise(padded, float(rng.uniform(*snr_db)), rng), rate, n_frames=N_FRAMES, n_coeffs=N_COEFFS)
 
 
-def audio_features(n_voices: int = 30, renditions: int = 3) -> np.ndarray:
-    """Un-normalized MFCCs ``(10 digits, n_voices, renditions, 20, 20)``, from the cache or built once."""
+def audio_features(
+    n_voices: int = 30, renditions: int = 3, snr_db: tuple[float, float] = SNR_DB
+) -> np.ndarray:
+    """Un-normalized MFCCs ``(10 digits, n_voices, renditions, 20, 20)``, from the cache or built once.
+
+    Each rendition draws its SNR uniformly from ``snr_db``; lower it (e.g. ``(-5, 5)``) for a harder audio task.
+    """
+    snr_db = (float(snr_db[0]), float(snr_db[1]))
     vs = voices(n_voices)
-    recipe = {"v": FEATURE_VERSION, "voices": [v.key for v in vs], "renditions": renditions, "snr": SNR_DB,
+    recipe = {"v": FEATURE_VERSION, "voices": [v.key for v in vs], "renditions": renditions, "snr": snr_db,
               "frames": N_FRAMES, "coeffs": N_COEFFS}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_dir(NAME)
@@ -78,7 +84,7 @@ def audio_features(n_voices: int = 30, renditions: int = 3) -> np.ndarray:
             wav, rate = read_wav(wav_path)
             rng = np.random.default_rng([d, j, FEATURE_VERSION])
             for r in range(renditions):
-                feats[d, j, r] = _render(wav, rate, rng)
+                feats[d, j, r] = _render(wav, rate, rng, snr_db)
     tmp = root / f"mfcc-{digest}.tmp.npy"
     np.save(tmp, feats)
     tmp.replace(path)
@@ -87,16 +93,19 @@ def audio_features(n_voices: int = 30, renditions: int = 3) -> np.ndarray:
 
 def load_digits_av(
     *, seed: int = 0, n_voices: int = 30, renditions: int = 3, test_fraction: float = 0.25,
-    test_voice_fraction: float = 0.2,
+    test_voice_fraction: float = 0.2, snr_db: tuple[float, float] = SNR_DB,
 ) -> tuple[MultimodalDataset, MultimodalDataset]:
-    """Stratified image split (``test_fraction``) with disjoint train/test voices (``test_voice_fraction``)."""
+    """Stratified image split (``test_fraction``) with disjoint train/test voices (``test_voice_fraction``).
+
+    ``n_voices``, ``renditions`` and ``snr_db`` shape the synthesized audio (see :func:`audio_features`).
+    """
     from sklearn.datasets import load_digits
 
     if n_voices < 2:
         raise ValueError("n_voices must be >= 2 so train and test can have different speakers")
     digits = load_digits()
     images = digits.images.astype(np.float32) / 8.0 - 1.0
-    feats = audio_features(n_voices, renditions)
+    feats = audio_features(n_voices, renditions, snr_db)
     vs = voices(n_voices)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_voices)
@@ -136,6 +145,7 @@ def load_digits_av(
         "test_voices": [vs[j].key for j in test_voices],
         "audio_norm_mean": mean.tolist(),
         "audio_norm_std": std.tolist(),
+        "snr_db": list(snr_db),
     }
     train = MultimodalDataset(NAME, modalities, list(CLASSES), pair(img_train, train_voices), info)
     test = MultimodalDataset(NAME, dict(modalities), list(CLASSES), pair(img_test, test_voices), dict(info))

@@ -78,3 +78,10 @@ def test_espeak_speech_differs_by_digit(av_cache: Path, av_options: dict[str, in
     same = np.abs(feats[7, 0, 0] - feats[7, 0, 1]).mean()  # one utterance, two noisy renditions
     other = np.abs(feats[7, 0, 0] - feats[3, 0, 0]).mean()  # same voice, another word
     assert other > same
+
+
+def test_recipe_changes_get_their_own_cache_entry(av_cache: Path) -> None:
+    clean = av.audio_features(n_voices=2, renditions=1, snr_db=(40, 40))
+    noisy = av.audio_features(n_voices=2, renditions=1, snr_db=(-5, -5))
+    assert len(list(av_cache.glob("digits-av/mfcc-*.npy"))) >= 3
+    assert not np.array_equal(clean, noisy)
