@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from edge_agent.model.classifier import PERSONAL_MODULES, MultimodalClassifier
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.errors import AdapterMismatchError, NonFiniteAdapterError
+from edge_agent.model.seeding import seeded
 
 ADAPTER_NAME = "default"
 
@@ -50,8 +51,14 @@ def build_base_model(config: EdgeModelConfig) -> MultimodalClassifier:
 
 
 def build_edge_model(config: EdgeModelConfig) -> PeftModel:
-    """Base model wrapped with LoRA; shared LoRA and personal modules trainable, the rest frozen."""
-    peft_model = get_peft_model(build_base_model(config), lora_config(config))
+    """Base model wrapped with LoRA; shared LoRA and personal modules trainable, the rest frozen.
+
+    LoRA A matrices are initialised under the config seed too, so every edge starts
+    from the same shared adapter (federated averaging assumes a common start).
+    """
+    base = build_base_model(config)
+    with seeded(config.seed, "lora"):
+        peft_model = get_peft_model(base, lora_config(config))
     for name, param in peft_model.base_model.model.named_parameters():
         if name.split(".", 1)[0] in PERSONAL_MODULES:
             param.requires_grad_(True)

@@ -1,0 +1,160 @@
+"""Shared / personal split, applying global adapters, and the peft-format round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from edge_agent.model.adapters import (
+    apply_global,
+    build_base_model,
+    build_edge_model,
+    load_shared,
+    personal_state,
+    shared_state,
+)
+from edge_agent.model.batch import collate
+from edge_agent.model.errors import AdapterMismatchError, BaseMismatchError, NonFiniteAdapterError
+from edge_agent.model.export import META_FILE, export_shared, import_shared
+from edge_agent.training.toy_task import ToyTask, toy_config
+
+torch.set_num_threads(1)
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A plausible 'global' adapter: same names/shapes, different values."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+def logits_of(model: PeftModel, batch_inputs: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch_inputs).logits
+
+
+@pytest.fixture
+def setup() -> tuple:
+    config = toy_config()
+    model = build_edge_model(config)
+    inputs = collate(ToyTask(config).samples(6), config).model_inputs()
+    return config, model, inputs
+
+
+def test_shared_and_personal_are_disjoint_and_tagged(setup: tuple) -> None:
+    config, model, _ = setup
+    shared, personal = shared_state(model), personal_state(model)
+    assert shared and personal
+    assert all(".lora_A." in k or ".lora_B." in k for k in shared)
+    for name in config.modality_names:
+        tagged = [k for k in shared if f".modality_proj.{name}." in k]
+        assert len(tagged) == 2, tagged  # lora_A and lora_B of that modality
+    backbone = [k for k in shared if ".backbone.encoder." in k]
+    assert backbone and all(".query." in k or ".value." in k for k in backbone)
+    for key in shared:
+        for part in ("head", "cross_modal", "cls_token", "modality_embed", "position_embed"):
+            assert f".{part}" not in key
+    assert {k.split(".")[0] for k in personal} == {
+        "head",
+        "cross_modal",
+        "cls_token",
+        "modality_embed",
+        "position_embed",
+    }
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(shared) + len(personal)  # nothing else trains
+    assert shared_state(model, torch.float16)[next(iter(shared))].dtype == torch.float16
+
+
+def test_every_edge_starts_from_the_same_shared_adapter() -> None:
+    a, b = shared_state(build_edge_model(toy_config())), shared_state(build_edge_model(toy_config()))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_apply_global_changes_outputs_but_keeps_personal(setup: tuple) -> None:
+    _, model, inputs = setup
+    before_logits = logits_of(model, inputs)
+    before_personal = personal_state(model)
+    glob = perturbed(shared_state(model))
+    apply_global(model, {k: v.to(torch.float16).numpy() for k, v in glob.items()})  # wire form: fp16 numpy
+    after = shared_state(model)
+    assert all(torch.allclose(after[k], glob[k], atol=1e-2) for k in glob)
+    assert not torch.allclose(before_logits, logits_of(model, inputs), atol=1e-4)
+    personal = personal_state(model)
+    assert all(torch.equal(personal[k], before_personal[k]) for k in before_personal)
+
+
+def test_bad_global_raises_typed_error_and_leaves_model_unchanged(setup: tuple) -> None:
+    _, model, inputs = setup
+    ref_shared, ref_logits = shared_state(model), logits_of(model, inputs)
+    good = perturbed(ref_shared)
+    key = next(iter(good))
+    wrong_shape = {**good, key: torch.zeros(3, 3)}
+    with_nan = {**good, key: torch.full_like(good[key], float("nan"))}
+    unknown = {**good, "base_model.model.head.1.weight": torch.zeros(4, 128)}
+    missing = {k: v for k, v in good.items() if k != key}
+    cases = [
+        (wrong_shape, AdapterMismatchError),
+        (with_nan, NonFiniteAdapterError),
+        (unknown, AdapterMismatchError),
+        (missing, AdapterMismatchError),
+    ]
+    for tensors, error in cases:
+        with pytest.raises(error):
+            apply_global(model, tensors)
+        now = shared_state(model)
+        assert all(torch.equal(now[k], ref_shared[k]) for k in ref_shared)
+    assert torch.equal(logits_of(model, inputs), ref_logits)
+    assert issubclass(AdapterMismatchError, ValueError)
+
+
+def test_partial_load_only_touches_given_modality(setup: tuple) -> None:
+    _, model, _ = setup
+    ref = shared_state(model)
+    only_imu = {k: v + 1.0 for k, v in ref.items() if ".modality_proj.imu." in k}
+    load_shared(model, only_imu, strict=False)
+    now = shared_state(model)
+    for k in ref:
+        assert torch.equal(now[k], only_imu[k]) if k in only_imu else torch.equal(now[k], ref[k])
+
+
+def test_peft_format_round_trip(setup: tuple, tmp_path: Path) -> None:
+    config, model, inputs = setup
+    apply_global(model, perturbed(shared_state(model), seed=3))
+    export_shared(model, tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == config.lora_r
+    loaded = PeftModel.from_pretrained(build_base_model(config), str(tmp_path))
+    want, got = shared_state(model), shared_state(loaded)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # Same frozen base + same shared part + same seeded personal init => same outputs.
+    assert torch.allclose(logits_of(loaded, inputs), logits_of(model, inputs), atol=1e-5)
+    fresh = build_edge_model(config)
+    import_shared(fresh, tmp_path)
+    assert torch.allclose(logits_of(fresh, inputs), logits_of(model, inputs), atol=1e-5)
+
+
+def test_import_rejects_adapter_for_other_base(setup: tuple, tmp_path: Path) -> None:
+    _, model, _ = setup
+    export_shared(model, tmp_path)
+    other = build_edge_model(toy_config(seed=5))
+    before = shared_state(other)
+    with pytest.raises(BaseMismatchError):
+        import_shared(other, tmp_path)
+    assert all(torch.equal(shared_state(other)[k], before[k]) for k in before)
+    (tmp_path / META_FILE).write_text("{not json")
+    with pytest.raises(AdapterMismatchError):
+        import_shared(model, tmp_path)
+
+
+def test_wire_numpy_float64_is_accepted_and_cast(setup: tuple) -> None:
+    _, model, _ = setup
+    glob = {k: v.double().numpy() + 0.25 for k, v in shared_state(model).items()}
+    apply_global(model, glob)
+    now = shared_state(model)
+    assert all(now[k].dtype == torch.float32 and np.allclose(now[k].numpy(), glob[k], atol=1e-6) for k in glob)
