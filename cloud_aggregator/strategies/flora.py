@@ -11,9 +11,11 @@ rank ``min(out, in)``.  Either way ``B_g @ A_g`` is the exact weighted sum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ..contribution import GlobalAdapter
+from ..contribution import Contribution, GlobalAdapter
 from ..naming import lora_a, lora_b
 from .base import ModuleStack, Strategy, fit_rank
 from .lowrank import balanced_factors, svd_of_product
@@ -25,6 +27,21 @@ class FLoRA(Strategy):
 
     def __init__(self, lossless_compaction: bool = True) -> None:
         self.lossless_compaction = lossless_compaction
+        self._sorted: set[str] = set()  # modules compacted during the current aggregate() call
+
+    def aggregate(
+        self,
+        global_state: GlobalAdapter | None,
+        contributions: Sequence[Contribution],
+        weights: Sequence[float] | None = None,
+    ) -> GlobalAdapter:
+        """As the base, plus ``meta["svd_sorted"]``: compacted modules whose views are plain slices."""
+        self._sorted = set()
+        g = super().aggregate(global_state, contributions, weights)
+        kept = set(global_state.meta.get("svd_sorted", ())) if global_state is not None else set()
+        touched = {m for c in contributions for m in g.modules() if f"{m}.lora_A.weight" in c.tensors}
+        g.meta["svd_sorted"] = sorted((kept - touched) | self._sorted)
+        return g
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert stack.a is not None and stack.b is not None
@@ -40,9 +57,12 @@ class FLoRA(Strategy):
             b = torch.cat([stack.b[i, :, :r] * w[i] for i, r in enumerate(keep)], dim=1)
         if self.lossless_compaction and a.shape[0] > min(a.shape[1], b.shape[0]):
             a, b = balanced_factors(*svd_of_product(b, a))
+            self._sorted.add(stack.module)
         return a.contiguous(), b.contiguous()
 
     def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if module in g.meta.get("svd_sorted", ()):
+            return super().view_module(g, module, rank)
         cache = g.cache.setdefault("flora_svd", {})
         if module not in cache:
             cache[module] = balanced_factors(*svd_of_product(g.tensors[lora_b(module)], g.tensors[lora_a(module)]))

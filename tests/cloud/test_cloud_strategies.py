@@ -87,11 +87,12 @@ def test_flexlora_truncation_error_is_tail_singular_values(ranks, dims, edge_ran
 
 
 @FAST
-@given(ranks=ranks_st, dims=dims_st, edge_rank=st.integers(1, 10))
-def test_flora_view_is_best_rank_r_approximation(ranks, dims, edge_rank):
+@given(ranks=ranks_st, dims=dims_st, edge_rank=st.integers(1, 10), compact=st.booleans())
+def test_flora_view_is_best_rank_r_approximation(ranks, dims, edge_rank, compact):
     cs = [make_contribution(i, r, {"m": dims}) for i, r in enumerate(ranks)]
-    s = get_strategy("flora", lossless_compaction=False)
+    s = get_strategy("flora", lossless_compaction=compact)
     g = s.aggregate(None, cs)
+    assert ("m" in g.meta["svd_sorted"]) == (compact and sum(ranks) > min(dims))
     view = s.view_for(g, edge_rank)
     approx = view["m.lora_B.weight"] @ view["m.lora_A.weight"]
     sv = torch.linalg.svdvals(g.delta("m"))
