@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 from edge_agent.model.config import BACKBONE_MAX_POSITIONS, EdgeModelConfig
 from edge_agent.model.errors import ConfigError
@@ -41,4 +42,10 @@ def build_backbone(config: EdgeModelConfig) -> BertModel:
         with seeded(config.seed, "backbone"):
             return BertModel(tiny_bert_config(), add_pooling_layer=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False, local_files_only=True)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler weights would print a load report on every build
+    try:
+        with seeded(config.seed, "backbone"):  # nothing random should happen; keep the caller's RNG intact anyway
+            return BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(previous)
