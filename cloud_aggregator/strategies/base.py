@@ -2,7 +2,7 @@
 
 A strategy sees, per module, the factors of every eligible edge stacked into one tensor
 (``A``: ``(K, r_max, in)``, ``B``: ``(K, out, r_max)``, zero-padded where ranks differ, ``B``
-already multiplied by the edge's ``alpha/r``) plus one unnormalised weight per edge.  Doing
+with the edge's ``alpha/r`` alongside in ``scales``) plus one unnormalised weight per edge.  Doing
 the maths on stacks rather than per edge is what keeps 1,000 edges well under a second.
 """
 
@@ -25,13 +25,21 @@ class ModuleStack:
 
     module: str
     a: torch.Tensor | None  # (K, r_max, in)
-    b: torch.Tensor | None  # (K, out, r_max), already x alpha_k/r_k
+    b: torch.Tensor | None  # (K, out, r_max), raw: the edge's alpha_k/r_k is in ``scales``
     ranks: torch.Tensor  # (K,) int64
     weights: torch.Tensor  # (K,) unnormalised, ≥ 0
+    scales: torch.Tensor  # (K,) alpha_k / r_k, float64
 
     @property
     def normalized(self) -> torch.Tensor:
         return normalize(self.weights)
+
+    def b_coefficients(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-edge multipliers for raw ``B_k`` so that ``Σ c_k B_k`` = ``Σ w_k s_k B_k``.
+
+        Folding the scaling into the weights avoids materialising a scaled copy of the B stack.
+        """
+        return w * self.scales
 
 
 def normalize(w: torch.Tensor) -> torch.Tensor:
@@ -198,16 +206,14 @@ class Strategy(ABC):
         ref = a_list[0] if a_list[0] is not None else b_list[0]
         dt = work_dtype(ref)
         a_st = stack_padded(a_list, 0, r_max, dt) if self.shares_a else None
-        b_st = None
-        if self.shares_b:
-            b_st = stack_padded(b_list, 1, r_max, dt)
-            b_st = b_st * torch.tensor(scales, dtype=dt)[:, None, None]
+        b_st = stack_padded(b_list, 1, r_max, dt) if self.shares_b else None
         return ModuleStack(
             module=module,
             a=a_st,
             b=b_st,
             ranks=torch.tensor(ranks),
             weights=torch.tensor(ws, dtype=torch.float64),
+            scales=torch.tensor(scales, dtype=torch.float64),
         )
 
     def view_for(

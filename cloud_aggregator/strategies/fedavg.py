@@ -18,5 +18,5 @@ class FedAvg(Strategy):
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         w = stack.normalized
         a = weighted_sum(w, stack.a) if stack.a is not None else None
-        b = weighted_sum(w, stack.b) if stack.b is not None else None
+        b = weighted_sum(stack.b_coefficients(w), stack.b) if stack.b is not None else None
         return a, b

@@ -19,7 +19,7 @@ class FlexLoRA(Strategy):
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert stack.a is not None and stack.b is not None
-        w = stack.normalized.to(stack.b.dtype)
+        w = stack.b_coefficients(stack.normalized).to(stack.b.dtype)
         k, out_dim, r_max = stack.b.shape
         # Σ_k w_k B_k A_k as one matmul over the concatenated rank axis
         b = (stack.b * w[:, None, None]).transpose(0, 1).reshape(out_dim, k * r_max)

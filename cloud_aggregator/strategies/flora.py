@@ -45,7 +45,7 @@ class FLoRA(Strategy):
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert stack.a is not None and stack.b is not None
-        w = stack.normalized.to(stack.b.dtype)
+        w = stack.b_coefficients(stack.normalized).to(stack.b.dtype)
         keep = stack.ranks.tolist()
         k, _, r_max = stack.b.shape
         # drop the zero padding so the stacked rank is exactly Σ r_k

@@ -23,6 +23,6 @@ class HetLoRA(Strategy):
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert stack.a is not None and stack.b is not None
-        norms = product_norms(stack.a, stack.b).to(torch.float64)
+        norms = product_norms(stack.a, stack.b).to(torch.float64) * stack.scales
         w = normalize(stack.weights * norms)
-        return weighted_sum(w, stack.a), weighted_sum(w, stack.b)
+        return weighted_sum(w, stack.a), weighted_sum(stack.b_coefficients(w), stack.b)
