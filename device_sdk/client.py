@@ -1,0 +1,380 @@
+"""``DeviceClient``: what an IoT gateway embeds to talk to its megace edge.
+
+A small synchronous API over paho-mqtt, callable from a plain firmware loop:
+:meth:`connect`, :meth:`register`, :meth:`publish`, :meth:`request_inference`,
+downlink messages through a callback, :meth:`flush`, :meth:`close`.
+
+Delivery: every publish is QoS 1 and stamped with a per-device sequence number
+that survives restarts. While the broker is reachable records go straight out;
+when it is not, they go to a bounded on-disk queue (:mod:`device_sdk.store`), and
+un-acknowledged ones are moved there too. After a reconnect the queue drains
+strictly in order before new records go direct, and the edge drops repeated
+sequence numbers, so each record arrives exactly once and in order.
+
+Threads: paho's network loop runs in its own thread (one per connection), and a
+supervisor thread named ``megace-sdk:<device>`` reconnects with backoff and
+drains the queue. Downlink callbacks run in paho's thread: keep them short and
+do not call :meth:`flush` from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from broker import topics
+from broker.address import BrokerAddress
+from broker.chunking import DEFAULT_MAX_PACKET, frames
+from broker.errors import WireError
+from broker.inbox import Inbox
+from broker.metrics import Counters
+from broker.wire import CapabilityProfile, FeatureRecord, Kind, Status, encode_envelope
+from broker.wire.bodies import decode_body
+from broker.wire.status import OFFLINE, ONLINE
+from device_sdk.store import DiskQueue, Overflow
+
+log = logging.getLogger(__name__)
+
+DownlinkHandler = Callable[[Kind, Any], None]
+"""Called with the envelope kind and the decoded message (DeviceConfig, Prediction, ...)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    topic: str
+    payload: bytes
+    row_id: int | None  # set when the record came from the on-disk queue
+
+
+def default_store_path(device: str) -> Path:
+    base = os.environ.get("MEGACE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "megace")
+    return Path(base) / "device" / f"{device}.sqlite"
+
+
+class DeviceClient:
+    """One device's connection to the bus (one instance per device id)."""
+
+    def __init__(
+        self,
+        site: str,
+        device: str,
+        broker: BrokerAddress | str = "mqtt://127.0.0.1:1883",
+        *,
+        on_downlink: DownlinkHandler | None = None,
+        store_path: str | Path | None = None,
+        store_max_records: int = 100_000,
+        overflow: Overflow | str = Overflow.DROP_OLDEST,
+        max_inflight: int = 100,
+        max_packet: int = DEFAULT_MAX_PACKET,
+        reconnect_max_delay: float = 5.0,
+    ) -> None:
+        self.site = topics.check_id(site, "site")
+        self.device = topics.check_id(device, "device")
+        self.address = BrokerAddress.from_url(broker) if isinstance(broker, str) else broker
+        self.on_downlink = on_downlink
+        self.max_inflight = max_inflight
+        self.max_packet = max_packet
+        self.reconnect_max_delay = reconnect_max_delay
+        self.counters = Counters()
+        self.store = DiskQueue(store_path or default_store_path(device), max_records=store_max_records,
+                               overflow=overflow)
+        self._seq, self._seq_end = self.store.reserve_seq()
+        self._lock = threading.Condition()
+        self._client: mqtt.Client | None = None
+        self._online = False
+        self._closing = False
+        self._inflight: dict[int, _Pending] = {}
+        self._last_sent_row: int | None = None
+        self._inbox = Inbox()
+        self._supervisor: threading.Thread | None = None
+        self._registration: tuple[str, bytes] | None = None
+        self._events: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._status_topic = topics.status(topics.Role.DEVICE, self.device)
+        self._features_topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        return self._online
+
+    def connect(self, timeout: float = 10.0) -> bool:
+        """Start connecting (and reconnecting) in the background; True once online within ``timeout``.
+
+        Returning False is not an error: publishes are stored on disk until the broker is reachable.
+        """
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name=f"megace-sdk:{self.device}",
+                                                daemon=True)
+            self._supervisor.start()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._online:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.05))
+            return True
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush what can be flushed within ``timeout``, announce offline, disconnect. True if nothing is left."""
+        drained = self.flush(timeout) if self._online else len(self.store) == 0
+        with self._lock:
+            self._closing = True
+            client = self._client
+            self._wake.set()
+        if client is not None and self._online:
+            info = client.publish(self._status_topic, self._status(OFFLINE), qos=1, retain=True)
+            info.wait_for_publish(2.0)
+            client.disconnect()
+            client.loop_stop()
+        if self._supervisor is not None:
+            self._supervisor.join(5.0)
+        with self._lock:
+            self._move_inflight_to_store()
+            self.store.close()
+        return drained
+
+    def __enter__(self) -> DeviceClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def register(self, profile: CapabilityProfile) -> int:
+        """Announce the device's capabilities (retained, so a restarted edge sees it); returns its seq."""
+        if profile.device != self.device:
+            raise ValueError(f"profile is for {profile.device!r}, this client is {self.device!r}")
+        topic = topics.device_up(self.site, self.device, topics.Uplink.REGISTER)
+        with self._lock:
+            seq = self._next_seq()
+            self._registration = (topic, encode_envelope(Kind.REGISTER, self.device, seq, profile.to_body()))
+            if self._online and self._client is not None:
+                self._client.publish(*self._registration, qos=1, retain=True)
+        return seq
+
+    def publish(self, record: FeatureRecord) -> int:
+        """Publish one feature record at QoS 1 (or store it if offline); returns its sequence number."""
+        return self._send(Kind.FEATURES, self._features_topic, record.to_body())
+
+    def request_inference(self, record: FeatureRecord) -> int:
+        """Ask the edge for a prediction; it arrives on the downlink as a ``Prediction``."""
+        return self._send(Kind.INFER, topics.device_up(self.site, self.device, topics.Uplink.INFER), record.to_body())
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every record so far is acknowledged by the broker; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                self._process_events()
+                if not self._inflight and len(self.store) == 0:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._lock.wait(min(left, 0.02))
+
+    @property
+    def pending(self) -> int:
+        """Records not yet acknowledged by the broker (in flight or on disk)."""
+        with self._lock:
+            self._process_events()
+            return len(self._inflight) + len(self.store)
+
+    def _next_seq(self) -> int:
+        if self._seq >= self._seq_end:
+            self._seq, self._seq_end = self.store.reserve_seq()
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _send(self, kind: Kind, topic: str, body: dict[str, Any]) -> int:
+        payload_body = body
+        with self._lock:
+            seq = self._next_seq()
+            payload = encode_envelope(kind, self.device, seq, payload_body)
+            for t, p in frames(topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet):
+                self._process_events()
+                while self._online and len(self.store) == 0 and len(self._inflight) >= self.max_inflight:
+                    self._wake.set()  # back-pressure: wait for acks rather than spill to disk
+                    self._lock.wait(0.05)
+                    self._process_events()
+                if self._online and len(self.store) == 0:
+                    self._publish_now(t, p, seq=seq)
+                else:
+                    if not self.store.append(seq, t, p):
+                        self.counters.inc("dropped_newest")
+                    self._lock.notify_all()
+            self.counters.inc(f"sent.{kind.value}")
+        return seq
+
+    def _publish_now(self, topic: str, payload: bytes, *, seq: int, row_id: int | None = None) -> None:
+        client = self._client
+        if client is None or not self._online:
+            if row_id is None:
+                self.store.append(seq, topic, payload)
+            return
+        info = client.publish(topic, payload, qos=1)
+        if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._inflight[info.mid] = _Pending(seq, topic, payload, row_id)
+        else:
+            raise ConnectionError(f"paho refused to publish: {mqtt.error_string(info.rc)}")
+
+    # -- paho callbacks (paho's network thread) ----------------------------------------------
+    # paho holds its own mutexes while calling these, so they never take ``self._lock``
+    # (that would deadlock against a publish holding it); they queue an event instead.
+
+    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("device %s: broker refused connection: %s", self.device, reason)
+            return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._events.append(("connected", client))
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._events.append(("disconnected", client))
+        self._wake.set()
+
+    def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+        self._events.append(("ack", mid))
+        self._wake.set()
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            got = self._inbox.accept(msg.topic, msg.payload)
+            if got is None:
+                return
+            _, env = got
+            message = decode_body(env)
+        except WireError as exc:
+            self.counters.reject(exc)
+            log.warning("device %s: rejected downlink on %s: %s", self.device, msg.topic, exc)
+            return
+        self.counters.inc(f"received.{env.kind.value}")
+        if self.on_downlink is not None:
+            try:
+                self.on_downlink(env.kind, message)
+            except Exception:  # a faulty user callback must not kill paho's loop
+                self.counters.inc("callback_errors")
+                log.exception("device %s: downlink callback failed", self.device)
+
+    # -- event processing (any thread holding ``self._lock``) --------------------------------
+
+    def _process_events(self) -> None:
+        """Apply queued acks and connection changes (caller holds the lock)."""
+        changed = False
+        while self._events:
+            what, arg = self._events.popleft()
+            changed = True
+            if what == "ack":
+                pending = self._inflight.pop(arg, None)
+                if pending is not None:
+                    if pending.row_id is not None:
+                        self.store.delete(pending.row_id)
+                    self.counters.inc("acked")
+            elif arg is not self._client:
+                continue  # an event from a connection already replaced
+            elif what == "connected":
+                for f in topics.subscriptions(topics.device_downlinks(self.site, self.device)):
+                    arg.subscribe(f, qos=1)
+                arg.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
+                if self._registration is not None:
+                    arg.publish(*self._registration, qos=1, retain=True)
+                self._online = True
+                self._last_sent_row = None
+                self.counters.inc("connects")
+            elif what == "disconnected":
+                self._online = False
+                self._move_inflight_to_store()
+                self.counters.inc("disconnects")
+        if changed:
+            self._lock.notify_all()
+
+    def _move_inflight_to_store(self) -> None:
+        """Un-acked direct publishes go back to the front of the disk queue (caller holds the lock)."""
+        direct = sorted((p for p in self._inflight.values() if p.row_id is None), key=lambda p: p.seq)
+        self.store.prepend([(p.seq, p.topic, p.payload) for p in direct])
+        self._inflight.clear()
+        self._last_sent_row = None
+
+    def _status(self, state: str) -> bytes:
+        return Status(role=topics.Role.DEVICE.value, id=self.device, state=state,
+                      detail={"site": self.site}).encode()
+
+    def _new_client(self) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"megace-dev-{self.device}",
+                        protocol=mqtt.MQTTv311, clean_session=False)
+        if self.address.username:
+            c.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            c.tls_set_context(self.address.ssl_context())
+        c.will_set(self._status_topic, self._status(OFFLINE), qos=1, retain=True)
+        c.max_inflight_messages_set(self.max_inflight)
+        c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
+        c.on_publish, c.on_message = self._on_publish, self._on_message
+        return c
+
+    def _supervise(self) -> None:
+        delay = 0.05
+        while not self._closing:
+            with self._lock:
+                self._process_events()
+                online, old = self._online, self._client
+            if online:
+                delay = 0.05
+                with self._lock:
+                    self._drain()
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            if old is not None:
+                old.loop_stop()
+                old.disconnect()
+            client = self._new_client()
+            try:
+                client.connect(self.address.host, self.address.port, keepalive=self.address.keepalive)
+            except OSError:
+                with self._lock:
+                    self._client = None
+                self._wake.wait(delay)
+                delay = min(self.reconnect_max_delay, delay * 2)
+                continue
+            with self._lock:
+                self._client = client
+            client.loop_start()
+            deadline = time.monotonic() + 10.0
+            while not self._closing and time.monotonic() < deadline:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                with self._lock:
+                    self._process_events()
+                    if self._online or self._client is not client:
+                        break
+
+    def _drain(self) -> None:
+        """Publish queued rows in order, keeping at most ``max_inflight`` unacknowledged (lock held)."""
+        room = self.max_inflight - len(self._inflight)
+        if not self._online or room <= 0 or len(self.store) == 0:
+            return
+        for row_id, seq, topic, payload in self.store.peek(self._last_sent_row, room):
+            self._publish_now(topic, payload, seq=seq, row_id=row_id)
+            self._last_sent_row = row_id

@@ -1,0 +1,102 @@
+"""The on-disk outbox behind store-and-forward: a bounded, ordered sqlite queue.
+
+Records that cannot be published (broker unreachable, or older records still
+waiting) are appended here and drained strictly in order once the broker is back.
+When the bound is hit the policy is explicit and counted: ``drop-oldest`` (default),
+``drop-newest``, or ``error`` (raise :class:`QueueFullError`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from enum import StrEnum
+from pathlib import Path
+
+
+class Overflow(StrEnum):
+    DROP_OLDEST = "drop-oldest"
+    DROP_NEWEST = "drop-newest"
+    ERROR = "error"
+
+
+class QueueFullError(RuntimeError):
+    """The outbox is full and its policy is ``error``."""
+
+
+class DiskQueue:
+    """FIFO of (topic, payload, seq) rows; not thread-safe (the client serialises access)."""
+
+    def __init__(
+        self, path: str | Path, *, max_records: int = 100_000, overflow: Overflow | str = Overflow.DROP_OLDEST
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_records = max_records
+        self.overflow = Overflow(overflow)
+        self.dropped = 0
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, seq INTEGER, topic TEXT, payload BLOB)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+        self._count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, seq: int, topic: str, payload: bytes) -> bool:
+        """Add a row at the tail; returns False if the overflow policy dropped the new row."""
+        if self._count >= self.max_records:
+            if self.overflow is Overflow.ERROR:
+                raise QueueFullError(f"outbox {self.path} holds {self._count} records (max {self.max_records})")
+            if self.overflow is Overflow.DROP_NEWEST:
+                self.dropped += 1
+                return False
+            self._db.execute("DELETE FROM outbox WHERE id = (SELECT MIN(id) FROM outbox)")
+            self._count -= 1
+            self.dropped += 1
+        self._db.execute("INSERT INTO outbox (seq, topic, payload) VALUES (?, ?, ?)", (seq, topic, payload))
+        self._count += 1
+        return True
+
+    def prepend(self, rows: list[tuple[int, str, bytes]]) -> None:
+        """Put rows (in order) before everything queued: un-acked messages from a lost connection."""
+        if not rows:
+            return
+        first = self._db.execute("SELECT COALESCE(MIN(id), 1) FROM outbox").fetchone()[0]
+        start = first - len(rows)
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO outbox (id, seq, topic, payload) VALUES (?, ?, ?, ?)",
+                [(start + i, s, t, p) for i, (s, t, p) in enumerate(rows)],
+            )
+        self._count += len(rows)
+
+    def peek(self, after_id: int | None, limit: int) -> list[tuple[int, int, str, bytes]]:
+        """Up to ``limit`` rows (id, seq, topic, payload) in order, starting after ``after_id``."""
+        if after_id is None:
+            cur = self._db.execute("SELECT id, seq, topic, payload FROM outbox ORDER BY id LIMIT ?", (limit,))
+        else:
+            cur = self._db.execute(
+                "SELECT id, seq, topic, payload FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            )
+        return cur.fetchall()
+
+    def delete(self, row_id: int) -> None:
+        if self._db.execute("DELETE FROM outbox WHERE id = ?", (row_id,)).rowcount:
+            self._count -= 1
+
+    def reserve_seq(self, block: int = 1000) -> tuple[int, int]:
+        """Reserve ``block`` sequence numbers that survive restarts; returns [start, end)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+            start = row[0] if row else 0
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (start + block,))
+        return start, start + block
+
+    def close(self) -> None:
+        self._db.close()
