@@ -35,6 +35,7 @@ def frames(
     sender: str,
     seq: int = 0,
     max_packet: int = DEFAULT_MAX_PACKET,
+    ts_ms: int | None = None,
 ) -> list[tuple[str, bytes]]:
     """``[(topic, payload)]`` if it fits in one packet, else the chunk messages that carry it."""
     if len(payload) <= max_packet:
@@ -58,7 +59,7 @@ def frames(
             "sha256": digest,
             "data": view[i * per_chunk : (i + 1) * per_chunk],
         }
-        out.append((topics.chunk(topic, i), encode_envelope(Kind.CHUNK, sender, seq, body)))
+        out.append((topics.chunk(topic, i), encode_envelope(Kind.CHUNK, sender, seq, body, ts_ms=ts_ms)))
     return out
 
 

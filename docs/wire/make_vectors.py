@@ -1,0 +1,86 @@
+"""Regenerate docs/wire/test_vectors.json from the reference codec (run after a deliberate wire change)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from broker import topics
+from broker.chunking import frames
+from broker.wire import CapabilityProfile, FeatureRecord, Kind, ModalityProfile, Prediction, encode_envelope
+
+TS = 1_700_000_000_000
+
+
+def vectors() -> list[dict]:
+    out = []
+    rec = FeatureRecord("gw-7", 42, {"accel": np.array([[0.5, -1.0, 2.0]], dtype="<f4")}, label=3,
+                        quality={"snr": 20.0})
+    out.append({
+        "name": "features-accel",
+        "topic": topics.device_up("site-a", "gw-7", topics.Uplink.FEATURES),
+        "meaning": {"kind": "features", "sender": "gw-7", "seq": 7, "ts_ms": TS, "device": "gw-7", "sample": 42,
+                    "modalities": {"accel": {"dtype": "<f4", "shape": [1, 3], "values": [0.5, -1.0, 2.0]}},
+                    "label": 3, "quality": {"snr": 20.0}},
+        "hex": encode_envelope(Kind.FEATURES, "gw-7", 7, rec.to_body(), ts_ms=TS).hex(),
+    })
+    rec2 = FeatureRecord("gw-7", 43, {"image": np.array([[1, 2], [3, 4]], dtype="|u1"),
+                                      "text": np.array([101, 2023], dtype="<i8")})
+    out.append({
+        "name": "features-two-modalities-no-label",
+        "topic": topics.device_up("site-a", "gw-7", topics.Uplink.FEATURES),
+        "meaning": {"kind": "features", "sender": "gw-7", "seq": 8, "ts_ms": TS, "device": "gw-7", "sample": 43,
+                    "modalities": {"image": {"dtype": "|u1", "shape": [2, 2], "values": [1, 2, 3, 4]},
+                                   "text": {"dtype": "<i8", "shape": [2], "values": [101, 2023]}}},
+        "hex": encode_envelope(Kind.FEATURES, "gw-7", 8, rec2.to_body(), ts_ms=TS).hex(),
+    })
+    prof = CapabilityProfile("gw-7", {"accel": ModalityProfile((10, 30), "<f4", 50.0)}, {"ram_mb": 256.0}, "0.1.0")
+    out.append({
+        "name": "register",
+        "topic": topics.device_up("site-a", "gw-7", topics.Uplink.REGISTER),
+        "meaning": {"kind": "register", "sender": "gw-7", "seq": 0, "ts_ms": TS, "device": "gw-7",
+                    "modalities": {"accel": {"shape": [10, 30], "dtype": "<f4", "rate_hz": 50.0}},
+                    "compute": {"ram_mb": 256.0}, "sdk": "0.1.0", "retain": True},
+        "hex": encode_envelope(Kind.REGISTER, "gw-7", 0, prof.to_body(), ts_ms=TS).hex(),
+    })
+    pred = Prediction("gw-7", 42, 1, np.array([0.25, 0.75], dtype="<f4"), model_version=5)
+    out.append({
+        "name": "prediction",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.PREDICTION),
+        "meaning": {"kind": "prediction", "sender": "edge-1", "seq": 9, "ts_ms": TS, "device": "gw-7", "sample": 42,
+                    "label": 1, "probs": {"dtype": "<f4", "shape": [2], "values": [0.25, 0.75]},
+                    "model_version": 5},
+        "hex": encode_envelope(Kind.PREDICTION, "edge-1", 9, pred.to_body(), ts_ms=TS).hex(),
+    })
+    big = FeatureRecord("gw-7", 44, {"accel": np.arange(96, dtype="<f4").reshape(32, 3)})
+    whole = encode_envelope(Kind.FEATURES, "gw-7", 10, big.to_body(), ts_ms=TS)
+    out.append({
+        "name": "chunk-0-of-3",
+        "topic": topics.chunk(topics.device_up("site-a", "gw-7", topics.Uplink.FEATURES), 0),
+        "meaning": {"note": "first of the 3 chunks (max_packet=512, 256 data bytes each) that carry whole_hex, a "
+                            "features record of 32x3 float32 0..95; "
+                            "transfer id is 16 random bytes (here fixed to 00..0f for the vector)",
+                    "whole_hex": whole.hex()},
+        "hex": _fixed_chunk(whole),
+    })
+    return out
+
+
+def _fixed_chunk(whole: bytes) -> str:
+    import os
+
+    real_urandom = os.urandom
+    os.urandom = lambda n: bytes(range(n))  # deterministic transfer id for the published vector
+    try:
+        msgs = frames("t", whole, sender="gw-7", seq=10, max_packet=512, ts_ms=TS)
+    finally:
+        os.urandom = real_urandom
+    return msgs[0][1].hex()
+
+
+if __name__ == "__main__":
+    path = Path(__file__).with_name("test_vectors.json")
+    path.write_text(json.dumps(vectors(), indent=2) + "\n")
+    print(f"wrote {path}")
