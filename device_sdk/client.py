@@ -76,6 +76,7 @@ class DeviceClient:
         store_max_records: int = 100_000,
         overflow: Overflow | str = Overflow.DROP_OLDEST,
         max_inflight: int = 100,
+        max_unacked: int = 2000,
         max_packet: int = DEFAULT_MAX_PACKET,
         reconnect_max_delay: float = 5.0,
     ) -> None:
@@ -84,6 +85,7 @@ class DeviceClient:
         self.address = BrokerAddress.from_url(broker) if isinstance(broker, str) else broker
         self.on_downlink = on_downlink
         self.max_inflight = max_inflight
+        self.max_unacked = max(max_unacked, max_inflight)
         self.max_packet = max_packet
         self.reconnect_max_delay = reconnect_max_delay
         self.counters = Counters()
@@ -100,6 +102,7 @@ class DeviceClient:
         self._supervisor: threading.Thread | None = None
         self._registration: tuple[str, bytes] | None = None
         self._events: deque[tuple[str, Any]] = deque()
+        self._ack_waiters = 0  # flush(), back-pressure or a disk drain in progress
         self._wake = threading.Event()
         self._status_topic = topics.status(topics.Role.DEVICE, self.device)
         self._features_topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
@@ -187,8 +190,7 @@ class DeviceClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._wake.set()
-                self._lock.wait(min(left, 0.02))
+                self._wait_for_acks(min(left, 0.05))
 
     @property
     def pending(self) -> int:
@@ -211,16 +213,14 @@ class DeviceClient:
             payload = encode_envelope(kind, self.device, seq, payload_body)
             for t, p in frames(topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet):
                 self._process_events()
-                while self._online and len(self.store) == 0 and len(self._inflight) >= self.max_inflight:
-                    self._wake.set()  # back-pressure: wait for acks rather than spill to disk
-                    self._lock.wait(0.05)
-                    self._process_events()
+                while self._online and len(self.store) == 0 and len(self._inflight) >= self.max_unacked:
+                    self._wait_for_acks(0.05)  # back-pressure: wait for acks rather than spill to disk
                 if self._online and len(self.store) == 0:
                     self._publish_now(t, p, seq=seq)
                 else:
                     if not self.store.append(seq, t, p):
                         self.counters.inc("dropped_newest")
-                    self._lock.notify_all()
+                    self._wake.set()
             self.counters.inc(f"sent.{kind.value}")
         return seq
 
@@ -256,7 +256,8 @@ class DeviceClient:
 
     def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
         self._events.append(("ack", mid))
-        self._wake.set()
+        if self._ack_waiters:  # wake only someone who waits for acks; the hot path reaps them itself
+            self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -278,6 +279,21 @@ class DeviceClient:
                 log.exception("device %s: downlink callback failed", self.device)
 
     # -- event processing (any thread holding ``self._lock``) --------------------------------
+
+    def _wait_for_acks(self, timeout: float) -> None:
+        """Release the lock until an ack (or any event) arrives or ``timeout`` passes (lock held)."""
+        self._ack_waiters += 1
+        try:
+            if not self._events:
+                self._lock.release()
+                try:
+                    self._wake.wait(timeout)
+                    self._wake.clear()
+                finally:
+                    self._lock.acquire()
+            self._process_events()
+        finally:
+            self._ack_waiters -= 1
 
     def _process_events(self) -> None:
         """Apply queued acks and connection changes (caller holds the lock)."""
@@ -342,9 +358,12 @@ class DeviceClient:
             if online:
                 delay = 0.05
                 with self._lock:
-                    self._drain()
-                self._wake.wait(0.5)
-                self._wake.clear()
+                    draining = self._drain()
+                    if draining:
+                        self._wait_for_acks(0.05)
+                if not draining:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
                 continue
             if old is not None:
                 old.loop_stop()
@@ -370,11 +389,12 @@ class DeviceClient:
                     if self._online or self._client is not client:
                         break
 
-    def _drain(self) -> None:
-        """Publish queued rows in order, keeping at most ``max_inflight`` unacknowledged (lock held)."""
-        room = self.max_inflight - len(self._inflight)
-        if not self._online or room <= 0 or len(self.store) == 0:
-            return
-        for row_id, seq, topic, payload in self.store.peek(self._last_sent_row, room):
+    def _drain(self) -> bool:
+        """Publish queued rows in order, at most ``max_inflight`` unacknowledged; True while rows remain."""
+        if not self._online or len(self.store) == 0:
+            return False
+        room = self.max_unacked - len(self._inflight)
+        for row_id, seq, topic, payload in self.store.peek(self._last_sent_row, max(room, 0)):
             self._publish_now(topic, payload, seq=seq, row_id=row_id)
             self._last_sent_row = row_id
+        return True
