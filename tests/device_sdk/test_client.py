@@ -136,7 +136,8 @@ def test_unacknowledged_records_survive_a_broker_crash(tmp_path: Path) -> None:
         broker.close()
 
 
-def test_starts_offline_and_drains_when_broker_appears(tmp_path: Path) -> None:
+def test_records_stored_offline_survive_a_gateway_restart(tmp_path: Path) -> None:
+    """A gateway that booted without a broker, queued records and rebooted still delivers them all."""
     broker = MosquittoBroker()
     addr = BrokerAddress(broker.host, broker.port)
     dev = DeviceClient("s1", "d2", addr, store_path=tmp_path / "q.sqlite", reconnect_max_delay=0.2)
@@ -144,14 +145,16 @@ def test_starts_offline_and_drains_when_broker_appears(tmp_path: Path) -> None:
     for i in range(50):
         dev.publish(_record(i, "d2"))
     assert len(dev.store) == 50
+    assert not dev.close(0.1)  # not drained: records stay on disk
     try:
         broker.start()
         with Collector(addr, topics.site_device_uplinks("s1")) as col:
+            dev = DeviceClient("s1", "d2", addr, store_path=tmp_path / "q.sqlite")
             assert dev.connect(10)
             assert dev.flush(20)
             col.wait_for(50)
             assert _features(col) == list(range(50))
-        dev.close(5)
+            dev.close(5)
     finally:
         broker.close()
 
