@@ -76,6 +76,25 @@ class ReplayBuffer:
             self._enforce_caps(item)
             return item
 
+    def restore(self, items: list[BufferedSample]) -> None:
+        """Refill an empty buffer from a checkpoint, keeping each sample's original ``seq``.
+
+        Keeping seqs keeps the train / held-out split (``seq % holdout_every``) of
+        every sample as it was, so a restart never moves held-out data into training.
+        """
+        with self._lock:
+            if self._items:
+                raise ValueError("restore needs an empty buffer")
+            for item in sorted(items, key=lambda s: s.seq):
+                self._items[item.seq] = item
+                self._by_device.setdefault(item.device_id, deque()).append(item.seq)
+                self._device_count[item.device_id] += 1
+                for name in item.presence:
+                    self._by_modality.setdefault(name, deque()).append(item.seq)
+                    self._modality_count[name] += 1
+                self._next_seq = max(self._next_seq, item.seq + 1)
+                self._enforce_caps(item)
+
     def _enforce_caps(self, item: BufferedSample) -> None:
         if self.max_per_device is not None:
             while self._device_count[item.device_id] > self.max_per_device:

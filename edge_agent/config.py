@@ -1,0 +1,291 @@
+"""Configuration of the edge agent service: TOML file, then environment, then explicit overrides.
+
+Precedence (later wins): built-in defaults < TOML file < ``MEGACE_EDGE__<SECTION>__<KEY>=value``
+environment variables (``MEGACE_EDGE__SITE=s1`` for top-level keys) < the ``overrides`` dict.
+Environment values are parsed as TOML literals (``4``, ``true``, ``0.5``, ``"x"``, ``[1, 2]``) and
+fall back to plain strings, so ``MEGACE_EDGE__BROKER=mqtt://h:1883`` needs no quoting.
+
+The loop launcher writes config files, so :meth:`EdgeConfig.to_toml` emits a file that
+:func:`load_edge_config` reads back to an equal config.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from broker import topics
+from broker.address import BrokerAddress
+from broker.errors import TopicError
+from edge_agent.model.config import EdgeModelConfig
+from edge_agent.model.errors import ConfigError
+from edge_agent.training.toy_task import toy_config
+
+ENV_PREFIX = "MEGACE_EDGE__"
+_ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality"})
+"""Optional ints: TOML has no null, so 0 stands for "none" (no cap, not this mode)."""
+
+
+class EdgeConfigError(ValueError):
+    """The service configuration is unreadable or inconsistent (raised at start, never at run time)."""
+
+
+@dataclass
+class TrainingConfig:
+    """When and how local rounds run, and what is shared upward."""
+
+    min_new_samples: int = 64
+    """A round starts once this many new labelled samples arrived since the last one ..."""
+    interval_s: float = 60.0
+    """... or this long after the last round, if at least one new sample arrived."""
+    steps: int | None = 20
+    """Optimizer steps per round; set ``epochs`` instead (and ``steps`` to 0/None) for passes over the buffer."""
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    holdout_every: int = 5
+    share_personal: bool = False
+    """Baseline "no personalization": personal tensors are uploaded and replaced by the global's too."""
+    local_only: bool = False
+    """Baseline "local only": never upload, ignore globals and site feedback."""
+    upload_fp16: bool = False
+    startup_grace_s: float = 2.0
+    """Before the first round, wait this long for the broker's retained global adapter."""
+    torch_threads: int = 0
+    """``torch.set_num_threads`` for the process; 0 leaves torch's default."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:n]``."""
+
+
+@dataclass
+class LimitsConfig:
+    """Every queue and buffer is bounded; these are the bounds."""
+
+    mqtt_queue: int = 10_000
+    """aiomqtt's incoming queue; beyond it messages are dropped (counted as ``mqtt_dropped``)."""
+    infer_queue: int = 256
+    """Pending inference requests; when full, new ones get an ErrorReport ``busy``."""
+    infer_batch: int = 32
+    downlink_queue: int = 2048
+    """Replies waiting for the broker (configs, errors, predictions, feedback); overflow is counted."""
+    max_payload: int = 64 * 1024 * 1024
+    """Largest reassembled incoming payload (global adapters are the big ones)."""
+    max_array_bytes: int = 4 * 1024 * 1024
+    """Largest single feature array."""
+    max_packet: int = 256 * 1024
+    """Uploads larger than this are chunked."""
+    max_devices: int = 10_000
+    replay_max_total: int = 4096
+    replay_max_per_device: int | None = 1024
+    replay_max_per_modality: int | None = None
+    max_pending_uploads: int = 8
+    """Uploads kept for (re)publishing while the broker is unreachable; the oldest is dropped beyond."""
+    shutdown_flush_s: float = 5.0
+
+
+@dataclass
+class EdgeConfig:
+    """The whole service configuration."""
+
+    site: str = "site-0"
+    edge_id: str = "edge-0"
+    broker: str = "mqtt://127.0.0.1:1883"
+    state_dir: str = "./state/edge"
+    metrics_interval_s: float = 2.0
+    persistent_session: bool = True
+    """MQTT clean_session=False: the broker queues device records while the agent restarts."""
+    log_level: str = "INFO"
+    model: EdgeModelConfig = field(default_factory=toy_config)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress.from_url(self.broker)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def validate(self) -> None:
+        try:
+            topics.check_id(self.site, "site")
+            topics.check_id(self.edge_id, "edge_id")
+            BrokerAddress.from_url(self.broker)
+        except (TopicError, ValueError) as exc:
+            raise EdgeConfigError(str(exc)) from exc
+        t = self.training
+        if t.steps and t.epochs:
+            raise EdgeConfigError("training: give steps or epochs, not both")
+        if t.min_new_samples < 1 or t.batch_size < 1 or t.interval_s <= 0:
+            raise EdgeConfigError("training: min_new_samples, batch_size >= 1 and interval_s > 0")
+        if t.share_personal and t.local_only:
+            raise EdgeConfigError("training: share_personal and local_only exclude each other")
+        lim = self.limits
+        for name in ("mqtt_queue", "infer_queue", "infer_batch", "downlink_queue", "max_devices",
+                     "replay_max_total", "max_pending_uploads"):
+            if getattr(lim, name) < 1:
+                raise EdgeConfigError(f"limits.{name} must be >= 1")
+        if self.metrics_interval_s <= 0:
+            raise EdgeConfigError("metrics_interval_s must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what the TOML holds; ``None`` values are left out)."""
+        top = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "training", "limits")}
+        return {
+            **top,
+            "model": self.model.to_dict(),
+            "training": _none_as_zero(asdict(self.training)),
+            "limits": _none_as_zero(asdict(self.limits)),
+        }
+
+    def to_toml(self) -> str:
+        """A TOML document that :func:`load_edge_config` reads back to an equal config."""
+        return dump_toml(self.to_dict())
+
+    def write(self, path: str | Path) -> Path:
+        """Write :meth:`to_toml` to ``path`` atomically (the launcher may start the agent right after)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(self.to_toml())
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EdgeConfig:
+        """Build from a nested dict; unknown keys are errors (typos must not silently fall back)."""
+        data = dict(data)
+        try:
+            model = _model_from(data.pop("model", None))
+            train_data = dict(data.pop("training", {}) or {})
+            if train_data.get("epochs") and "steps" not in train_data:
+                train_data["steps"] = None  # asking for epochs means "not the default steps"
+            training = _section(TrainingConfig, train_data, "training")
+            limits = _section(LimitsConfig, data.pop("limits", {}), "limits")
+            top = _section(cls, data, "top level", skip=("model", "training", "limits"), build=False)
+            return cls(**top, model=model, training=training, limits=limits)
+        except ConfigError as exc:
+            raise EdgeConfigError(f"model: {exc}") from exc
+
+
+def _none_as_zero(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: (0 if v is None and k in _ZERO_IS_NONE else v) for k, v in section.items()}
+
+
+def _model_from(data: Any) -> EdgeModelConfig:
+    if data is None:
+        return toy_config()
+    if not isinstance(data, Mapping):
+        raise EdgeConfigError("[model] must be a table")
+    base = toy_config().to_dict()
+    merged = {**base, **dict(data)}
+    return EdgeModelConfig.from_dict(merged)
+
+
+def _section(cls: Any, data: Any, where: str, *, skip: tuple[str, ...] = (), build: bool = True) -> Any:
+    if not isinstance(data, Mapping):
+        raise EdgeConfigError(f"{where} must be a table")
+    known = {f.name for f in fields(cls)} - set(skip)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise EdgeConfigError(f"unknown key(s) in {where}: {unknown}")
+    values = {k: (None if v == 0 and k in _ZERO_IS_NONE else v) for k, v in data.items()}
+    return cls(**values) if build else values
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``, tables merged key by key (the ``modalities`` table is replaced whole)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "modalities":
+            out[key] = deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Nested dict from ``MEGACE_EDGE__A__B=value`` variables (keys lower-cased)."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(raw)
+    return out
+
+
+def load_edge_config(
+    path: str | Path | None, overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
+) -> EdgeConfig:
+    """Defaults < TOML ``path`` (if given) < environment < ``overrides``; raises ``EdgeConfigError``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise EdgeConfigError(f"cannot read edge config {path}: {exc}") from exc
+    data = deep_merge(data, env_overrides(environ))
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return EdgeConfig.from_dict(data)
+    except TypeError as exc:
+        raise EdgeConfigError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------- TOML writer
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + (f" {items} " if items else "") + "}"
+    raise EdgeConfigError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """Scalars first, then one ``[table]`` per nested mapping (their own sub-tables inline)."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
+             if v is not None and not isinstance(v, Mapping)]
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            lines.append(f"\n[{_toml_key(key)}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["EdgeConfig", "EdgeConfigError", "LimitsConfig", "TrainingConfig", "dump_toml", "load_edge_config"]
