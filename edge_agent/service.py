@@ -435,7 +435,7 @@ class EdgeAgent:
         if msg.rank != self.config.model.lora_r:
             self.counters.inc("global_other_rank")  # this edge waits for its site's rank-truncated view
             return
-        tensors: dict[str, np.ndarray] = dict(msg.tensors)
+        tensors = {k: np.array(v) for k, v in msg.tensors.items()}  # wire arrays are read-only views
         scale = (msg.alpha / msg.rank) / (self.config.model.lora_alpha / self.config.model.lora_r)
         if not math.isclose(scale, 1.0):
             tensors = {k: (v.astype(np.float32) * scale if ".lora_B." in k else v) for k, v in tensors.items()}
@@ -453,7 +453,7 @@ class EdgeAgent:
             log.warning("edge %s: cloud refused upload %d: %s", self.edge_id, rejection.seq, rejection.reason)
         stats = {k: float(v) for k, v in msg.stats.items()}
         if msg.tensors and msg.rank == self.config.model.lora_r:
-            self._spawn(self._apply("view", msg.version, dict(msg.tensors), stats))
+            self._spawn(self._apply("view", msg.version, {k: np.array(v) for k, v in msg.tensors.items()}, stats))
         else:
             self._relay_feedback(msg.version, stats, "feedback")
 

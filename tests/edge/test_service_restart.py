@@ -1,0 +1,119 @@
+"""Durability with a real agent process: SIGKILL while an upload waits for an unreachable broker,
+restart, and the upload goes out with the same seq and bytes; rounds and seqs continue; no seq is
+ever published with two different contents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from edge_testkit import Device, edge_config, eventually, record, uid
+
+from broker import topics
+from broker.address import BrokerAddress
+from broker.runners import MosquittoBroker
+from broker.wire import Kind, decode_envelope
+from edge_agent.config import EdgeConfig
+from edge_agent.training.toy_task import ToyTask
+from tests.support.collector import Collector
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _start(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "edge_agent", "--config", str(config_path)], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _metrics(col: Collector, edge: str) -> list[dict]:
+    topic = topics.metrics(topics.Role.EDGE, edge)
+    return [json.loads(p)["metrics"] for t, p, _ in list(col.raw) if t == topic]
+
+
+def _uploads(col: Collector, site: str) -> list[tuple[int, bytes]]:
+    topic = topics.adapter_up(site)
+    return [(decode_envelope(p).seq, p) for t, p, _ in list(col.raw) if t == topic]
+
+
+def _committed_outbox(state: Path, seq: int) -> Path | None:
+    """The outbox file of ``seq`` in the committed generation (CURRENT), if there is one."""
+    try:
+        current = (state / "CURRENT").read_text().strip()
+    except OSError:
+        return None
+    path = state / "checkpoints" / current / "outbox" / f"{seq}.msgpack"
+    return path if path.exists() else None
+
+
+@pytest.fixture
+def broker(fresh_mosquitto: MosquittoBroker) -> MosquittoBroker:
+    return fresh_mosquitto
+
+
+async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(broker, tmp_path) -> None:
+    addr = BrokerAddress(broker.host, broker.port)
+    state = tmp_path / "state"
+    config: EdgeConfig = edge_config(state, addr, {
+        "edge_id": uid("killme"), "metrics_interval_s": 0.3,
+        "training": {"min_new_samples": 10_000, "interval_s": 5.0, "steps": 8, "startup_grace_s": 0.5},
+    })
+    config_path = config.write(tmp_path / "edge.toml")
+    log_path = tmp_path / "agent.log"
+    task = ToyTask(config.model, seed=4)
+    col = Collector(addr, *topics.subscriptions(topics.adapter_up(config.site)),
+                    topics.metrics(topics.Role.EDGE, config.edge_id)).start()
+    proc = _start(config_path, log_path)
+    dev = None
+    try:
+        await eventually(lambda: _metrics(col, config.edge_id), 60, "agent process metrics")
+        dev = await Device(config.site, uid("dev"), addr, tmp_path).start()
+        await eventually(lambda: dev.received(Kind.CONFIG),
+                         what="config")
+        await dev.publish([record(dev.id, i, s) for i, s in enumerate(task.samples(50))])
+        # round 1 (time-triggered) is uploaded while the broker is up
+        await eventually(lambda: [s for s, _ in _uploads(col, config.site)] == [1], 30, "upload seq 1")
+        await dev.publish([record(dev.id, 50 + i, s) for i, s in enumerate(task.samples(50))])
+        await eventually(lambda: any(m["samples_total"] == 100 for m in _metrics(col, config.edge_id)), 10,
+                         "100 samples ingested")
+        assert [s for s, _ in _uploads(col, config.site)] == [1], "round 2 ran before the broker went down"
+        broker.stop()
+        # round 2 runs with the broker down: its upload is checkpointed, not confirmed
+        pending_file = await eventually(lambda: _committed_outbox(state, 2), 30, "upload seq 2 committed")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        pending = pending_file.read_bytes()
+        broker.start()
+        await eventually(lambda: col.client.is_connected(), 20, "collector reconnected")
+        proc = _start(config_path, log_path)
+        # the restarted agent re-publishes seq 2 byte for byte, and reports round 2 / seq 2
+        await eventually(lambda: any(s == 2 for s, _ in _uploads(col, config.site)), 60, "re-published seq 2")
+        assert [p for s, p in _uploads(col, config.site) if s == 2] == [pending]
+        resumed = await eventually(lambda: [m for m in _metrics(col, config.edge_id) if m["upload_seq"] == 2], 10)
+        assert resumed[-1]["round"] == 2 and resumed[-1]["samples_total"] == 100
+        # training continues: round 3 uploads seq 3
+        await dev.publish([record(dev.id, 100 + i, s) for i, s in enumerate(task.samples(30))])
+        await eventually(lambda: any(s == 3 for s, _ in _uploads(col, config.site)), 30, "upload seq 3")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "clean shutdown must exit 0"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if dev is not None:
+            await dev.close()
+        col.stop()
+        print(log_path.read_text()[-3000:])
+    by_seq: dict[int, set[bytes]] = defaultdict(set)
+    for seq, payload in _uploads(col, config.site):
+        by_seq[seq].add(payload)
+    assert sorted(by_seq) == [1, 2, 3]
+    assert all(len(contents) == 1 for contents in by_seq.values()), "a seq was published with two contents"
+    final = _metrics(col, config.edge_id)[-1]
+    assert final["round"] == 3 and final["upload_seq"] == 3
