@@ -113,3 +113,32 @@ async def test_prediction_and_global_adapter_applied_live_and_after_restart(mosq
     # leave no retained global for other tests
     with Collector(mosquitto_addr, "unused/#") as pub:
         pub.client.publish(topics.global_down(), b"", qos=1, retain=True).wait_for_publish(5)
+
+
+async def test_site_feedback_view_for_this_rank_is_applied_and_relayed(mosquitto_addr, tmp_path) -> None:
+    from broker.wire import DeviceFeedback, SiteFeedback
+
+    config = edge_config(tmp_path / "state", mosquitto_addr, {"model": {"lora_r": 4, "lora_alpha": 8}})
+    async with running(config) as agent:
+        dev = await Device(config.site, uid("dev"), mosquitto_addr, tmp_path).start()
+        await eventually(lambda: dev.received(Kind.CONFIG), what="config")
+        shapes = {k: tuple(v.shape) for k, v in agent.trainer.shared_state().items()}
+        wide = {k: np.zeros((8, s[1]) if ".lora_A." in k else (s[0], 8), np.float32) for k, s in shapes.items()}
+        view = {k: np.full(s, 0.02, np.float32) for k, s in shapes.items()}
+        glob = GlobalAdapter(4, agent.trainer.fingerprint, "hetlora", 8, 16.0, wide)
+        feedback = SiteFeedback(site=config.site, version=4, rank=4, tensors=view, stats={"global_acc": 0.7},
+                                accepted=[1])
+        with Collector(mosquitto_addr, "unused/#") as pub:
+            pub.client.publish(topics.global_down(), encode_envelope(Kind.GLOBAL, "c", 4, glob.to_body()),
+                               qos=1).wait_for_publish(5)
+            await eventually(lambda: agent.counters["global_other_rank"] == 1, what="rank-8 global set aside")
+            assert agent.state.global_version == -1
+            pub.client.publish(topics.site_feedback(config.site),
+                               encode_envelope(Kind.SITE_FEEDBACK, "c", 5, feedback.to_body()),
+                               qos=1).wait_for_publish(5)
+        await eventually(lambda: agent.state.global_version == 4, what="view applied")
+        assert agent.state.global_source == "view"
+        assert all(np.allclose(v.numpy(), 0.02) for v in agent.trainer.shared_state().values())
+        relayed = await eventually(lambda: [f for f in dev.received(Kind.FEEDBACK) if f.global_version == 4])
+        assert isinstance(relayed[0], DeviceFeedback) and relayed[0].metrics == {"global_acc": 0.7}
+        await dev.close()
