@@ -215,6 +215,33 @@ class Ledger:
     def rejections(self) -> list[tuple[str, int | None, str]]:
         return list(self._db.execute("SELECT edge_id, seq, reason FROM rejections ORDER BY id"))
 
+    def accepted_seqs(self, edge_id: str, limit: int = 32) -> list[int]:
+        """The edge's last ``limit`` accepted seqs, ascending: the acknowledgement an edge waits for."""
+        rows = self._db.execute(
+            "SELECT seq FROM updates WHERE edge_id=? ORDER BY seq DESC LIMIT ?", (edge_id, int(limit))
+        )
+        return sorted(int(r[0]) for r in rows)
+
+    def recent_norms(self, limit: int) -> list[float]:
+        """Effective norms of the last ``limit`` accepted updates, oldest first (re-arms the norm guard)."""
+        rows = self._db.execute(
+            "SELECT norm FROM updates WHERE norm IS NOT NULL ORDER BY id DESC LIMIT ?", (int(limit),)
+        ).fetchall()
+        return [float(r[0]) for r in reversed(rows)]
+
+    def counts(self) -> tuple[int, dict[str, int]]:
+        """``(accepted, {reason: rejected})`` over the ledger's whole life (metrics survive restarts)."""
+        accepted = int(self._db.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
+        rejected = dict(self._db.execute("SELECT reason, COUNT(*) FROM rejections GROUP BY reason"))
+        return accepted, {str(k): int(v) for k, v in rejected.items()}
+
+    def applied_in(self, version: int) -> list[tuple[str, int]]:
+        """``(edge_id, seq)`` of the updates that ``version`` consumed (audits and tests)."""
+        rows = self._db.execute(
+            "SELECT edge_id, seq FROM updates WHERE applied_version=? ORDER BY id", (int(version),)
+        )
+        return [(str(e), int(s)) for e, s in rows]
+
     def pending_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM updates WHERE status='pending'").fetchone()[0])
 

@@ -2,8 +2,8 @@
 
 peft names a LoRA pair ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` (sometimes
 with an adapter name, ``<module>.lora_A.default.weight``).  A module tied to one modality
-carries ``.modality_proj.<modality>.`` in its name.  ``broker.wire.adapters.modality_of``
-is meant to expose the same parser; this copy keeps the cloud free of a broker import.
+carries ``.modality_proj.<modality>.`` in its name; the parser for that lives in the bus
+contract (``broker.wire.adapters.modality_of``) so edges and cloud cannot disagree on it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,20 @@ import re
 from functools import lru_cache
 from typing import Literal
 
+from broker.wire.adapters import modality_of as wire_modality_of
+
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$")
-_MODALITY = re.compile(r"(?:^|\.)modality_proj\.(?P<modality>[^.]+)\.")
 
 
 @lru_cache(maxsize=65536)
 def modality_of(name: str) -> str | None:
-    """The modality a tensor is tied to, or None for shared (modality-agnostic) tensors."""
-    m = _MODALITY.search(name)
-    return m.group("modality") if m else None
+    """The modality a tensor or module is tied to, or None for modality-agnostic ones (cached).
+
+    Accepts module names too: peft's module for a modality projection is
+    ``...modality_proj.<m>`` itself, which ends at the modality level, so a dot is appended
+    before matching the bus contract's ``.modality_proj.<m>.`` pattern.
+    """
+    return wire_modality_of(name if name.endswith(".") else name + ".")
 
 
 @lru_cache(maxsize=65536)

@@ -58,11 +58,17 @@ class NormGuard:
     Robust on purpose: a log-norm z-score using the median and MAD (so one earlier outlier
     cannot widen the band), plus a plain median-ratio bound.  Silent until ``min_history``
     norms have been seen, so the first updates of a run are never judged against nothing.
+
+    ``min_spread`` floors the robust scale (in log space): a handful of similar norms has a
+    near-zero MAD, while edges of different ranks, alphas and data sizes legitimately differ by
+    small factors, so without a floor the guard rejects honest updates.  With the defaults
+    anything within e^(6 x 0.5) = 20x of the median passes the z test.
     """
 
     z_max: float | None = 6.0
     ratio_max: float | None = 100.0
     min_history: int = 5
+    min_spread: float = 0.5
     window: int = 256
     history: deque[float] = field(default_factory=deque)
 
@@ -77,7 +83,7 @@ class NormGuard:
             if len(logs) >= self.min_history:
                 mlog = statistics.median(logs)
                 mad = statistics.median(abs(x - mlog) for x in logs) * 1.4826
-                z = abs(math.log(norm) - mlog) / max(mad, 1e-3)
+                z = abs(math.log(norm) - mlog) / max(mad, self.min_spread, 1e-3)
                 if z > self.z_max:
                     raise NormOutlier(f"log-norm robust z {z:.1f} > {self.z_max}")
 

@@ -140,12 +140,28 @@ def test_norm_guard_rejects_outliers_after_history():
         tiny.tensors[k] = tiny.tensors[k] * 1e-4
     reject(v, tiny, errors.NormOutlier)
     assert v.validate(good(seed=7)) > 0  # an ordinary one still passes
-    z_only = NormGuard(z_max=3.0, ratio_max=None, min_history=3)
+    z_only = NormGuard(z_max=3.0, ratio_max=None, min_history=3, min_spread=0.05)
     for n in (1.0, 1.1, 0.9, 1.05):
         z_only.observe(n)
     with pytest.raises(errors.NormOutlier):
         z_only.check(3.0)
     z_only.check(1.02)
+
+
+def test_norm_guard_spread_floor_tolerates_honest_heterogeneity():
+    """Near-identical history has a tiny MAD; the floor keeps a 3x (rank 2 vs rank 16) norm acceptable."""
+    guard = NormGuard(z_max=6.0, ratio_max=None, min_history=3)
+    for n in (1.0, 1.001, 0.999, 1.0005):
+        guard.observe(n)
+    guard.check(3.0)
+    guard.check(1 / 3.0)
+    with pytest.raises(errors.NormOutlier):
+        guard.check(1e3)
+    strict = NormGuard(z_max=6.0, ratio_max=None, min_history=3, min_spread=0.0)
+    for n in (1.0, 1.001, 0.999, 1.0005):
+        strict.observe(n)
+    with pytest.raises(errors.NormOutlier):
+        strict.check(3.0)
 
 
 def test_reasons_are_unique():

@@ -1,0 +1,303 @@
+"""The cloud aggregator's configuration: TOML file, then environment, then explicit overrides.
+
+Layering (later wins) lets one example file serve systemd (``/etc/megace/cloud.toml``), a
+container (``MEGACE_CLOUD__AGGREGATION__BUFFER_K=5``) and the loop launcher (``overrides``)::
+
+    cloud_id = "cloud"                  # top level: MEGACE_CLOUD__CLOUD_ID
+    broker = "mqtt://127.0.0.1:1883"
+    state_dir = "/var/lib/megace/cloud"
+    [model]        # EdgeModelConfig fields: the frozen base every edge shares
+    [aggregation]  # strategy, FedBuff buffer, staleness discount, server optimizer
+    [validation]   # norm guard
+    [limits]       # payload sizes, timers, threads
+
+Environment values are parsed as TOML values when they parse (``5``, ``true``, ``{a = 1}``)
+and taken as plain strings otherwise (``mqtt://host``).  Unknown keys are errors: a typo in a
+production config must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edge_agent.model.config import EdgeModelConfig, ModalitySpec
+
+ENV_PREFIX = "MEGACE_CLOUD__"
+
+
+class CloudConfigError(ValueError):
+    """The configuration is missing a field, has an unknown key or an invalid value."""
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How updates become a new global version."""
+
+    strategy: str = "fedavg"
+    #: keyword arguments of the strategy, e.g. ``{inner = "hetlora"}`` for modality-aware
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    #: FedBuff: aggregate once this many updates are buffered ...
+    buffer_k: int = 3
+    #: ... or this many seconds after the window opened (0 = no timer)
+    buffer_period_s: float = 0.0
+    #: the timer fires only with at least this many buffered updates
+    min_updates: int = 1
+    #: staleness discount: "polynomial" ((1+s)^-a), "hinge" or "constant"
+    discount: str = "polynomial"
+    discount_options: dict[str, float] = field(default_factory=dict)
+    #: FedBuff step: move the global only sum(discount*n)/sum(n) of the way to the aggregate, so a
+    #: lone stale update cannot replace it (factor-space strategies; flora/flexlora ignore it)
+    staleness_step: bool = True
+    #: updates more than this many versions behind are rejected ("stale"); -1 = no limit
+    max_staleness: int = 16
+    #: server optimizer on the pseudo-gradient: "none", "sgd" (lr, momentum) or "fedadam"
+    server_optimizer: str = "none"
+    server_optimizer_options: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The crude poisoning guard: reject updates whose norm is far from the recent ones."""
+
+    norm_guard: bool = True
+    #: robust log-norm z-score bound (0 = off)
+    z_max: float = 6.0
+    #: bound on norm / median norm and its inverse (0 = off)
+    ratio_max: float = 100.0
+    #: floor of the robust log-norm scale: honest edges differ by rank/alpha/data (see NormGuard)
+    min_spread: float = 0.5
+    #: the guard is silent until this many norms were accepted
+    min_history: int = 5
+    window: int = 256
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Resource bounds and timers."""
+
+    #: largest reassembled upload accepted
+    max_payload_bytes: int = 64 * 1024 * 1024
+    #: memory budget for chunked uploads in flight, and how many at once
+    max_reassembly_bytes: int = 256 * 1024 * 1024
+    max_transfers: int = 32
+    chunk_timeout_s: float = 60.0
+    #: packets larger than this are published chunked (brokers often cap at 1 MB / 128 KB)
+    max_packet_bytes: int = 256 * 1024
+    metrics_period_s: float = 5.0
+    #: torch intra-op threads for aggregation (SVDs); 1 leaves the other cores to the broker
+    torch_threads: int = 1
+    #: accepted seqs / rejections repeated in each site's feedback
+    feedback_history: int = 32
+    #: keep the tensors of only the last N globals (0 = keep all); ledger rows are always kept
+    keep_globals: int = 0
+    #: seconds a clean shutdown waits for the in-flight message or aggregation
+    shutdown_grace_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Everything ``megace cloud`` needs; build it with :func:`load_cloud_config`."""
+
+    model: EdgeModelConfig
+    cloud_id: str = "cloud"
+    broker: str = "mqtt://127.0.0.1:1883"
+    state_dir: str = "/var/lib/megace/cloud"
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (TOML-ready), the inverse of :meth:`from_dict`."""
+        out = {
+            "cloud_id": self.cloud_id,
+            "broker": self.broker,
+            "state_dir": self.state_dir,
+            "model": self.model.to_dict(),
+            "aggregation": asdict(self.aggregation),
+            "validation": asdict(self.validation),
+            "limits": asdict(self.limits),
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CloudConfig:
+        data = dict(data)
+        _no_unknown(data, {f.name for f in fields(cls)}, "top level")
+        if "model" not in data:
+            raise CloudConfigError("missing [model] section (the EdgeModelConfig every edge shares)")
+        try:
+            model = _model_config(data.pop("model"))
+            sections = {
+                name: _section(kind, data.pop(name, {}), name)
+                for name, kind in (
+                    ("aggregation", AggregationConfig),
+                    ("validation", ValidationConfig),
+                    ("limits", LimitsConfig),
+                )
+            }
+            cfg = cls(model=model, **sections, **data)
+        except CloudConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise CloudConfigError(str(exc)) from exc
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Cheap consistency checks; strategy/optimizer names are checked when the service builds them."""
+        a, lim = self.aggregation, self.limits
+        if not self.cloud_id or not all(c.isalnum() or c in "_.-" for c in self.cloud_id):
+            raise CloudConfigError(f"cloud_id {self.cloud_id!r} must match [A-Za-z0-9_.-]+")
+        if a.buffer_k < 1 or a.min_updates < 1:
+            raise CloudConfigError("aggregation.buffer_k and min_updates must be >= 1")
+        if a.buffer_period_s < 0 or not math.isfinite(a.buffer_period_s):
+            raise CloudConfigError("aggregation.buffer_period_s must be >= 0 (0 = no timer)")
+        if lim.max_packet_bytes < 1024 or lim.max_payload_bytes < 1024:
+            raise CloudConfigError("limits.max_packet_bytes and max_payload_bytes must be >= 1024")
+        if lim.torch_threads < 1 or lim.metrics_period_s <= 0 or lim.feedback_history < 1:
+            raise CloudConfigError("limits.torch_threads, metrics_period_s and feedback_history must be positive")
+
+
+def load_cloud_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> CloudConfig:
+    """File (optional), then ``MEGACE_CLOUD__<SECTION>__<KEY>`` variables, then ``overrides``.
+
+    ``overrides`` is a nested dict (``{"aggregation": {"buffer_k": 2}}``) or uses dotted keys
+    (``{"aggregation.buffer_k": 2}``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CloudConfigError(f"cannot read {path}: {exc}") from exc
+    env = os.environ if environ is None else environ
+    for key in sorted(env):
+        if key.startswith(ENV_PREFIX):
+            parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+            if parts:
+                _set(data, parts, _env_value(env[key]))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, Mapping) and "." not in key:
+            _merge(data.setdefault(key, {}), value)
+        else:
+            _set(data, key.split("."), copy.deepcopy(value))
+    return CloudConfig.from_dict(data)
+
+
+def dumps_cloud_config(config: CloudConfig) -> str:
+    """TOML text that :func:`load_cloud_config` reads back to an equal config."""
+    return _dumps_toml(config.to_dict())
+
+
+def write_cloud_config(config: CloudConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``config`` as TOML (the loop launcher writes one file per cloud)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(dumps_cloud_config(config))
+    return p
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _model_config(raw: Any) -> EdgeModelConfig:
+    if isinstance(raw, EdgeModelConfig):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise CloudConfigError("[model] must be a table")
+    raw = dict(raw)
+    mods = raw.get("modalities")
+    if not isinstance(mods, Mapping) or not mods:
+        raise CloudConfigError("[model.modalities] must map modality names to {token_dim, max_tokens}")
+    raw["modalities"] = {n: asdict(s) if isinstance(s, ModalitySpec) else dict(s) for n, s in mods.items()}
+    try:
+        return EdgeModelConfig.from_dict(raw)
+    except ValueError as exc:  # edge_agent's ConfigError is a ValueError
+        raise CloudConfigError(f"[model]: {exc}") from exc
+
+
+def _section(kind: type, raw: Any, name: str) -> Any:
+    if isinstance(raw, kind):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise CloudConfigError(f"[{name}] must be a table")
+    _no_unknown(raw, {f.name for f in fields(kind)}, f"[{name}]")
+    return kind(**raw)
+
+
+def _no_unknown(raw: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CloudConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise CloudConfigError(f"{'.'.join(parts)}: {p} is not a table")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return ("-" if v < 0 else "") + ("inf" if math.isinf(v) else "nan")
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise CloudConfigError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k and all(c.isalnum() or c in "_-" for c in k) else _toml_value(k)
+
+
+def _dumps_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Scalars first, then one ``[table]`` per nested mapping (enough for this config)."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            name = f"{prefix}{_toml_key(k)}"
+            scalars = any(not isinstance(x, Mapping) for x in v.values()) or not v
+            out += ("\n" if out else "") + (f"[{name}]\n" if scalars else "") + _dumps_toml(v, name + ".")
+    return out

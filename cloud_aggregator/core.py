@@ -1,0 +1,389 @@
+"""The aggregator's state machine, synchronous and network-free.
+
+Per upload: reassemble → decode → validate → staleness weight → persist (ledger) → acknowledge
+(the site's feedback lists the seq) → buffer.  Per aggregation: pending updates → strategy →
+server optimizer → commit (ledger) → broadcast (global + every site's feedback).  Every method
+returns the ``Outgoing`` messages to publish, in order; nothing is published before the state
+it announces is on disk, which is what makes a crash at any point recoverable.
+
+Not thread-safe on purpose: the service calls it from one single-worker executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from broker.chunking import Reassembler
+from broker.errors import WireError
+from broker.inbox import Inbox
+from broker.topics import Channel
+from broker.topics import parse as parse_topic
+from broker.wire import AdapterUpdate, Kind, decode_envelope
+from broker.wire.bodies import decode_body
+
+from .config import CloudConfig
+from .contribution import Contribution, GlobalAdapter
+from .drift import relative_drift
+from .errors import BadMetadata, RejectedUpdate
+from .intake import to_contribution, wire_reason
+from .ledger import Ledger
+from .mixing import mix, step_sizes
+from .outbox import Outgoing, SeqReserve, feedback_message, global_message, metrics_message, to_numpy
+from .reference import open_reference
+from .server_opt import check_compatible, get_server_optimizer
+from .sites import SiteBook, SiteProfile
+from .staleness import BufferPolicy, StalenessPolicy, get_discount
+from .strategies import get_strategy
+from .validation import NormGuard, Validator
+
+log = logging.getLogger(__name__)
+
+
+class AggregatorCore:
+    """Owns the ledger, the current global and every policy; see the module docstring."""
+
+    def __init__(self, config: CloudConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        agg, lim = config.aggregation, config.limits
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(lim.torch_threads)  # process-wide; SVDs on a small box should not starve the broker
+
+        self.strategy = get_strategy(agg.strategy, **agg.strategy_options)
+        self.optimizer = get_server_optimizer(agg.server_optimizer, **agg.server_optimizer_options)
+        check_compatible(self.strategy.factor_space, self.optimizer)
+        self.staleness = StalenessPolicy(
+            get_discount(agg.discount, **agg.discount_options),
+            max_staleness=None if agg.max_staleness < 0 else agg.max_staleness,
+        )
+
+        self.ledger = Ledger(self.state_dir)
+        try:
+            latest = self.ledger.latest_global()
+            reference, initial = open_reference(self.state_dir, config.model, need_initial=latest is None)
+            if latest is None:
+                assert initial is not None
+                latest = GlobalAdapter(
+                    version=0, tensors=initial, strategy=self.strategy.name, meta={"contributors": []}
+                )
+                self.ledger.commit_global(latest, [])
+            self.glob: GlobalAdapter = latest
+            self.fingerprint = reference.fingerprint
+            self.optimizer.load_state_dict(self.ledger.server_state())
+            val = config.validation
+            guard = (
+                NormGuard(
+                    z_max=val.z_max or None,
+                    ratio_max=val.ratio_max or None,
+                    min_history=val.min_history,
+                    min_spread=val.min_spread,
+                    window=val.window,
+                )
+                if val.norm_guard
+                else None
+            )
+            self.validator = Validator(
+                fingerprint=reference.fingerprint,
+                schema=reference.schema,
+                max_rank=config.model.lora_r,
+                norm_guard=guard,
+                seen=self.ledger.seen,
+                last_seq=self.ledger.last_seq,
+                require_b=self.strategy.shares_b,
+            )
+            self._seed_norm_guard()
+            self.sites = SiteBook(self.state_dir, history=lim.feedback_history)
+            self.seqs = SeqReserve(self.state_dir)
+        except BaseException:
+            self.ledger.close()
+            raise
+
+        self.inbox = Inbox(
+            Reassembler(
+                max_transfers=lim.max_transfers,
+                max_bytes=lim.max_reassembly_bytes,
+                max_transfer_bytes=lim.max_payload_bytes,
+                timeout_s=lim.chunk_timeout_s,
+            ),
+            max_payload=lim.max_payload_bytes,
+        )
+        self.buffer = BufferPolicy(k=agg.buffer_k, period_s=agg.buffer_period_s or None, min_updates=agg.min_updates)
+        self.buffer.start(self.clock(), pending=self.ledger.pending_count())
+        accepted, rejected = self.ledger.counts()
+        self.accepted = accepted
+        self.rejected: Counter[str] = Counter(rejected)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.wire_errors = 0
+        self.last_aggregation_ms = float(self.glob.meta.get("aggregation_ms", 0.0))
+        self._views: dict[tuple[int, float, frozenset[str]], dict[str, np.ndarray]] = {}
+        self._views_version = -1
+        self._global_out: Outgoing | None = None
+        self._global_version = -1
+        log.info(
+            "cloud %s resumes at version %d (%d pending) with strategy %s",
+            config.cloud_id,
+            self.glob.version,
+            self.buffer.pending,
+            self.strategy.name,
+        )
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    @property
+    def version(self) -> int:
+        return self.glob.version
+
+    # ---- start-up / reconnect ----------------------------------------------------------------
+    def announce(self) -> list[Outgoing]:
+        """Re-publish the retained global and every known site's feedback (after a (re)connect or crash)."""
+        out = [self._global_message()]
+        out += [self._feedback(site) for site in sorted(self.sites.profiles)]
+        out += self.maybe_aggregate()  # a restart may find a full buffer
+        return out
+
+    # ---- uploads -------------------------------------------------------------------------------
+    def ingest(self, topic: str, payload: bytes) -> list[Outgoing]:
+        """Handle one MQTT message from an adapter uplink (whole or chunk)."""
+        self.bytes_in += len(payload)
+        try:
+            got = self.inbox.accept(topic, payload)
+        except WireError as exc:
+            return self._wire_refusal(topic, payload, exc)
+        if got is None:
+            return []  # a chunk stored, transfer incomplete
+        parsed, env = got
+        if parsed.channel is not Channel.ADAPTER_UP or parsed.site is None:
+            self.wire_errors += 1
+            return []
+        site = parsed.site
+        try:
+            if env.kind is not Kind.ADAPTER:
+                raise BadKind(f"expected an adapter, got {env.kind.value!r}")
+            update = decode_body(env)
+        except BadKind as exc:
+            return self._reject(site, env.seq, "wrong_kind", str(exc))
+        except WireError as exc:
+            return self._reject(site, env.seq, wire_reason(exc), str(exc))
+        assert isinstance(update, AdapterUpdate)
+        try:
+            if update.site != site:
+                raise BadMetadata(f"body says site {update.site!r}, topic says {site!r}")
+            c = to_contribution(update)
+            norm = self.validator.validate(c)
+            weight = self.staleness.weight(self.version, c.base_version)
+            self.ledger.accept(c, received_version=self.version, weight=weight, norm=norm)
+        except RejectedUpdate as exc:
+            return self._reject(site, update.seq, exc.reason, exc.detail, update)
+        # durable from here on: now it may be acknowledged
+        self.validator.accepted(norm)
+        self.accepted += 1
+        self.sites.accepted(site, update)
+        self.buffer.arrived()
+        log.debug("accepted %s#%d for site %s (base %d)", c.edge_id, c.seq, site, c.base_version)
+        return [self._feedback(site), *self.maybe_aggregate()]
+
+    def _wire_refusal(self, topic: str, payload: bytes, exc: WireError) -> list[Outgoing]:
+        """A message that never became an envelope we could read: attribute it to a site if we can."""
+        self.wire_errors += 1
+        try:
+            site = parse_topic(topic).site
+        except WireError:
+            site = None
+        if site is None:
+            self.rejected[wire_reason(exc)] += 1
+            return []
+        try:
+            seq = decode_envelope(payload).seq  # a chunk's envelope carries the transfer's seq
+        except WireError:
+            seq = 0
+        return self._reject(site, seq, wire_reason(exc), str(exc))
+
+    def _reject(
+        self, site: str, seq: int, reason: str, detail: str, update: AdapterUpdate | None = None
+    ) -> list[Outgoing]:
+        log.info("rejected %s#%d: %s %s", site, seq, reason, detail)
+        edge = update.edge if update is not None and update.edge else site
+        base = update.base_version if update is not None else None
+        self.ledger.reject(edge, seq, reason, detail[:500], base, self.version)
+        self.rejected[reason] += 1
+        self.sites.rejected(site, seq, reason)
+        return [self._feedback(site)]
+
+    # ---- aggregation -----------------------------------------------------------------------------
+    def maybe_aggregate(self) -> list[Outgoing]:
+        """Aggregate if the FedBuff trigger says so (K arrivals or the timer)."""
+        if not self.buffer.should_aggregate(self.clock()):
+            return []
+        return self.aggregate()
+
+    def aggregate(self) -> list[Outgoing]:
+        """Consume every pending update into the next version, commit it, then broadcast."""
+        pend = self.ledger.pending()
+        now = self.clock()
+        if not pend:
+            self.buffer.aggregated(now, consumed=0)
+            return []
+        t0 = time.perf_counter()
+        current = self.version
+        contributions = [p.contribution for p in pend]
+        stale = [current - c.base_version for c in contributions]
+        # re-evaluated at aggregation time (FedBuff): an update waits in the buffer at most one version
+        discounts = [self.staleness.discount(s) for s in stale]
+        scaled = self.config.aggregation.staleness_step and self.strategy.factor_space
+        with torch.no_grad():
+            agg = self.strategy.aggregate(self.glob, contributions, discounts)
+            if scaled:
+                agg.tensors = mix(self.glob.tensors, agg.tensors, step_sizes(self.strategy, contributions, discounts))
+            tensors = self.optimizer.step(self.glob.tensors, agg.tensors)
+        new = GlobalAdapter(version=current + 1, tensors=tensors, strategy=self.strategy.name, meta=dict(agg.meta))
+        ms = (time.perf_counter() - t0) * 1000.0
+        site_stats = self._site_stats(new, contributions, stale, discounts, scaled)
+        new.meta.update(
+            contributors=sorted({c.edge_id for c in contributions}),
+            n_updates=len(pend),
+            staleness={"mean": sum(stale) / len(stale), "max": max(stale)},
+            aggregation_ms=ms,
+            site_stats=site_stats,
+            fingerprint=self.fingerprint,
+        )
+        self.ledger.commit_global(new, [p.id for p in pend], self.optimizer.state_dict())
+        self.glob = new
+        self.last_aggregation_ms = ms
+        self.buffer.aggregated(now)
+        if self.config.limits.keep_globals:
+            self.ledger.prune(self.config.limits.keep_globals)
+        log.info("version %d from %d updates (%.1f ms)", new.version, len(pend), ms)
+        out = [self._global_message()]
+        out += [self._feedback(site) for site in sorted(self.sites.profiles)]
+        out.append(self.metrics_message())
+        return out
+
+    def _site_stats(
+        self, new: GlobalAdapter, cs: list[Contribution], stale: list[int], discounts: list[float], scaled: bool
+    ) -> dict[str, dict[str, float]]:
+        """Per site: its weight in this aggregation, staleness, discount, drift from the new global.
+
+        ``weight`` is the coefficient of the site's update in the step (by samples):
+        ``d_k n_k / Σ n`` with the FedBuff step, ``d_k n_k / Σ d n`` without it.
+        """
+        raw = [d * c.samples for d, c in zip(discounts, cs, strict=True)]
+        total = sum(c.samples for c in cs) if scaled else sum(raw)
+        shares = [r / total if total > 0 else 1.0 / len(cs) for r in raw]
+        out: dict[str, dict[str, float]] = {}
+        for c, s, d, w in zip(cs, stale, discounts, shares, strict=True):
+            site = self.sites.site_of(c.edge_id)
+            prof = self.sites.get(site)
+            mods = prof.modalities if prof is not None else c.modalities
+            drift = relative_drift(c, new, lambda name, m=mods: self.strategy.wants(name, m))
+            st = out.setdefault(site, {"weight": 0.0, "updates": 0.0, "samples": 0.0})
+            st["weight"] += w
+            st["updates"] += 1
+            st["samples"] += c.samples
+            st["staleness"] = float(s)  # of its latest update in the batch
+            st["discount"] = float(d)
+            st["seq"] = float(c.seq)
+            if drift is not None:
+                st["drift"] = drift
+        return out
+
+    # ---- messages ------------------------------------------------------------------------------
+    def _global_message(self) -> Outgoing:
+        if self._global_out is None or self._global_version != self.version:
+            # one seq per version: a re-publish after reconnect is the same message, not a new one
+            self._global_out = global_message(
+                self.glob,
+                sender=self.config.cloud_id,
+                seq=self.seqs.take(),
+                fingerprint=self.fingerprint,
+                default_rank=self.config.model.lora_r,
+            )
+            self._global_version = self.version
+        return self._global_out
+
+    def view(self, prof: SiteProfile) -> dict[str, np.ndarray]:
+        """The site's rank-, alpha- and modality-specific view of the current global (cached per version)."""
+        if self._views_version != self.version:
+            self._views, self._views_version = {}, self.version
+        key = prof.view_key()
+        if key not in self._views:
+            with torch.no_grad():
+                v = self.strategy.view_for(self.glob, rank=prof.rank, modalities=prof.modalities, alpha=prof.alpha)
+            self._views[key] = to_numpy(v)
+        return self._views[key]
+
+    def _feedback(self, site: str) -> Outgoing:
+        prof = self.sites.get(site)
+        stats: dict[str, float] = {"version": float(self.version)}
+        if prof is None:  # never accepted: no rank to cut a view for, only the refusals
+            rejected = self.sites.unknown_rejections.get(site, [])
+            return feedback_message(
+                site, sender=self.config.cloud_id, seq=self.seqs.take(), version=self.version, rank=0,
+                view={}, stats=stats, accepted=[], rejected=rejected,
+            )
+        last = self.glob.meta.get("site_stats", {}).get(site)
+        if last is not None:
+            stats.update({k: float(v) for k, v in last.items() if math.isfinite(float(v))})
+        else:
+            stats.update(weight=0.0, updates=0.0)
+        stats["last_seq"] = float(prof.last_seq)
+        return feedback_message(
+            site,
+            sender=self.config.cloud_id,
+            seq=self.seqs.take(),
+            version=self.version,
+            rank=prof.rank,
+            view=self.view(prof),
+            stats=stats,
+            accepted=self.ledger.accepted_seqs(prof.edge, self.config.limits.feedback_history),
+            rejected=prof.rejected,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        meta = self.glob.meta
+        st = meta.get("staleness", {"mean": 0.0, "max": 0})
+        return {
+            "version": self.version,
+            "strategy": self.strategy.name,
+            "contributors": len(meta.get("contributors", [])),
+            "staleness": {"mean": float(st["mean"]), "max": int(st["max"])},
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "aggregation_ms": self.last_aggregation_ms,
+            "accepted": self.accepted,
+            "rejected": sum(self.rejected.values()),
+            "rejected_reasons": dict(self.rejected),
+            "pending": self.buffer.pending,
+            "sites": len(self.sites.profiles),
+            "wire_errors": self.wire_errors,
+        }
+
+    def metrics_message(self) -> Outgoing:
+        return metrics_message(self.config.cloud_id, self.metrics())
+
+    def sent(self, nbytes: int) -> None:
+        self.bytes_out += nbytes
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _seed_norm_guard(self) -> None:
+        """Refill the norm guard's history from the ledger, so a restart does not disarm it."""
+        guard = self.validator.norm_guard
+        if guard is None:
+            return
+        for norm in self.ledger.recent_norms(guard.window):
+            guard.observe(norm)
+
+
+class BadKind(Exception):
+    """An uplink envelope that is not an adapter update."""

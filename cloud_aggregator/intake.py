@@ -1,0 +1,75 @@
+"""From MQTT bytes to a ``Contribution``, with every wire-level failure given a stable reason.
+
+The validator's reasons (``errors.REASONS``) cover what is wrong with an update's *content*;
+these cover what is wrong with its *transport* (bad chunk hash, not msgpack, wrong kind), so
+the edge's feedback and the metrics can name both with one vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from broker.errors import (
+    ArrayFormatError,
+    ChunkError,
+    ChunkHashError,
+    ChunkLimitError,
+    DecodeError,
+    OversizeError,
+    SchemaVersionError,
+    TopicError,
+    UnknownKindError,
+    UnknownModalityError,
+    WireError,
+)
+from broker.wire import AdapterUpdate
+
+from .contribution import Contribution
+from .errors import BadMetadata
+
+WIRE_REASONS: dict[type[WireError], str] = {
+    ChunkHashError: "chunk_hash",
+    ChunkLimitError: "chunk_limit",
+    ChunkError: "bad_chunk",
+    OversizeError: "oversize",
+    SchemaVersionError: "schema_version",
+    UnknownKindError: "wrong_kind",
+    ArrayFormatError: "bad_array",
+    UnknownModalityError: "bad_modality",
+    TopicError: "bad_topic",
+    DecodeError: "bad_payload",
+}
+
+
+def wire_reason(exc: WireError) -> str:
+    """The most specific reason for a wire error (subclasses first, via the MRO)."""
+    for cls in type(exc).__mro__:
+        if cls in WIRE_REASONS:
+            return WIRE_REASONS[cls]
+    return "bad_payload"
+
+
+def to_contribution(update: AdapterUpdate) -> Contribution:
+    """Copy the (read-only, zero-copy) wire arrays into float32 tensors the cloud owns.
+
+    Non-float arrays are kept as they are so the validator refuses them with a reason.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, arr in update.tensors.items():
+        try:
+            t = torch.from_numpy(np.array(arr, copy=True))
+        except TypeError as exc:  # a wire dtype torch cannot hold (e.g. some unsigned ints)
+            raise BadMetadata(f"{name}: {exc}") from exc
+        tensors[name] = t.to(torch.float32) if t.is_floating_point() else t
+    return Contribution(
+        edge_id=update.edge,
+        seq=update.seq,
+        base_version=update.base_version,
+        rank=update.rank,
+        alpha=update.alpha,
+        samples=update.samples,
+        tensors=tensors,
+        modalities=dict(update.modalities),
+        fingerprint=update.base_model,
+    )

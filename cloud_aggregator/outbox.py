@@ -1,0 +1,117 @@
+"""What the cloud publishes, encoded: the global, per-site feedback, status and metrics.
+
+Encoding happens next to the state it reads (in the aggregation executor); the asyncio side
+only sends the resulting ``Outgoing`` messages, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from broker import topics
+from broker.topics import Role
+from broker.wire import GlobalAdapter as WireGlobal
+from broker.wire import Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
+
+from .contribution import GlobalAdapter
+from .ledger import write_atomic
+
+SEQ_FILE = "outseq.json"
+SEQ_BLOCK = 10_000
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish (chunked by the sender if needed)."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+    seq: int = 0
+
+
+class SeqReserve:
+    """Envelope seqs strictly increasing across restarts, by reserving blocks on disk.
+
+    Receivers drop a seq at or below the last one seen, so a restarted cloud must never reuse
+    one; persisting every seq would cost an fsync per message, a block costs one per 10,000.
+    """
+
+    def __init__(self, state_dir: Path, block: int = SEQ_BLOCK) -> None:
+        self.path = state_dir / SEQ_FILE
+        self.block = block
+        start = json.loads(self.path.read_text())["reserved"] if self.path.exists() else 0
+        self.next = int(start)
+        self.limit = self.next
+        self._reserve()
+
+    def _reserve(self) -> None:
+        self.limit = self.next + self.block
+        write_atomic(self.path, json.dumps({"reserved": self.limit}).encode())
+
+    def take(self) -> int:
+        if self.next >= self.limit:
+            self._reserve()
+        self.next += 1
+        return self.next
+
+
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: t.detach().to("cpu").contiguous().numpy() for n, t in tensors.items()}
+
+
+def global_rank(g: GlobalAdapter, default: int) -> int:
+    ranks = [g.rank_of(m) for m in g.modules()]
+    return max(ranks) if ranks else default
+
+
+def global_message(g: GlobalAdapter, *, sender: str, seq: int, fingerprint: str, default_rank: int) -> Outgoing:
+    """The retained global, at scaling 1: ``rank`` is the largest module rank and ``alpha = rank``,
+    so an edge that loads the factors as they are gets ``(alpha/rank)·B A = B A`` exactly."""
+    rank = global_rank(g, default_rank)
+    body = WireGlobal(
+        version=g.version,
+        base_model=fingerprint,
+        strategy=g.strategy,
+        rank=rank,
+        alpha=float(rank),
+        tensors=to_numpy(g.tensors),
+        contributors=list(g.meta.get("contributors", [])),
+    ).to_body()
+    return Outgoing(topics.global_down(), encode_envelope(Kind.GLOBAL, sender, seq, body), retain=True, seq=seq)
+
+
+def feedback_message(
+    site: str,
+    *,
+    sender: str,
+    seq: int,
+    version: int,
+    rank: int,
+    view: dict[str, np.ndarray],
+    stats: dict[str, float],
+    accepted: list[int],
+    rejected: list[tuple[int, str]],
+) -> Outgoing:
+    """One site's retained feedback; always complete (view included), since it replaces the last one."""
+    body = SiteFeedback(
+        site=site,
+        version=version,
+        rank=rank,
+        tensors=view,
+        stats=stats,
+        accepted=accepted,
+        rejected=[Rejection(seq=max(int(s), 0), reason=r) for s, r in rejected],
+    ).to_body()
+    return Outgoing(
+        topics.site_feedback(site), encode_envelope(Kind.SITE_FEEDBACK, sender, seq, body), retain=True, seq=seq
+    )
+
+
+def metrics_message(cloud_id: str, values: dict[str, object]) -> Outgoing:
+    return Outgoing(topics.metrics(Role.CLOUD, cloud_id), metrics_payload(Role.CLOUD.value, cloud_id, values))
