@@ -1,0 +1,184 @@
+"""The ``megace`` command line: the closed loop, the evaluation, and each service on its own.
+
+Heavy modules (torch, the services, amqtt, matplotlib) are imported inside the commands, so
+``megace --help`` is instant and ``megace edge`` does not pay for what only ``megace run`` needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="megace",
+    help="End-edge-cloud learning over MQTT: devices → edges (personalized LoRA) → cloud (heterogeneous "
+    "adapter aggregation) → back down.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+STRATEGIES = ["fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware"]
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"ranks must be comma-separated integers, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise typer.BadParameter("ranks must be >= 1")
+    return ranks
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Option(help="basicmotions (real accelerometer + gyroscope) or digits-av "
+                                         "(real digit images + synthesized speech)")] = "basicmotions",
+    edges: Annotated[int, typer.Option(min=1, help="edge agents (separate processes)")] = 3,
+    devices_per_edge: Annotated[int, typer.Option(min=1, help="simulated devices per edge")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="stop after this many global versions")] = 5,
+    strategy: Annotated[str, typer.Option(help=f"cloud aggregation rule: {', '.join(STRATEGIES)}")] = "modality-aware",
+    alpha: Annotated[float, typer.Option(min=0.001, help="Dirichlet label skew across edges (small = non-IID)")] = 0.5,
+    backbone: Annotated[str, typer.Option(help="tiny (fast, random frozen BERT) or minilm (bundled "
+                                          "all-MiniLM-L6-v2, slower)")] = "tiny",
+    ranks: Annotated[str, typer.Option(help="LoRA rank per edge, cycled")] = "8,4,2",
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps per local round")] = 12,
+    contrastive: Annotated[float, typer.Option(help="weight of the cross-modal contrastive loss (0 = off)")] = 0.1,
+    seed: int = 0,
+    time_limit: Annotated[float, typer.Option(help="stop after this many seconds")] = 600.0,
+    broker: Annotated[str | None, typer.Option(help="use this broker (mqtt://user:pass@host:1883, mqtts://…) "
+                                               "instead of starting the embedded one")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA certificate for a TLS broker")] = None,
+    username: Annotated[str | None, typer.Option(help="broker user name")] = None,
+    password: Annotated[str | None, typer.Option(help="broker password", envvar="MEGACE_BROKER_PASSWORD")] = None,
+    mosquitto: Annotated[bool, typer.Option(help="start a private Mosquitto instead of the embedded broker")] = False,
+    out: Annotated[Path | None, typer.Option(help="report folder (default runs/<timestamp>)")] = None,
+) -> None:
+    """Run the closed loop on this machine and write a report (devices, edges, cloud, broker)."""
+    from rich.console import Console
+
+    from megace.loop.live import LiveView, summary_table
+    from megace.loop.report import write_report
+    from megace.loop.runner import ClosedLoop, LoopError
+    from megace.loop.settings import LoopSettings
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"strategy must be one of {STRATEGIES}", param_hint="--strategy")
+    if backbone not in ("tiny", "minilm"):
+        raise typer.BadParameter("backbone must be tiny or minilm", param_hint="--backbone")
+    settings = LoopSettings(
+        dataset=dataset, edges=edges, devices_per_edge=devices_per_edge, rounds=rounds, strategy=strategy,
+        alpha=alpha, backbone=backbone, ranks=_ranks(ranks), steps_per_round=steps, contrastive_weight=contrastive,
+        seed=seed, time_limit_s=time_limit, broker_url=broker, ca_file=str(ca_file) if ca_file else None,
+        username=username, password=password, broker_kind="mosquitto" if mosquitto else "embedded", out=out,
+    )
+    console = Console()
+    loop = ClosedLoop(settings)
+    _log_to_file(loop.out / "megace.log")
+    console.print(f"[bold]megace run[/]: {dataset}, {edges} edges x {devices_per_edge} devices, ranks {ranks}, "
+                  f"strategy {strategy}, {rounds} rounds → {loop.out}")
+    try:
+        with LiveView(console) as view:
+            loop.progress = view
+            result = loop.run()
+    except LoopError as exc:
+        console.print(f"[red]loop failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; services stopped[/]")
+        raise typer.Exit(130) from None
+    report = write_report(result, loop.out)
+    console.print(summary_table(result))
+    console.print(f"{result.stopped_because}; {result.wall_s:.0f} s. Report: [bold]{report}[/]")
+    if not result.rounds:
+        raise typer.Exit(1)
+
+
+@app.command()
+def experiment(
+    quick: Annotated[bool, typer.Option(help="a reduced run (one task, fewer arms and seeds) in minutes")] = False,
+    tasks: Annotated[str, typer.Option(help="comma-separated datasets")] = "basicmotions,digits-av",
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per arm")] = 3,
+    arms: Annotated[str | None, typer.Option(help="comma-separated arm names (default: all)")] = None,
+    rounds: Annotated[int, typer.Option(min=1)] = 5,
+    mosquitto: Annotated[bool, typer.Option(help="run on a private Mosquitto (default when installed) "
+                                            "instead of the embedded broker")] = True,
+    out: Annotated[Path, typer.Option(help="where experiment.md, its PNGs and JSON go")] = Path("reports"),
+) -> None:
+    """Compare megace with local-only, FedIT, HetLoRA, FLoRA, FlexLoRA and ablations, over seeds."""
+    from rich.console import Console
+
+    from megace.experiment.plan import ExperimentPlan
+    from megace.experiment.runner import run_experiment
+
+    plan = ExperimentPlan.quick_plan() if quick else ExperimentPlan.full(seeds=seeds, rounds=rounds)
+    plan = plan.restricted(tasks=[t for t in tasks.split(",") if t] if not quick else None,
+                           arms=[a for a in arms.split(",") if a] if arms else None)
+    console = Console()
+    report = run_experiment(plan, out, console=console, mosquitto=mosquitto)
+    console.print(f"Report: [bold]{report}[/]")
+
+
+@app.command()
+def edge(config: Annotated[Path, typer.Option("--config", "-c", help="edge agent TOML file")]) -> None:
+    """Run an edge agent (the service a systemd unit starts)."""
+    from edge_agent.cli import serve
+
+    raise typer.Exit(serve(config))
+
+
+@app.command()
+def cloud(config: Annotated[Path, typer.Option("--config", "-c", help="cloud aggregator TOML file")]) -> None:
+    """Run the cloud aggregator."""
+    from cloud_aggregator.cli import serve
+
+    raise typer.Exit(serve(config))
+
+
+@app.command("broker")
+def broker_cmd(
+    port: Annotated[int, typer.Option(help="TCP port to listen on")] = 1883,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+) -> None:
+    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) in the foreground until Ctrl-C."""
+    import asyncio
+
+    from broker.runners import EmbeddedBroker
+
+    async def serve() -> None:
+        async with EmbeddedBroker(host, port):
+            typer.echo(f"embedded broker on mqtt://{host}:{port} (Ctrl-C to stop)")
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        typer.echo("broker stopped")
+
+
+def _log_to_file(path: Path) -> None:
+    """Library warnings go to the run folder, not through the live table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("amqtt", "transitions", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app(prog_name="megace")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

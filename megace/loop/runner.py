@@ -1,0 +1,322 @@
+"""The closed loop: broker, cloud and edges as processes, simulated devices, rounds, measurements.
+
+A round is driven by data, as in the field: every device sends its next portion of labelled samples;
+each edge starts a local round once its portion is in (``min_new_samples`` is set to exactly that),
+uploads its shared adapter; the cloud aggregates when all edges have reported (``buffer_k`` = edges)
+and publishes the next global version; once every edge has applied it, every device asks for
+predictions on its own test samples. Accuracy and latency are what the devices observed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from broker import topics
+from broker.address import BrokerAddress
+from megace.datasets import EdgeData, MultimodalDataset, default_modality_sets, label_skew, load_dataset, partition
+from megace.loop import configs
+from megace.loop.children import Children
+from megace.loop.devices import InferenceResult, SimulatedDevice
+from megace.loop.monitor import BusView, Monitor
+from megace.loop.results import EdgeRound, LatencySample, LoopResult, RoundRecord, percentile
+from megace.loop.settings import LoopSettings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, Any], None]
+"""Called with ("status", str), ("round", RoundRecord), ("done", LoopResult)."""
+
+
+class LoopError(RuntimeError):
+    """The loop could not run (a service died or never came up); the message says which and why."""
+
+
+def default_out_dir(root: Path = Path("runs")) -> Path:
+    return root / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _broker_url(a: BrokerAddress) -> str:
+    auth = ""
+    if a.username:
+        auth = quote(a.username, safe="") + (f":{quote(a.password, safe='')}" if a.password else "") + "@"
+    return f"{'mqtts' if a.tls else 'mqtt'}://{auth}{a.host}:{a.port}"
+
+
+class ClosedLoop:
+    """One run of the loop; :meth:`run` always stops what it started, whatever happens."""
+
+    def __init__(self, settings: LoopSettings, progress: Progress | None = None) -> None:
+        self.s = settings.resolved()
+        self.out = Path(self.s.out) if self.s.out else default_out_dir()
+        self.progress = progress or (lambda kind, payload: None)
+        self._stack = contextlib.ExitStack()
+        self.children: Children | None = None
+        self.devices: list[SimulatedDevice] = []
+        self.monitor: Monitor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _data(self) -> tuple[MultimodalDataset, MultimodalDataset, list[EdgeData]]:
+        s = self.s
+        train, test = load_dataset(s.dataset, seed=s.seed, max_samples=s.max_samples, **(s.dataset_options or {}))
+        sets = s.modality_sets or default_modality_sets(list(train.modalities), s.edges)
+        edges = partition(train, s.edges, s.alpha, sets, s.seed, test=test, devices_per_edge=s.devices_per_edge)
+        return train, test, edges
+
+    def _broker(self) -> BrokerAddress:
+        s = self.s
+        if s.broker_url:
+            a = BrokerAddress.from_url(s.broker_url)
+            return replace(a, ca_file=s.ca_file or a.ca_file, username=s.username or a.username,
+                           password=s.password or a.password)
+        if s.broker_kind == "mosquitto":
+            from broker.runners import MosquittoBroker
+
+            b = self._stack.enter_context(MosquittoBroker(persistence=False))
+        else:
+            from broker.runners import EmbeddedBroker
+
+            b = self._stack.enter_context(EmbeddedBroker())
+        return BrokerAddress(b.host, b.port)
+
+    def _spawn(self, schema: MultimodalDataset, plans: list[configs.EdgePlan], address: BrokerAddress) -> None:
+        s = self.s
+        url = _broker_url(address)
+        children = Children(self.out / "logs")
+        self.children = children
+        if address.ca_file:  # the services build their TLS context from the default verify paths
+            children.env["SSL_CERT_FILE"] = address.ca_file
+        self._stack.callback(children.stop)
+        cfg_dir = self.out / "config"
+        if not s.local_only:
+            doc = configs.cloud_config(s, schema, len(plans), url, self.out / "state" / configs.CLOUD_ID)
+            children.spawn(configs.CLOUD_ID, "cloud", configs.write_cloud_config(doc, cfg_dir / "cloud.toml"))
+        for p in plans:
+            doc = configs.edge_config(s, schema, p, url, self.out / "state" / p.ident, s.round_timeout_s)
+            children.spawn(p.ident, "edge", configs.write_edge_config(doc, cfg_dir / f"{p.ident}.toml"))
+
+    def _wait_services(self, plans: list[configs.EdgePlan]) -> None:
+        assert self.monitor is not None and self.children is not None
+        want = [(topics.Role.EDGE, p.ident) for p in plans]
+        if not self.s.local_only:
+            want.append((topics.Role.CLOUD, configs.CLOUD_ID))
+        deadline = time.monotonic() + self.s.services_timeout_s
+        while True:
+            missing = [ident for role, ident in want if not self.monitor.online(role, ident)]
+            if not missing:
+                return
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise LoopError(f"services not online after {self.s.services_timeout_s:.0f} s: {missing}")
+            self.progress("status", f"starting services… waiting for {', '.join(missing)}")
+            time.sleep(0.5)
+
+    def _check_children(self) -> None:
+        assert self.children is not None
+        dead = self.children.dead()
+        if dead:
+            c = dead[0]
+            raise LoopError(f"{c.name} exited with code {c.proc.returncode}; last log lines ({c.log}):\n{c.tail()}")
+
+    # ------------------------------------------------------------------ rounds
+    def _round_done(self, plans: list[configs.EdgePlan], r: int, version0: int) -> Callable[[BusView], bool]:
+        local = self.s.local_only
+
+        def done(view: BusView) -> bool:
+            for p in plans:
+                m = view.edge_metrics.get(p.ident, {})
+                if int(m.get("round", 0) or 0) < r:
+                    return False
+                if not local and int(m.get("global_version", 0) or 0) < version0 + r:
+                    return False
+            return True
+
+        return done
+
+    def _evaluate(self, pool: ThreadPoolExecutor) -> list[InferenceResult]:
+        futures = [pool.submit(d.evaluate) for d in self.devices]
+        return [r for f in futures for r in f.result()]
+
+    def _record(self, r: int, started: float, plans: list[configs.EdgePlan],
+                results: list[InferenceResult]) -> RoundRecord:
+        assert self.monitor is not None
+        with self.monitor.lock:
+            view = self.monitor.view
+            edge_m = {k: dict(v) for k, v in view.edge_metrics.items()}
+            cloud_m = dict(view.cloud_metrics.get(configs.CLOUD_ID, {}))
+            traffic = {p.ident: (view.up_bytes(p.ident), view.cloud_to(p.site)) for p in plans}
+        edges = []
+        for p in plans:
+            mine = [x for x in results if x.edge == p.index]
+            lat = [1000 * x.latency_s for x in mine if x.latency_s is not None]
+            m = edge_m.get(p.ident, {})
+            edges.append(EdgeRound(
+                edge=p.ident, rank=p.rank, modalities=list(p.modalities),
+                device_acc=sum(x.correct for x in mine) / len(mine) if mine else math.nan,
+                answered=sum(x.predicted is not None for x in mine), asked=len(mine),
+                latency_ms_p50=percentile(lat, 0.5), latency_ms_p95=percentile(lat, 0.95),
+                heldout_acc=_num(m.get("heldout_acc")), train_acc=_num(m.get("train_acc")),
+                global_version=_int(m.get("global_version")), edge_round=_int(m.get("round")),
+                bytes_up=float(traffic[p.ident][0]), bytes_down=float(traffic[p.ident][1]),
+            ))
+        return RoundRecord(round=r, elapsed_s=time.monotonic() - started,
+                           global_version=_int(cloud_m.get("version")), edges=edges, cloud=cloud_m)
+
+    def _latency(self, plans: list[configs.EdgePlan], results: list[InferenceResult]) -> list[LatencySample]:
+        assert self.monitor is not None
+        with self.monitor.lock:
+            taps = dict(self.monitor.view.taps)
+        out = []
+        for x in results:
+            if x.received is None:
+                continue
+            t = taps.get((x.device, x.request))
+            up = edge = down = None
+            if t is not None and t.request_seen is not None:
+                up = t.request_seen - x.sent
+                if t.answer_published is not None:
+                    edge = max(0.0, t.answer_published - t.request_seen)
+                    down = max(0.0, x.received - t.answer_published)
+            out.append(LatencySample(plans[x.edge].ident, x.received - x.sent, up, edge, down))
+        return out
+
+    def _global_eval(self, test: MultimodalDataset, plans: list[configs.EdgePlan],
+                     address: BrokerAddress, pool: ThreadPoolExecutor) -> dict[str, float]:
+        """Each edge answers the *whole* test set (in its modalities) through an extra evaluator device."""
+        evaluators = []
+        for p in plans:
+            ds = test.with_modalities(p.modalities)
+            d = SimulatedDevice(p.site, f"e{p.index}-eval", p.index, ds, ds, address, self.out / "devices")
+            d.start()
+            self._stack.callback(d.close)
+            evaluators.append((p, d))
+        for _, d in evaluators:
+            d.wait_configured(20.0)
+        futures = {p.ident: pool.submit(d.evaluate) for p, d in evaluators}
+        out = {}
+        for ident, f in futures.items():
+            res = f.result()
+            out[ident] = sum(x.correct for x in res) / len(res) if res else math.nan
+        return out
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> LoopResult:
+        s = self.s
+        self.out.mkdir(parents=True, exist_ok=True)
+        wall0 = time.monotonic()
+        result = LoopResult(settings=s.to_dict(), rounds=[], out_dir=str(self.out))
+        try:
+            self.progress("status", f"loading {s.dataset}…")
+            train, test, parts = self._data()
+            result.label_skew = label_skew(parts)
+            result.partition = {
+                configs.edge_id(e.edge_id): {"modalities": list(e.modalities), "train": len(e.train),
+                                             "test": len(e.test), "classes": e.train.class_counts().tolist()}
+                for e in parts
+            }
+            stream = s.stream_rounds or s.rounds
+            self.progress("status", "starting the broker…")
+            address = self._broker()
+            for e in parts:
+                for d in e.devices:
+                    self.devices.append(SimulatedDevice(
+                        configs.site_id(e.edge_id), configs.device_id(e.edge_id, d.device_id), e.edge_id,
+                        d.train, d.test, address, self.out / "devices"))
+            plans = [
+                configs.EdgePlan(e.edge_id, s.rank_of(e.edge_id), tuple(e.modalities),
+                                 sum(d.portion(stream) for d in self.devices if d.edge == e.edge_id))
+                for e in parts
+            ]
+            self.monitor = Monitor(address, [(d.site, d.name) for d in self.devices]).start()
+            self._stack.callback(self.monitor.stop)
+            self._spawn(train, plans, address)
+            self._wait_services(plans)
+            self.progress("status", "devices registering…")
+            for d in self.devices:
+                d.start()
+                self._stack.callback(d.close)
+            for d in self.devices:
+                d.wait_configured(20.0)
+            with self.monitor.lock:
+                version0 = int(self.monitor.view.cloud_metrics.get(configs.CLOUD_ID, {}).get("version", 0) or 0)
+            pool = self._stack.enter_context(ThreadPoolExecutor(max_workers=max(4, len(self.devices))))
+            all_results: list[InferenceResult] = []
+            started = time.monotonic()
+            result.stopped_because = f"{s.rounds} rounds done"
+            for r in range(1, s.rounds + 1):
+                self.progress("status", f"round {r}/{s.rounds}: devices send data, edges train, cloud aggregates…")
+                for d in self.devices:
+                    d.publish_train(d.portion(stream))
+                for d in self.devices:
+                    d.flush(30.0)
+                budget = min(s.round_timeout_s, s.time_limit_s - (time.monotonic() - wall0))
+                if not self._wait_round(plans, r, version0, budget):
+                    result.stopped_because = (f"round {r} not complete after {budget:.0f} s "
+                                              f"({'time limit' if budget < s.round_timeout_s else 'round timeout'})")
+                    break
+                self.progress("status", f"round {r}/{s.rounds}: devices ask for predictions…")
+                results = self._evaluate(pool)
+                all_results.extend(results)
+                record = self._record(r, started, plans, results)
+                result.rounds.append(record)
+                self.progress("round", record)
+            result.latency = self._latency(plans, all_results)
+            with self.monitor.lock:
+                result.uploads = [asdict(u) for u in self.monitor.view.uploads]
+            if s.global_eval and result.rounds:
+                self.progress("status", "global evaluation: every edge answers the whole test set…")
+                result.global_acc = self._global_eval(test, plans, address, pool)
+        except KeyboardInterrupt:
+            result.stopped_because = "interrupted"
+            raise
+        finally:
+            self.progress("status", "stopping services…")
+            self._stack.close()
+            result.wall_s = time.monotonic() - wall0
+        if result.rounds:
+            from megace.loop.params import edge_parameter_counts
+
+            result.params = edge_parameter_counts(s, train)
+        return result
+
+    def _wait_round(self, plans: list[configs.EdgePlan], r: int, version0: int, budget: float) -> bool:
+        assert self.monitor is not None
+        deadline = time.monotonic() + max(budget, 0.0)
+        done = self._round_done(plans, r, version0)
+        while time.monotonic() < deadline:
+            if self.monitor.wait_until(done, min(1.0, max(deadline - time.monotonic(), 0.0))):
+                return True
+            self._check_children()
+        return False
+
+
+def run_loop(settings: LoopSettings, progress: Progress | None = None) -> LoopResult:
+    """Run one closed loop and return its measurements (the report is written by the caller)."""
+    return ClosedLoop(settings, progress).run()
+
+
+def _num(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+__all__ = ["ClosedLoop", "LoopError", "run_loop"]
