@@ -5,6 +5,9 @@ The generated config lifts ``max_queued_messages`` because Mosquitto's default
 ``max_inflight_messages``: measured here, with an unlimited in-flight window a
 SIGTERM'd Mosquitto 2.0.11 lost the QoS 1 messages it had in flight to a
 persistent subscriber (108 of 1000); with 20 it redelivered them after restart.
+``set_tcp_nodelay`` matters for request/response: without it the broker's write of a
+request waits behind Nagle for the delayed ACK of its previous PUBACK, and a device's
+inference round trip through an edge took about 40 ms instead of under 1 ms.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ listener {port} {host}
 allow_anonymous true
 max_queued_messages 0
 max_inflight_messages 20
+set_tcp_nodelay true
 persistence {persistence}
 persistence_location {state_dir}/
 autosave_interval 1
