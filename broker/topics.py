@@ -178,9 +178,8 @@ def parse(topic: str) -> Parsed:
         raise TopicError(f"not a megace/v1 topic: {topic!r}")
     levels = topic[len(ROOT) + 1 :].split("/")
     chunk_index: int | None = None
-    if len(levels) >= 2 and levels[-2] == "chunk":
-        if not levels[-1].isdigit():
-            raise TopicError(f"bad chunk index in {topic!r}")
+    # ".../chunk/<n>" only with a numeric n: a site or device may itself be called "chunk"
+    if len(levels) >= 2 and levels[-2] == "chunk" and levels[-1].isdigit():
         chunk_index = int(levels[-1])
         levels = levels[:-2]
     try:

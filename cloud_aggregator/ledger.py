@@ -247,13 +247,20 @@ class Ledger:
 
     def pending(self, limit: int | None = None) -> list[PendingUpdate]:
         """Accepted-but-unapplied updates in arrival order, tensors loaded (survives restarts)."""
+        where = "status='pending' ORDER BY id" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._load_updates(where, ())
+
+    def applied_updates(self, version: int) -> list[PendingUpdate]:
+        """The updates ``version`` consumed, in arrival order (audits: replay a version from its inputs)."""
+        return self._load_updates("applied_version=? ORDER BY id", (int(version),))
+
+    def _load_updates(self, where: str, args: tuple[object, ...]) -> list[PendingUpdate]:
         q = (
             "SELECT id, edge_id, seq, base_version, received_version, rank, alpha, samples, modalities,"
-            " fingerprint, weight, path FROM updates WHERE status='pending' ORDER BY id"
+            " fingerprint, weight, path FROM updates WHERE " + where
         )
-        rows = list(self._db.execute(q + (f" LIMIT {int(limit)}" if limit is not None else "")))
         out = []
-        for r in rows:
+        for r in list(self._db.execute(q, args)):
             c = Contribution(
                 edge_id=r[1],
                 seq=r[2],
