@@ -344,7 +344,9 @@ def main() -> int:
         "bench": "edge",
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "aiomqtt": aiomqtt.__version__ if hasattr(aiomqtt, "__version__") else "?",
-                    "broker": "mosquitto (private, loopback)"},
+                    "broker": "mosquitto (private, loopback)",
+                    "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+                    "note": "2 cores shared with other workers; figures from one run, noisy"},
     }
     with tempfile.TemporaryDirectory(prefix="megace-bench-edge-") as tmp_name, MosquittoBroker() as broker:
         tmp = Path(tmp_name)

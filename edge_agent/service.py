@@ -398,7 +398,9 @@ class EdgeAgent:
             self.counters.inc("unlabeled")
             return
         assert self.trainer is not None
-        self.trainer.add_sample(sample, device_id=device)
+        # registry.check already enforced what Trainer.add_sample would re-check (known modality,
+        # token width, finite values, label range): buffer directly, this is the ingest hot path
+        self.trainer.buffer.add(device, sample["modalities"], int(sample["label"]))
         self.counters.inc("samples_total")
         for name in sample["modalities"]:
             self._modalities_seen[name] = self._modalities_seen.get(name, 0) + 1
