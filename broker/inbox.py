@@ -23,8 +23,14 @@ class Inbox:
         self.max_payload = max_payload
 
     def accept(self, topic: str, payload: bytes) -> tuple[topics.Parsed, Envelope] | None:
-        """Decode one MQTT message; ``None`` means a chunk was stored and the transfer is not complete."""
+        """Decode one MQTT message; ``None`` means nothing to act on yet.
+
+        That is a chunk whose transfer is not complete, or an empty payload: the MQTT way to clear a
+        retained message (publishers clear stale retained chunks), never a megace message.
+        """
         parsed = topics.parse(topic)
+        if not payload:
+            return None
         if parsed.chunk_index is None:
             return parsed, decode_envelope(payload, max_size=self.max_payload)
         env = decode_envelope(payload, expect=Kind.CHUNK, max_size=self.max_payload)

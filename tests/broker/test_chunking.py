@@ -98,3 +98,14 @@ def test_small_payload_is_not_chunked() -> None:
     p = _payload(10)
     assert frames(TOPIC, p, sender="c") == [(TOPIC, p)]
     assert hashlib.sha256(p).digest()  # sanity: payload intact
+
+
+def test_empty_payload_is_a_retained_clear_not_a_message() -> None:
+    assert Inbox().accept(topics.global_down(), b"") is None
+    assert Inbox().accept(topics.chunk(topics.global_down(), 3), b"") is None
+
+
+def test_site_named_chunk_still_parses() -> None:
+    t = topics.site_feedback("chunk")
+    assert topics.parse(t).site == "chunk"
+    assert topics.parse(topics.chunk(t, 2)).base == t
