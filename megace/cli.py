@@ -80,6 +80,7 @@ def run(
     console = Console()
     loop = ClosedLoop(settings)
     _log_to_file(loop.out / "megace.log")
+    _stop_on_signals()
     console.print(f"[bold]megace run[/]: {dataset}, {edges} edges x {devices_per_edge} devices, ranks {ranks}, "
                   f"strategy {strategy}, {rounds} rounds → {loop.out}")
     try:
@@ -120,6 +121,7 @@ def experiment(
     plan = plan.restricted(tasks=[t for t in tasks.split(",") if t] if not quick else None,
                            arms=[a for a in arms.split(",") if a] if arms else None)
     console = Console()
+    _stop_on_signals()
     report = run_experiment(plan, out, console=console, mosquitto=mosquitto)
     console.print(f"Report: [bold]{report}[/]")
 
@@ -159,6 +161,18 @@ def broker_cmd(
         asyncio.run(serve())
     except KeyboardInterrupt:
         typer.echo("broker stopped")
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both unwind the loop (whose clean-up stops every child), even when the shell
+    started us with SIGINT ignored (background jobs)."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _log_to_file(path: Path) -> None:

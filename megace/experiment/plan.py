@@ -57,9 +57,9 @@ ARM_BY_NAME = {a.name: a for a in ARMS}
 #: The loop settings each task runs with (every arm, every seed).
 TASKS: dict[str, LoopSettings] = {
     "basicmotions": LoopSettings(dataset="basicmotions", edges=3, devices_per_edge=2, alpha=0.5, rounds=5,
-                                 steps_per_round=12),
+                                 steps_per_round=12, round_timeout_s=60.0),
     "digits-av": LoopSettings(dataset="digits-av", edges=3, devices_per_edge=2, alpha=0.5, rounds=5,
-                              steps_per_round=12, max_samples=900),
+                              steps_per_round=12, max_samples=900, round_timeout_s=60.0),
 }
 
 

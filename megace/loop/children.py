@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,21 @@ CHILD_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a ``preexec_fn`` asking the kernel to SIGTERM the child when the loop dies (even by SIGKILL).
+
+    The libc function is looked up here, before forking, so the child only makes one foreign call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Children:
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(threads_per_child)}
+        self._preexec = _die_with_parent()
         atexit.register(self.stop)
 
     def spawn(self, name: str, role: str, config: Path) -> Child:
@@ -62,7 +81,7 @@ class Children:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "megace", role, "--config", str(config)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True,
+                env=self.env, start_new_session=True, preexec_fn=self._preexec,
             )
         child = Child(name, proc, log)
         self.children.append(child)

@@ -33,10 +33,10 @@ def rounds_table(rounds: list[RoundRecord], title: str = "closed loop") -> Table
     t.add_column("global v", justify="right")
     edges = rounds[0].edges if rounds else []
     for e in edges:
-        t.add_column(f"{e.edge} (r={e.rank}, {'+'.join(e.modalities)})\nacc % dev / held-out", justify="right")
-    t.add_column("mean acc %", justify="right", style="bold")
-    t.add_column("KiB up / down\n(all edges)", justify="right")
-    t.add_column("latency p50\nms", justify="right")
+        t.add_column(f"{e.edge} r{e.rank}\n{'+'.join(e.modalities)}\nacc % dev/held", justify="right")
+    t.add_column("mean\nacc %", justify="right", style="bold")
+    t.add_column("KiB up/down\nall edges", justify="right")
+    t.add_column("p50\nms", justify="right")
     t.add_column("t s", justify="right")
     for r in rounds:
         up = sum(e.bytes_up or 0 for e in r.edges)
@@ -44,8 +44,8 @@ def rounds_table(rounds: list[RoundRecord], title: str = "closed loop") -> Table
         lat = [e.latency_ms_p50 for e in r.edges if not math.isnan(e.latency_ms_p50)]
         t.add_row(
             str(r.round), "-" if r.global_version is None else str(r.global_version),
-            *[f"{_pct(e.device_acc)} / {_pct(e.heldout_acc)}" for e in r.edges],
-            _pct(r.mean_acc), f"{_kib(up)} / {_kib(down)}", _ms(sorted(lat)[len(lat) // 2] if lat else None),
+            *[f"{_pct(e.device_acc)}/{_pct(e.heldout_acc)}" for e in r.edges],
+            _pct(r.mean_acc), f"{_kib(up)}/{_kib(down)}", _ms(sorted(lat)[len(lat) // 2] if lat else None),
             f"{r.elapsed_s:.0f}",
         )
     return t
@@ -88,8 +88,8 @@ class LiveView:
 def summary_table(result: LoopResult) -> Table:
     """The end-of-run summary: final accuracy per edge (personal and global), traffic and latency."""
     t = Table(title="summary", title_justify="left", header_style="bold")
-    for col in ("edge", "rank", "modalities", "personal acc %", "global acc %", "held-out %", "KiB up",
-                "KiB down", "latency p50 / p95 ms"):
+    for col in ("edge", "rank", "modalities", "personal\nacc %", "global\nacc %", "held-out\n%", "KiB\nup",
+                "KiB\ndown", "latency ms\np50/p95"):
         t.add_column(col, justify="right" if col not in ("edge", "modalities") else "left")
     final = result.final
     if final is None:
@@ -97,5 +97,5 @@ def summary_table(result: LoopResult) -> Table:
     for e in final.edges:
         t.add_row(e.edge, str(e.rank), "+".join(e.modalities), _pct(e.device_acc),
                   _pct(result.global_acc.get(e.edge)), _pct(e.heldout_acc), _kib(e.bytes_up), _kib(e.bytes_down),
-                  f"{_ms(e.latency_ms_p50)} / {_ms(e.latency_ms_p95)}")
+                  f"{_ms(e.latency_ms_p50)}/{_ms(e.latency_ms_p95)}")
     return t
