@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
+
+from megace.durable import atomic_write
 
 from .contribution import Contribution, GlobalAdapter
 from .errors import DuplicateUpdate
@@ -80,25 +81,11 @@ CREATE TABLE IF NOT EXISTS globals (
 """
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + fsync(dir): after return the file is complete and durable."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
     # clone: views of one stacked buffer share storage, which safetensors refuses
     own = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    write_atomic(path, st_save(own, metadata=meta))
+    atomic_write(path, st_save(own, metadata=meta))
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from broker import topics
 from broker.topics import Role
 from broker.wire import GlobalAdapter as WireGlobal
 from broker.wire import Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
+from megace.durable import atomic_write
 
 from .contribution import GlobalAdapter
-from .ledger import write_atomic
 
 SEQ_FILE = "outseq.json"
 SEQ_BLOCK = 10_000
@@ -52,7 +52,7 @@ class SeqReserve:
 
     def _reserve(self) -> None:
         self.limit = self.next + self.block
-        write_atomic(self.path, json.dumps({"reserved": self.limit}).encode())
+        atomic_write(self.path, json.dumps({"reserved": self.limit}).encode())
 
     def take(self) -> int:
         if self.next >= self.limit:

@@ -17,8 +17,8 @@ import torch
 
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.fingerprint import base_fingerprint
+from megace.durable import atomic_write
 
-from .ledger import write_atomic
 from .naming import split_lora
 from .validation import AdapterSchema
 
@@ -74,5 +74,5 @@ def open_reference(
         "modules": {m: list(s) for m, s in sorted(schema.modules.items())},
         "extras": {n: list(s) for n, s in sorted(schema.extras.items())},
     }
-    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
     return Reference(fingerprint, schema), tensors

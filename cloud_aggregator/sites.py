@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from broker.wire import AdapterUpdate
-
-from .ledger import write_atomic
+from megace.durable import atomic_write
 
 SITES_FILE = "sites.json"
 MAX_UNKNOWN = 1024
@@ -89,4 +88,4 @@ class SiteBook:
 
     def save(self) -> None:
         doc = {s: asdict(p) for s, p in sorted(self.profiles.items())}
-        write_atomic(self.path, json.dumps(doc, sort_keys=True).encode())
+        atomic_write(self.path, json.dumps(doc, sort_keys=True).encode())

@@ -24,6 +24,7 @@ from broker.errors import TopicError
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.errors import ConfigError
 from edge_agent.training.toy_task import toy_config
+from megace.durable import atomic_write
 
 ENV_PREFIX = "MEGACE_EDGE__"
 _ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality"})
@@ -155,9 +156,7 @@ class EdgeConfig:
         """Write :meth:`to_toml` to ``path`` atomically (the launcher may start the agent right after)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(self.to_toml())
-        os.replace(tmp, target)
+        atomic_write(target, self.to_toml().encode())
         return target
 
     @classmethod

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import msgpack
 from broker.errors import WireError
 from broker.wire import decode_array, encode_array
 from edge_agent.training.replay import BufferedSample
+from megace.durable import atomic_write, fsync_dir, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +77,6 @@ class Generation:
         return self.path / "trainer"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _sha(data: bytes) -> str:
@@ -158,11 +141,11 @@ class StateStore:
         gen.mkdir()
         trainer.save_checkpoint(gen / "trainer")
         samples_bytes = encode_samples(samples)
-        _write_synced(gen / "samples.msgpack", samples_bytes)
+        write_synced(gen / "samples.msgpack", samples_bytes)
         (gen / "outbox").mkdir()
         hashes = {}
         for seq, payload in outbox:
-            _write_synced(gen / "outbox" / f"{seq}.msgpack", payload)
+            write_synced(gen / "outbox" / f"{seq}.msgpack", payload)
             hashes[str(seq)] = _sha(payload)
         fsync_dir(gen / "outbox")
         meta = {
@@ -172,7 +155,7 @@ class StateStore:
             "samples_sha256": _sha(samples_bytes),
             "outbox": hashes,
         }
-        _write_synced(gen / "agent.json", json.dumps(meta, sort_keys=True).encode())
+        write_synced(gen / "agent.json", json.dumps(meta, sort_keys=True).encode())
         fsync_dir(gen)
         fsync_dir(self.checkpoints)
         atomic_write(self.root / CURRENT, gen.name.encode())
@@ -233,9 +216,3 @@ class StateStore:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.root / CONFIRMED, json.dumps({"seq": int(seq)}).encode())
 
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from edge_agent.model.errors import CheckpointError
+from megace.durable import atomic_write
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "checkpoint.safetensors"
@@ -33,27 +33,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
 
 def write_checkpoint(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write tensors + JSON metadata into ``directory`` (created if needed)."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tensor_path = path / TENSORS_FILE
-    tmp = tensor_path.with_name(TENSORS_FILE + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, tensor_path)
+    atomic_write(tensor_path, save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}))
     body = {"format": FORMAT_VERSION, "sha256": _sha256(tensor_path), "meta": meta}
-    _atomic_write(path / META_FILE, json.dumps(body, indent=2, sort_keys=True).encode())
+    atomic_write(path / META_FILE, json.dumps(body, indent=2, sort_keys=True).encode())
     return path
 
 
