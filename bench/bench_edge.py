@@ -1,10 +1,12 @@
 """Edge agent figures, side by side in one run against one Mosquitto this script starts.
 
-(a) ingest: records/s drained by the agent vs a bare aiomqtt subscriber from the same queued load.
+(a) ingest: records/s drained by the agent vs a bare aiomqtt subscriber from the same queued load
+    (3 interleaved repeats per side, best of each, as in (c): the machine is shared and noisy).
     Each subscriber first opens a persistent session (clean_session=False) and disconnects; the
     records (QoS 1, toy-task features of 8 devices) are then queued in the broker, and the rate
     is measured from the moment the subscriber connects until the last record is counted
-    (bare: received; agent: decoded, validated against the device profile, in the replay buffer).
+    (bare: received; agent: decoded, validated against the device profile, in the replay buffer),
+    both timed on their own event loop (the agent's by a watcher task, not a poller thread).
     Publisher CPU is thus out of the measurement. Training is held off during (a).
 (b) round trip: a real DeviceClient sends INFER and waits for the Prediction on its downlink,
     sequentially, tiny model.
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -77,13 +80,18 @@ class AgentThread:
         self.stop: asyncio.Event | None = None
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.error: BaseException | None = None
+        self.watch: Callable[[], Coroutine[Any, Any, None]] | None = None
+        """Optional coroutine run on the agent's loop beside it (in-loop timing)."""
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
 
         async def go() -> None:
             self.stop = asyncio.Event()
+            watcher = asyncio.create_task(self.watch()) if self.watch is not None else None
             await self.agent.run(self.stop)
+            if watcher is not None:
+                watcher.cancel()
 
         try:
             self.loop.run_until_complete(go())
@@ -179,39 +187,66 @@ async def bare_drain(addr: BrokerAddress, ident: str, n: int, *, prime: bool) ->
         return n / (time.perf_counter() - started)
 
 
-def bench_ingest(addr: BrokerAddress, tmp: Path, n: int) -> dict[str, Any]:
-    register_devices(addr)
-    # bare subscriber
-    asyncio.run(bare_drain(addr, "bench-bare", n, prime=True))
-    pub_rate = publish_load(addr, n, seq0=1)
-    bare = asyncio.run(bare_drain(addr, "bench-bare", n, prime=False))
-    # agent: create its persistent session, stop, queue the same load, start and time the drain
-    cfg = config_for(addr, tmp / "ingest", "bench-ingest")
-    AgentThread(cfg).start().close()
-    publish_load(addr, n, seq0=1 + n)
+def agent_drain(cfg: EdgeConfig, n: int) -> tuple[float, dict[str, Any]]:
+    """Start the agent on its queued session and time the drain of ``n`` new records; returns (rate, counters)."""
     runner = AgentThread(cfg)
-    runner.thread.start()
     agent = runner.agent
-    while not agent.connected.is_set():
-        time.sleep(0.0005)
-    started = time.perf_counter()
-    while agent.counters["samples_total"] < n:
-        if time.perf_counter() - started > 300:
-            raise RuntimeError(f"agent ingested only {agent.counters['samples_total']} of {n}")
-        time.sleep(0.0005)
-    agent_rate = n / (time.perf_counter() - started)
+    # Timed on the agent's own event loop, like the bare subscriber times itself on its loop: a poller
+    # thread in this process would compete with the agent for the GIL (every wake-up of a sleeping
+    # poller forces a GIL hand-off, which on a loaded 2-core box costs the agent whole scheduler slices).
+    timing: dict[str, float] = {}
+    done = threading.Event()
+
+    async def watch() -> None:
+        await agent.connected.wait()
+        timing["started"] = time.perf_counter()
+        target = agent.counters["samples_total"] + n  # totals restored from the previous round's checkpoint
+        while agent.counters["samples_total"] < target:
+            await asyncio.sleep(0.001)
+        timing["ended"] = time.perf_counter()
+        done.set()
+
+    runner.watch = watch
+    runner.thread.start()
+    if not done.wait(300):
+        raise RuntimeError(f"agent did not ingest {n} records (total {agent.counters['samples_total']})")
+    rate = n / (timing["ended"] - timing["started"])
     snap = agent.counters.snapshot()
     runner.close()
+    return rate, snap
+
+
+def bench_ingest(addr: BrokerAddress, tmp: Path, n: int, repeats: int = 3) -> dict[str, Any]:
+    register_devices(addr)
+    # both subscribers create their persistent session once; then per repeat (interleaved, so a burst of
+    # load from elsewhere on the machine hits both sides alike) one load is queued for both sessions
+    # and each side's drain of it is timed
+    asyncio.run(bare_drain(addr, "bench-bare", n, prime=True))
+    cfg = config_for(addr, tmp / "ingest", "bench-ingest")
+    AgentThread(cfg).start().close()
+    bare_runs, agent_runs, pub_rates = [], [], []
+    snap: dict[str, Any] = {}
+    seq0 = 1
+    for _ in range(repeats):
+        pub_rates.append(publish_load(addr, n, seq0=seq0))
+        bare_runs.append(asyncio.run(bare_drain(addr, "bench-bare", n, prime=False)))
+        rate, snap = agent_drain(cfg, n)
+        agent_runs.append(rate)
+        seq0 += n
+    bare, agent_rate = max(bare_runs), max(agent_runs)
     return {
         "records": n,
-        "publisher_rate_per_s": round(pub_rate),
+        "repeats": repeats,
+        "publisher_rate_per_s": round(max(pub_rates)),
         "bare_aiomqtt_per_s": round(bare),
         "agent_per_s": round(agent_rate),
         "ratio": round(agent_rate / bare, 3),
+        "bare_runs_per_s": [round(x) for x in bare_runs],
+        "agent_runs_per_s": [round(x) for x in agent_runs],
         "agent_rejected": int(snap.get("rejected", 0)),
         "agent_duplicates": int(snap.get("duplicates", 0)),
         "agent_mqtt_dropped": int(snap.get("mqtt_dropped", 0)),
-        "goal": "ratio >= 0.8 and agent >= 5000 records/s",
+        "goal": "ratio >= 0.8 and agent >= 5000 records/s (best of the interleaved repeats of each side)",
         "met": agent_rate / bare >= 0.8 and agent_rate >= 5000,
     }
 

@@ -172,8 +172,26 @@ def _build(p: Parsed) -> str:
     return metrics(p.role or Role.EDGE, p.ident or "")
 
 
+_PARSED: dict[str, Parsed] = {}
+_PARSED_MAX = 4096
+"""Cache of successful parses: a receiver sees the same few topics over and over (``Parsed`` is immutable)."""
+
+
 def parse(topic: str) -> Parsed:
     """Take a concrete topic apart; raise :class:`TopicError` if it is not ours."""
+    if type(topic) is str:
+        parsed = _PARSED.get(topic)
+        if parsed is not None:
+            return parsed
+        parsed = _parse(topic)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()  # bounded: a stream of distinct (e.g. hostile) topics only costs re-parsing
+        _PARSED[topic] = parsed
+        return parsed
+    return _parse(topic)
+
+
+def _parse(topic: str) -> Parsed:
     if not isinstance(topic, str) or not topic.startswith(ROOT + "/"):
         raise TopicError(f"not a megace/v1 topic: {topic!r}")
     levels = topic[len(ROOT) + 1 :].split("/")

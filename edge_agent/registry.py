@@ -146,7 +146,7 @@ class DeviceRegistry:
             _check_shape(name, array, expected)
             if array.dtype.kind != "f":
                 raise ProfileMismatchError(f"modality {name!r}: expected floats, got {array.dtype}")
-            if not np.isfinite(array).all():
+            if not all_finite(array):
                 raise NonFiniteFeaturesError(f"modality {name!r} contains NaN or infinite values")
             arrays[name] = array
         label = record.label
@@ -176,6 +176,15 @@ class DeviceRegistry:
         for stream, last in dict(data.get("guards", {})).items():
             if stream in self.guards:
                 self.guards[stream].last.update({k: int(v) for k, v in dict(last).items()})
+
+
+_isfinite = np.isfinite
+_all = np.logical_and.reduce
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """``np.isfinite(array).all()`` without numpy's Python-level ``all`` wrapper (half the cost on small arrays)."""
+    return bool(_all(_isfinite(array), axis=None))
 
 
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:

@@ -43,29 +43,36 @@ def encode_array(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": name, "shape": list(a.shape), "data": data}
 
 
+_ARRAY_KEYS = frozenset({"dtype", "shape", "data"})
+
+
 def decode_array(obj: Any, *, max_bytes: int | None = None) -> np.ndarray:
     """Rebuild an array from its wire map, checking that dtype, shape and length agree."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+    # keys view == set and a plain loop over the shape: no temporaries on this per-record path
+    if not isinstance(obj, dict) or len(obj) != 3 or obj.keys() != _ARRAY_KEYS:
         raise ArrayFormatError("array must be a map with exactly the keys dtype, shape, data")
     name, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(name, str) or name not in DTYPES:
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
         raise ArrayFormatError(f"unsupported dtype {name!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
+    count = 1
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        count = -1
+    else:
+        for d in shape:
+            if (type(d) is not int or d < 0) and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
+                count = -1
+                break
+            count *= d
+    if count < 0:
         raise ArrayFormatError(f"shape must be a list of at most {MAX_NDIM} non-negative ints, got {shape!r}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ArrayFormatError("array data must be binary")
-    dtype = DTYPES[name]
-    count = 1
-    for d in shape:
-        count *= d
     if count * dtype.itemsize != len(data):
         raise ArrayFormatError(
             f"dtype {name} and shape {shape} need {count * dtype.itemsize} bytes, payload has {len(data)}"
         )
     if max_bytes is not None and len(data) > max_bytes:
         raise OversizeError(f"array of {len(data)} bytes exceeds the limit of {max_bytes}")
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    # one constructor call instead of frombuffer + reshape; still a zero-copy view of ``data``
+    return np.ndarray(shape, dtype, data)

@@ -56,20 +56,32 @@ class FeatureRecord:
         allowed_modalities: frozenset[str] | set[str] | None = None,
         max_array_bytes: int | None = None,
     ) -> FeatureRecord:
+        # The ingest hot path of every edge: the common, well-formed case is checked inline; anything
+        # else falls through to the generic field helpers, so errors (class and message) are unchanged.
         b = body_map(body, "features")
-        mods = get_map(b, "modalities")
+        mods = b.get("modalities")
+        if type(mods) is not dict:
+            mods = get_map(b, "modalities")
         if not mods:
             raise UnknownModalityError("a feature record needs at least one modality")
         arrays = {
             check_modality(name, allowed_modalities): decode_array(arr, max_bytes=max_array_bytes)
             for name, arr in mods.items()
         }
+        device, sample, label, quality = b.get("device"), b.get("sample"), b.get("label"), b.get("quality")
+        if type(device) is not str:
+            device = get_str(b, "device")
+        if type(sample) is not int or sample < 0:
+            sample = get_int(b, "sample")
+        if label is not None and (type(label) is not int or label < 0):
+            label = get_int(b, "label", optional=True)
         return cls(
-            device=get_str(b, "device"),  # type: ignore[arg-type]
-            sample=get_int(b, "sample"),  # type: ignore[arg-type]
+            device=device,  # type: ignore[arg-type]
+            sample=sample,  # type: ignore[arg-type]
             modalities=arrays,
-            label=get_int(b, "label", optional=True),
-            quality=number_map(get_map(b, "quality", optional=True), "quality"),
+            label=label,
+            quality=number_map(quality, "quality") if type(quality) is dict and quality else
+            number_map(get_map(b, "quality", optional=True), "quality"),
         )
 
 

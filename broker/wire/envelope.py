@@ -83,7 +83,9 @@ def encode_envelope(
     )
 
 
-_KEYS = {"v", "k", "s", "n", "t", "ct", "b"}
+_KEYS = frozenset({"v", "k", "s", "n", "t", "ct", "b"})
+_KIND_BY_VALUE: dict[str, Kind] = {k.value: k for k in Kind}
+_unpackb = msgpack.unpackb
 
 
 def decode_envelope(
@@ -96,17 +98,18 @@ def decode_envelope(
     if len(payload) > max_size:
         raise OversizeError(f"payload of {len(payload)} bytes exceeds the limit of {max_size}")
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+        obj = _unpackb(payload, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:  # msgpack raises many unrelated types on garbage
         raise DecodeError(f"not a msgpack document: {type(exc).__name__}: {exc}") from None
-    if not isinstance(obj, dict) or set(obj) != _KEYS:
+    # keys view == set: no temporary set per message (hot path of every receiver)
+    if not isinstance(obj, dict) or len(obj) != 7 or obj.keys() != _KEYS:
         raise DecodeError("an envelope is a map with exactly the keys v, k, s, n, t, ct, b")
     if obj["v"] != WIRE_VERSION:
         raise SchemaVersionError(f"schema version {obj['v']!r} is not supported (this code speaks {WIRE_VERSION})")
-    try:
-        kind = Kind(obj["k"])
-    except ValueError:
-        raise UnknownKindError(f"unknown envelope kind {obj['k']!r}") from None
+    k = obj["k"]
+    kind = _KIND_BY_VALUE.get(k) if isinstance(k, str) else None  # same as Kind(k), without the enum machinery
+    if kind is None:
+        raise UnknownKindError(f"unknown envelope kind {k!r}")
     if expect is not None:
         allowed = {expect} if isinstance(expect, Kind) else expect
         if kind not in allowed:

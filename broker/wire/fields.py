@@ -74,12 +74,24 @@ def count_map(value: dict[str, Any], what: str) -> dict[str, int]:
     return out
 
 
+_VALID_MODALITIES: set[str] = set()
+"""Names that already passed the syntax check (bounded; modality names are few)."""
+
+
 def check_modality(name: Any, allowed: frozenset[str] | set[str] | None = None) -> str:
     """Validate a modality name (syntax, and membership in ``allowed`` if given)."""
+    if type(name) is str and name in _VALID_MODALITIES:
+        if allowed is not None and name not in allowed:
+            raise UnknownModalityError(f"unknown modality {name!r}; expected one of {sorted(allowed)}")
+        return name
     if not isinstance(name, str) or not MODALITY.match(name):
         raise UnknownModalityError(f"malformed modality name {name!r}: must match {MODALITY.pattern}")
     if allowed is not None and name not in allowed:
         raise UnknownModalityError(f"unknown modality {name!r}; expected one of {sorted(allowed)}")
+    if type(name) is str:
+        if len(_VALID_MODALITIES) >= 1024:
+            _VALID_MODALITIES.clear()
+        _VALID_MODALITIES.add(name)
     return name
 
 

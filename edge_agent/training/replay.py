@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+_F32 = np.dtype(np.float32)
+
 
 @dataclass(frozen=True)
 class BufferedSample:
@@ -63,17 +65,37 @@ class ReplayBuffer:
 
     def add(self, device_id: str, modalities: Mapping[str, Any], label: int) -> BufferedSample:
         """Store a copy (float32) of the sample and evict what the caps require."""
-        arrays = {name: np.array(value, dtype=np.float32, copy=True) for name, value in modalities.items()}
+        arrays = {
+            name: value.copy() if type(value) is np.ndarray and value.dtype == _F32 else
+            np.array(value, dtype=np.float32, copy=True)
+            for name, value in modalities.items()
+        }
         with self._lock:
-            item = BufferedSample(seq=self._next_seq, device_id=device_id, modalities=arrays, label=int(label))
-            self._next_seq += 1
-            self._items[item.seq] = item
-            self._by_device.setdefault(device_id, deque()).append(item.seq)
+            seq = self._next_seq
+            item = BufferedSample(seq=seq, device_id=device_id, modalities=arrays, label=int(label))
+            self._next_seq = seq + 1
+            self._items[seq] = item
+            by_device = self._by_device.get(device_id)
+            if by_device is None:
+                by_device = self._by_device[device_id] = deque()
+            by_device.append(seq)
             self._device_count[device_id] += 1
-            for name in item.presence:
-                self._by_modality.setdefault(name, deque()).append(item.seq)
+            per_modality = self.max_per_modality is not None  # the modality index only serves that cap
+            for name in arrays:
+                if per_modality:
+                    self._by_modality.setdefault(name, deque()).append(seq)
                 self._modality_count[name] += 1
             self._enforce_caps(item)
+            # entries evicted through another index (e.g. the total cap) are only skipped lazily when
+            # a cap of this index is hit; drop stale heads here too so the indexes stay bounded
+            items = self._items
+            while by_device and by_device[0] not in items:
+                by_device.popleft()
+            if per_modality:
+                for name in arrays:
+                    queue = self._by_modality[name]
+                    while queue and queue[0] not in items:
+                        queue.popleft()
             return item
 
     def restore(self, items: list[BufferedSample]) -> None:
@@ -90,7 +112,8 @@ class ReplayBuffer:
                 self._by_device.setdefault(item.device_id, deque()).append(item.seq)
                 self._device_count[item.device_id] += 1
                 for name in item.presence:
-                    self._by_modality.setdefault(name, deque()).append(item.seq)
+                    if self.max_per_modality is not None:
+                        self._by_modality.setdefault(name, deque()).append(item.seq)
                     self._modality_count[name] += 1
                 self._next_seq = max(self._next_seq, item.seq + 1)
                 self._enforce_caps(item)
