@@ -110,19 +110,25 @@ def experiment(
     mosquitto: Annotated[bool, typer.Option(help="run on a private Mosquitto (default when installed) "
                                             "instead of the embedded broker")] = True,
     out: Annotated[Path, typer.Option(help="where experiment.md, its PNGs and JSON go")] = Path("reports"),
+    note: Annotated[str, typer.Option(help="a provenance note printed under the report's title")] = "",
+    backbone: Annotated[str, typer.Option(help="tiny, or minilm (slower; writes experiment-minilm.md)")] = "tiny",
 ) -> None:
     """Compare megace with local-only, FedIT, HetLoRA, FLoRA, FlexLoRA and ablations, over seeds."""
+    from dataclasses import replace
+
     from rich.console import Console
 
     from megace.experiment.plan import ExperimentPlan
     from megace.experiment.runner import run_experiment
 
+    if backbone not in ("tiny", "minilm"):
+        raise typer.BadParameter("backbone must be tiny or minilm", param_hint="--backbone")
     plan = ExperimentPlan.quick_plan() if quick else ExperimentPlan.full(seeds=seeds, rounds=rounds)
-    plan = plan.restricted(tasks=[t for t in tasks.split(",") if t] if not quick else None,
+    plan = replace(plan, backbone=backbone).restricted(tasks=[t for t in tasks.split(",") if t] if not quick else None,
                            arms=[a for a in arms.split(",") if a] if arms else None)
     console = Console()
     _stop_on_signals()
-    report = run_experiment(plan, out, console=console, mosquitto=mosquitto)
+    report = run_experiment(plan, out, console=console, mosquitto=mosquitto, note=note)
     console.print(f"Report: [bold]{report}[/]")
 
 

@@ -70,6 +70,13 @@ class ExperimentPlan:
     seeds: tuple[int, ...]
     rounds: int = 5
     reduced: bool = False
+    backbone: str = "tiny"
+
+    @property
+    def name(self) -> str:
+        """Report base name: ``experiment``, ``experiment-quick``, ``experiment-minilm``..."""
+        return "experiment" + ("-quick" if self.reduced else "") + ("" if self.backbone == "tiny" else
+                                                                      f"-{self.backbone}")
 
     @classmethod
     def full(cls, seeds: int = 3, rounds: int = 5) -> ExperimentPlan:
@@ -92,5 +99,5 @@ class ExperimentPlan:
     def settings(self, task: str, arm: str, seed: int) -> LoopSettings:
         from edge_agent.model.config import BACKBONE_HIDDEN
 
-        base = replace(TASKS[task], seed=seed, rounds=self.rounds, global_eval=True)
+        base = replace(TASKS[task], seed=seed, rounds=self.rounds, global_eval=True, backbone=self.backbone)
         return ARM_BY_NAME[arm].settings(base, BACKBONE_HIDDEN[base.backbone])

@@ -41,13 +41,13 @@ def run_one(plan: ExperimentPlan, task: str, arm: str, seed: int, work: Path, br
 
 
 def run_experiment(plan: ExperimentPlan, out: Path, *, console: Console | None = None, mosquitto: bool = True,
-                   work: Path = Path("runs/experiment"), fresh: bool = False) -> Path:
+                   work: Path = Path("runs/experiment"), fresh: bool = False, note: str = "") -> Path:
     """Run what is missing, then write ``experiment[-quick].md`` with its PNGs and JSON into ``out``."""
     from megace.experiment.report import write_experiment_report
 
     console = console or Console()
     broker_kind = "mosquitto" if mosquitto and _mosquitto_available() else "embedded"
-    work = work / ("quick" if plan.reduced else "full")
+    work = work / plan.name
     metrics: list[RunMetrics] = []
     total = len(plan.tasks) * len(plan.seeds) * len(plan.arms)
     done = 0
@@ -75,4 +75,4 @@ def run_experiment(plan: ExperimentPlan, out: Path, *, console: Console | None =
                 console.print(f"[{done}/{total}] {task:12s} {arm:22s} seed {seed}: personal "
                               f"{100 * m.personal_acc:5.1f}%  global {100 * m.global_acc:5.1f}%  "
                               f"({m.rounds_done} rounds, {how}; {time.monotonic() - t0:.0f} s so far)")
-    return write_experiment_report(plan, metrics, out, broker_kind=broker_kind)
+    return write_experiment_report(plan, metrics, out, broker_kind=broker_kind, note=note)

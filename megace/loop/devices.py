@@ -62,7 +62,8 @@ class SimulatedDevice:
         self.client = DeviceClient(site, name, address, on_downlink=self._on_downlink,
                                    store_path=store_dir / f"{name}.sqlite")
         self._cursor = 0
-        self._request_ids = itertools.count(1_000_000)  # far from train sample numbers, so logs stay readable
+        # Unique across runs: a persistent session on a shared broker may deliver an earlier run's answers.
+        self._request_ids = itertools.count(time.time_ns() // 1000)
         self._cond = threading.Condition()
         self._answers: dict[int, tuple[Prediction, float]] = {}
         self.config: DeviceConfig | None = None

@@ -104,6 +104,15 @@ class ClosedLoop:
             doc = configs.edge_config(s, schema, p, url, self.out / "state" / p.ident, s.round_timeout_s)
             children.spawn(p.ident, "edge", configs.write_edge_config(doc, cfg_dir / f"{p.ident}.toml"))
 
+    def _retained_topics(self, plans: list[configs.EdgePlan]) -> list[str]:
+        names = [topics.global_down(), topics.status(topics.Role.CLOUD, configs.CLOUD_ID)]
+        for p in plans:
+            names += [topics.site_feedback(p.site), topics.status(topics.Role.EDGE, p.ident),
+                      topics.device_up(p.site, f"e{p.index}-eval", topics.Uplink.REGISTER)]
+        for d in self.devices:
+            names.append(topics.device_up(d.site, d.name, topics.Uplink.REGISTER))
+        return names
+
     def _wait_services(self, plans: list[configs.EdgePlan]) -> None:
         assert self.monitor is not None and self.children is not None
         want = [(topics.Role.EDGE, p.ident) for p in plans]
@@ -238,6 +247,8 @@ class ClosedLoop:
             ]
             self.monitor = Monitor(address, [(d.site, d.name) for d in self.devices]).start()
             self._stack.callback(self.monitor.stop)
+            if s.broker_url:  # a broker that outlives runs may still hold an earlier run's globals
+                self.monitor.clear_retained(self._retained_topics(plans))
             self._spawn(train, plans, address)
             self._wait_services(plans)
             self.progress("status", "devices registering…")
