@@ -18,7 +18,17 @@ from broker.wire.envelope import DEFAULT_MAX_PAYLOAD, Envelope, Kind, decode_env
 class Inbox:
     """Stateful decoder for one receiver: owns the chunk reassembly buffers."""
 
-    def __init__(self, reassembler: Reassembler | None = None, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(
+        self,
+        reassembler: Reassembler | None = None,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        channels: frozenset[topics.Channel] | None = None,
+    ) -> None:
+        """``channels``: the topic channels this receiver handles; messages on others are counted in
+        :attr:`foreign` and dropped undecoded (e.g. JSON status that a broker routed by mistake)."""
+        self.channels = channels
+        self.foreign = 0
         self.reassembler = reassembler or Reassembler(max_transfer_bytes=max_payload)
         self.max_payload = max_payload
 
@@ -29,6 +39,9 @@ class Inbox:
         retained message (publishers clear stale retained chunks), never a megace message.
         """
         parsed = topics.parse(topic)
+        if self.channels is not None and parsed.channel not in self.channels:
+            self.foreign += 1
+            return None
         if not payload:
             return None
         if parsed.chunk_index is None:

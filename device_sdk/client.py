@@ -98,7 +98,7 @@ class DeviceClient:
         self._closing = False
         self._inflight: dict[int, _Pending] = {}
         self._last_sent_row: int | None = None
-        self._inbox = Inbox()
+        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}))
         self._supervisor: threading.Thread | None = None
         self._registration: tuple[str, bytes] | None = None
         self._events: deque[tuple[str, Any]] = deque()

@@ -119,7 +119,10 @@ class EdgeAgent:
         self.ready = asyncio.Event()
         """Set once state is restored and the first subscription is in place (tests, launchers)."""
         self.connected = asyncio.Event()
-        self._inbox = Inbox(max_payload=config.limits.max_payload)
+        self._inbox = Inbox(
+            max_payload=config.limits.max_payload,
+            channels=frozenset({topics.Channel.DEVICE_UP, topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK}),
+        )
         self._infer_q: asyncio.Queue[_InferRequest] = asyncio.Queue(maxsize=config.limits.infer_queue)
         self._downlinks: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=config.limits.downlink_queue)
         self._train_wake = asyncio.Event()
@@ -509,7 +512,7 @@ class EdgeAgent:
             _check_like(trainer.personal_state(), personal)
         else:
             personal = {}
-        trainer.apply_global(shared)
+        trainer.apply_global(shared, strict=source != "view")  # a view may omit modules (see Trainer)
         if personal:
             load_personal(trainer.model, {k: torch.from_numpy(np.array(v, dtype=np.float32))
                                           for k, v in personal.items()})

@@ -211,14 +211,16 @@ class Trainer:
         with self._lock:
             return personal_state(self.model)
 
-    def apply_global(self, tensors: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+    def apply_global(self, tensors: Mapping[str, torch.Tensor | np.ndarray], *, strict: bool = True) -> None:
         """Install the cloud's global shared adapter (validated; typed error leaves the model as is).
 
+        ``strict=False`` accepts a subset: a site's view leaves out modules of modalities the edge
+        never saw (modality-aware) or the B matrices it keeps (fedsa); those keep their values.
         Adam moments of shared tensors are reset by default: they describe the
         local trajectory before aggregation and point the wrong way afterwards.
         """
         with self._lock:
-            load_shared(self.model, tensors, strict=True)
+            load_shared(self.model, tensors, strict=strict)
             if self.reset_shared_optimizer_state:
                 for name, param in zip(self._param_names, self._params, strict=True):
                     if ".lora_" in name:

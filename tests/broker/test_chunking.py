@@ -109,3 +109,10 @@ def test_site_named_chunk_still_parses() -> None:
     t = topics.site_feedback("chunk")
     assert topics.parse(t).site == "chunk"
     assert topics.parse(topics.chunk(t, 2)).base == t
+
+
+def test_inbox_drops_foreign_channels_undecoded() -> None:
+    inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}))
+    assert inbox.accept(topics.status(topics.Role.EDGE, "e0"), b'{"v":1}') is None
+    assert inbox.foreign == 1
+    assert inbox.accept(topics.device_down("s", "d", topics.Downlink.CONFIG), _payload(3)) is not None

@@ -89,3 +89,18 @@ def test_predict_concurrently_with_training_round() -> None:
     assert all(np.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-5 for _, p in results)
     assert trainer.steps == 25
     assert trainer.model.training is False  # last op was a predict, which sets eval mode
+
+
+def test_a_partial_view_replaces_only_what_it_carries() -> None:
+    """A modality-aware site view omits modules of modalities the edge lacks; those keep their values."""
+    trainer = Trainer(toy_config())
+    before = trainer.shared_state()
+    names = sorted(before)
+    kept = [n for n in names if ".modality_proj." in n][:2]
+    view = {n: torch.full_like(before[n], 0.5) for n in names if n not in kept}
+    with pytest.raises(ValueError):
+        trainer.apply_global(view)  # the whole global must be complete
+    trainer.apply_global(view, strict=False)
+    after = trainer.shared_state()
+    assert kept and all(torch.equal(after[n], before[n]) for n in kept)
+    assert all(torch.equal(after[n], view[n]) for n in view)
