@@ -47,6 +47,17 @@ def initial_adapter(model: EdgeModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
+def personal_shapes(model: EdgeModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of an edge's personal tensors as a ``share_personal`` edge uploads them.
+
+    Accepting them lets the no-personalization baselines (FedIT, full-model FedAvg) run through the
+    same cloud; the strategies plain-average such non-LoRA tensors.
+    """
+    from edge_agent.model.adapters import build_edge_model, personal_state  # lazy: pulls peft
+
+    return {"base_model.model." + n: tuple(t.shape) for n, t in personal_state(build_edge_model(model)).items()}
+
+
 def open_reference(
     state_dir: Path, model: EdgeModelConfig, *, need_initial: bool
 ) -> tuple[Reference, dict[str, torch.Tensor] | None]:
@@ -68,6 +79,7 @@ def open_reference(
             return Reference(fingerprint, schema), None
     tensors = initial_adapter(model)
     schema = AdapterSchema.from_adapter(tensors)
+    schema = AdapterSchema(schema.modules, {**schema.extras, **personal_shapes(model)})
     doc = {
         "fingerprint": fingerprint,
         "model": model.to_dict(),

@@ -125,3 +125,16 @@ def _profile(rank: int):  # type: ignore[no-untyped-def]
 
     return SiteProfile(site="x", edge="e", rank=rank, alpha=2.0 * rank, modalities={"audio": 1, "image": 1},
                        last_seq=1)
+
+
+def test_reference_accepts_the_personal_tensors_of_share_personal_edges(tmp_path: Path) -> None:
+    from cloud_aggregator.reference import open_reference
+    from edge_agent.model.adapters import build_edge_model, personal_state
+
+    cfg = cloud_config(tmp_path, BrokerAddress("127.0.0.1", 1))
+    ref, initial = open_reference(tmp_path, cfg.model, need_initial=True)
+    personal = personal_state(build_edge_model(cfg.model))
+    assert initial is not None and personal
+    for name, t in personal.items():
+        assert ref.schema.extras["base_model.model." + name] == tuple(t.shape)
+    assert not any(".lora_" in n for n in ref.schema.extras)
