@@ -38,6 +38,7 @@ def plot_accuracy(result: LoopResult, path: Path) -> Path:
             ys = [100 * r.edges[i].device_acc for r in result.rounds]
             ax.plot(xs, ys, marker="o", label=f"{e.edge} (r={e.rank}, {'+'.join(e.modalities)})")
         ax.plot(xs, [100 * r.mean_acc for r in result.rounds], "k--", marker="s", label="mean")
+    ax.set_xticks(xs)
     ax.set_xlabel("round (global version)")
     ax.set_ylabel("accuracy at the devices, %")
     ax.set_ylim(0, 101)
@@ -56,6 +57,7 @@ def plot_traffic(result: LoopResult, path: Path) -> Path:
     xs = [r for r, _, _ in rows]
     ax.bar([x - 0.2 for x in xs], [u / 1024 for _, u, _ in rows], width=0.4, label="edges → cloud")
     ax.bar([x + 0.2 for x in xs], [d / 1024 for _, _, d in rows], width=0.4, label="cloud → edges")
+    ax.set_xticks(xs)
     ax.set_xlabel("round")
     ax.set_ylabel("KiB per round (all edges)")
     ax.grid(alpha=0.3, axis="y")
