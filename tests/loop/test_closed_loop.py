@@ -27,7 +27,7 @@ CHANCE = 0.25  # four activities
 def loop_result(mosquitto_addr: BrokerAddress, tmp_path_factory: pytest.TempPathFactory) -> LoopResult:
     settings = LoopSettings(
         dataset="basicmotions", dataset_options={"augment": 0}, max_samples=None, edges=EDGES, devices_per_edge=2,
-        alpha=1.0, ranks=(4, 2), rounds=ROUNDS, steps_per_round=10, strategy="fedavg",
+        alpha=1.0, ranks=(4, 2), rounds=ROUNDS, steps_per_round=10, strategy="modality-aware",
         broker_url=str(mosquitto_addr), out=tmp_path_factory.mktemp("loop"), round_timeout_s=60.0,
         services_timeout_s=60.0, time_limit_s=150.0,
     )
