@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from broker.address import BrokerAddress  # noqa: E402
-from broker.runners import EmbeddedBroker, MosquittoBroker  # noqa: E402
+from broker.address import BrokerAddress
+from broker.runners import EmbeddedBroker, MosquittoBroker
 
 
 @pytest.fixture(scope="session")
