@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.model.config import EdgeModelConfig, ModalitySpec
+from megace.configfile import dump_toml, env_paths
 
 ENV_PREFIX = "MEGACE_CLOUD__"
 
@@ -184,11 +185,8 @@ def load_cloud_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise CloudConfigError(f"cannot read {path}: {exc}") from exc
     env = os.environ if environ is None else environ
-    for key in sorted(env):
-        if key.startswith(ENV_PREFIX):
-            parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
-            if parts:
-                _set(data, parts, _env_value(env[key]))
+    for parts, value in env_paths(ENV_PREFIX, env):
+        _set(data, parts, value)
     for key, value in (overrides or {}).items():
         if isinstance(value, Mapping) and "." not in key:
             _merge(data.setdefault(key, {}), value)
@@ -199,7 +197,7 @@ def load_cloud_config(
 
 def dumps_cloud_config(config: CloudConfig) -> str:
     """TOML text that :func:`load_cloud_config` reads back to an equal config."""
-    return _dumps_toml(config.to_dict())
+    return dump_toml(config.to_dict())
 
 
 def write_cloud_config(config: CloudConfig, path: str | os.PathLike[str]) -> Path:
@@ -244,13 +242,6 @@ def _no_unknown(raw: Mapping[str, Any], known: set[str], where: str) -> None:
         raise CloudConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
 
 
-def _env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:
     node = data
     for p in parts[:-1]:
@@ -267,37 +258,3 @@ def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
             _merge(dst[k], v)
         else:
             dst[k] = copy.deepcopy(v)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return ("-" if v < 0 else "") + ("inf" if math.isinf(v) else "nan")
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise CloudConfigError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if k and all(c.isalnum() or c in "_-" for c in k) else _toml_value(k)
-
-
-def _dumps_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Scalars first, then one ``[table]`` per nested mapping (enough for this config)."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            name = f"{prefix}{_toml_key(k)}"
-            scalars = any(not isinstance(x, Mapping) for x in v.values()) or not v
-            out += ("\n" if out else "") + (f"[{name}]\n" if scalars else "") + _dumps_toml(v, name + ".")
-    return out

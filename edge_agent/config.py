@@ -24,6 +24,7 @@ from broker.errors import TopicError
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.errors import ConfigError
 from edge_agent.training.toy_task import toy_config
+from megace.configfile import dump_toml, env_paths
 from megace.durable import atomic_write
 
 ENV_PREFIX = "MEGACE_EDGE__"
@@ -212,27 +213,15 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def _parse_env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Nested dict from ``MEGACE_EDGE__A__B=value`` variables (keys lower-cased)."""
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
-        if not path:
-            continue
+    for path, value in env_paths(ENV_PREFIX, env):
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = _parse_env_value(raw)
+        node[path[-1]] = value
     return out
 
 
@@ -253,38 +242,6 @@ def load_edge_config(
         return EdgeConfig.from_dict(data)
     except TypeError as exc:
         raise EdgeConfigError(str(exc)) from exc
-
-
-# ---------------------------------------------------------------------------- TOML writer
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
-        return "{" + (f" {items} " if items else "") + "}"
-    raise EdgeConfigError(f"cannot write {type(value).__name__} to TOML")
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def dump_toml(data: Mapping[str, Any]) -> str:
-    """Scalars first, then one ``[table]`` per nested mapping (their own sub-tables inline)."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
-             if v is not None and not isinstance(v, Mapping)]
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            lines.append(f"\n[{_toml_key(key)}]")
-            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
-    return "\n".join(lines) + "\n"
 
 
 __all__ = ["EdgeConfig", "EdgeConfigError", "LimitsConfig", "TrainingConfig", "dump_toml", "load_edge_config"]
