@@ -2,6 +2,7 @@
 # megace developer entry point. The README's two commands:
 #   ./dev.sh run    set everything up, then run the closed loop on the embedded broker
 #   ./dev.sh test   set everything up, then run the whole test suite
+#   ./dev.sh mutate mutation testing of the core (tools/mutate.py; reports/mutation.md)
 # Set-up is idempotent: a venv in .venv with torch 2.13.0 (CPU) and megace[all],
 # plus the system packages the tests use (mosquitto, espeak-ng) if they are missing.
 set -euo pipefail
@@ -44,6 +45,7 @@ shift || true
 case "$cmd" in
   run)  setup; exec "$VENV/bin/megace" run "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  mutate) setup; exec "$VENV/bin/python" tools/mutate.py "$@" ;;
   setup) setup ;;
-  *) echo "usage: ./dev.sh {run|test|setup} [args...]"; exit 2 ;;
+  *) echo "usage: ./dev.sh {run|test|mutate|setup} [args...]"; exit 2 ;;
 esac

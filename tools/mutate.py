@@ -1,0 +1,231 @@
+"""Mutation testing of megace's core with mutmut, one target at a time.
+
+    ./dev.sh mutate                      # every target, then reports/mutation.md
+    ./dev.sh mutate broker-wire cloud    # some targets
+    ./dev.sh mutate edge --only 'edge_agent/registry.py'   # iterate on one file (no report written)
+    ./dev.sh mutate --report             # only rebuild reports/mutation.md from reports/mutation/*.json
+
+Why a wrapper: mutmut reads its settings from ``pyproject.toml`` in the directory it runs in and
+writes ``mutants/`` there. Each target runs in its own scratch copy of the working tree
+(``.mutation/<target>/``, git-ignored), so targets can run side by side and the checkout stays clean.
+Each target mutates one slice of the code and runs only the fast tests of that slice; mutmut then
+runs, for each mutant, just the tests that executed the mutated function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = ROOT / ".mutation"
+REPORTS = ROOT / "reports" / "mutation"
+SUMMARY = ROOT / "reports" / "mutation.md"
+# statuses as `mutmut results --all true` prints them
+DETECTED = {"killed", "timeout", "caught by type check"}
+# top-level folders the tests need besides the one being mutated
+COPIED = ("broker/", "device_sdk/", "edge_agent/", "cloud_aggregator/", "megace/", "docs/", "deploy/", "bench/")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One slice of the code under mutation and the tests that guard it."""
+
+    name: str
+    mutate: tuple[str, ...]  # globs of files to mutate, relative to the repository root
+    tests: tuple[str, ...]  # pytest arguments that select the guarding tests
+    goal: float  # mutation score to reach (killed + timeout) / all mutants
+    forkserver: bool = False  # torch is not fork-safe once a test has used it
+    deselect: tuple[str, ...] = field(default=())  # slow tests left out of the mutation run
+
+    @property
+    def source_paths(self) -> list[str]:
+        return sorted({m.split("/")[0] + "/" for m in self.mutate})
+
+
+# the aggregator (or the edges) run in child processes, which import the unmutated code: slow, and they
+# cannot see an in-process mutant; tests/cloud/test_cloud_core.py drives the same paths in-process
+CLOUD_SUBPROCESS_TESTS = (
+    "tests/cloud/test_cloud_service_crash.py::test_kill_9_mid_stream_then_restart",
+    "tests/cloud/test_cloud_service_e2e.py::test_three_heterogeneous_edges_and_a_slow_one",
+)
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("broker-wire", ("broker/wire/*",), ("tests/broker",), 0.90),
+        Target("broker", ("broker/topics.py", "broker/chunking.py", "broker/inbox.py", "broker/dedup.py"),
+               ("tests/broker",), 0.80),
+        Target("device-sdk", ("device_sdk/*",), ("tests/device_sdk",), 0.80),
+        Target("cloud-maths", ("cloud_aggregator/strategies/*", "cloud_aggregator/mixing.py",
+                               "cloud_aggregator/staleness.py"), ("tests/cloud",), 0.90, forkserver=True,
+               deselect=CLOUD_SUBPROCESS_TESTS),
+        Target("cloud", ("cloud_aggregator/core.py", "cloud_aggregator/validation.py", "cloud_aggregator/ledger.py"),
+               ("tests/cloud",), 0.80, forkserver=True, deselect=CLOUD_SUBPROCESS_TESTS),
+        Target("edge", ("edge_agent/registry.py", "edge_agent/service.py", "edge_agent/training/trainer.py",
+                        "edge_agent/training/replay.py", "edge_agent/model/adapters.py"),
+               ("tests/edge",), 0.80, forkserver=True,
+               # a separate agent process: it cannot see in-process mutants, and takes ~25 s per run
+               deselect=("tests/edge/test_service_restart.py",)),
+    )
+}
+
+
+def _copy_tree(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files: what the next commit would hold."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.split(b"\0")
+    for raw in files:
+        if not raw:
+            continue
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file():
+            continue  # deleted but still in the index
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def _configure(target: Target, work: Path, only: list[str]) -> None:
+    others = [d for d in COPIED if d not in target.source_paths]
+    selection = list(target.tests) + [f"--deselect={d}" for d in target.deselect]
+    section = f"""
+
+[tool.mutmut]
+source_paths = {_toml_list(target.source_paths)}
+only_mutate = {_toml_list(only or list(target.mutate))}
+also_copy = {_toml_list([o + "/" for o in others])}
+pytest_add_cli_args_test_selection = {_toml_list(selection)}
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
+process_isolation = "{"forkserver" if target.forkserver else "fork"}"
+use_setproctitle = false
+"""
+    with (work / "pyproject.toml").open("a") as f:
+        f.write(section)
+
+
+_LINE = re.compile(r"^\s*(?P<name>\S+?)__mutmut_\d+: (?P<status>.+?)\s*$")
+
+
+def _module_of(mutant: str) -> str:
+    """`broker.wire.arrays.x_decode_array` and `broker.wire.device.xǁDeviceConfigǁfrom_body` -> their module."""
+    return re.split(r"\.x[_ǁ]", mutant, maxsplit=1)[0]
+
+
+def _collect(work: Path, mutmut: str) -> dict:
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, capture_output=True, text=True).stdout
+    per_module: dict[str, Counter] = defaultdict(Counter)
+    survivors: list[str] = []
+    for line in out.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        full = line.strip().split(":")[0]
+        status = m["status"]
+        per_module[_module_of(m["name"])][status] += 1
+        if status not in DETECTED:
+            survivors.append(f"{full}: {status}")
+    return {"modules": {k: dict(v) for k, v in sorted(per_module.items())}, "not_detected": survivors}
+
+
+def _score(counts: dict[str, int]) -> float:
+    total = sum(counts.values())
+    return sum(n for s, n in counts.items() if s in DETECTED) / total if total else 1.0
+
+
+def run_target(target: Target, only: list[str], max_children: int) -> dict:
+    work = SCRATCH / target.name
+    _copy_tree(work)
+    _configure(target, work, only)
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = work / "mutmut.log"
+    started = time.monotonic()
+    with log.open("w") as fh:
+        proc = subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env,
+                              stdout=fh, stderr=subprocess.STDOUT)
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"mutmut failed for {target.name} (exit {proc.returncode}); log {log}:\n{tail}")
+    result = _collect(work, mutmut)
+    totals: Counter = Counter()
+    for counts in result["modules"].values():
+        totals.update(counts)
+    result.update(target=target.name, goal=target.goal, score=round(_score(dict(totals)), 4),
+                  totals=dict(totals), mutate=list(only or target.mutate), tests=list(target.tests),
+                  seconds=round(elapsed, 1), command=f"./dev.sh mutate {target.name}")
+    return result
+
+
+def write_summary() -> None:
+    rows = []
+    for path in sorted(REPORTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        t = Counter(r["totals"])
+        total = sum(t.values())
+        met = "met" if r["score"] >= r["goal"] else "**missed**"
+        rows.append(f"| `{r['target']}` | {', '.join(f'`{m}`' for m in r['mutate'])} | {t['killed']} | "
+                    f"{t['timeout']} | {t['survived']} | {t['no tests']} | {total} | **{r['score']:.1%}** | "
+                    f"{r['goal']:.0%}: {met} | {r['seconds']:.0f} s |")
+        for mod, counts in r["modules"].items():
+            rows.append(f"| | `{mod}` | {counts.get('killed', 0)} | {counts.get('timeout', 0)} | "
+                        f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | {sum(counts.values())} | "
+                        f"{_score(counts):.1%} | | |")
+    SUMMARY.write_text(
+        "# Mutation testing report\n\n"
+        "Produced by `./dev.sh mutate` (mutmut 3; see `tools/mutate.py` for the targets and the tests each one\n"
+        "runs). Score = (killed + timeout) / all mutants; a mutant no test executes counts as surviving.\n"
+        "Per-target JSON with every surviving mutant's name: `reports/mutation/<target>.json`;\n"
+        "`mutmut show <name>` in `.mutation/<target>/` prints its diff.\n\n"
+        "| target | files / module | killed | timeout | survived | no tests | mutants | score | goal | time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("targets", nargs="*", help=f"targets to run (default: all of {', '.join(TARGETS)})")
+    ap.add_argument("--only", action="append", default=[], help="mutate only these globs (no report written)")
+    ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--report", action="store_true", help="only rebuild reports/mutation.md")
+    args = ap.parse_args(argv)
+    if args.report:
+        write_summary()
+        return 0
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown:
+        ap.error(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for name in args.targets or list(TARGETS):
+        result = run_target(TARGETS[name], args.only, args.max_children)
+        print(f"{name}: score {result['score']:.1%} (goal {result['goal']:.0%}) {result['totals']} "
+              f"in {result['seconds']:.0f} s")
+        for line in result["not_detected"]:
+            print(f"    {line}")
+        if not args.only:
+            (REPORTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        failed |= result["score"] < result["goal"]
+    if not args.only:
+        write_summary()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
