@@ -68,7 +68,7 @@ class Channel(StrEnum):
 
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid topic level id, else raise :class:`TopicError`."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise TopicError(f"invalid {what} {value!r}: must match [A-Za-z0-9_.-]{{1,64}}")
     return value
 

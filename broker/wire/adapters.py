@@ -67,8 +67,8 @@ class AdapterUpdate:
             "rank": int(self.rank),
             "alpha": float(self.alpha),
             "samples": int(self.samples),
-            "modalities": dict(self.modalities),
-            "metrics": dict(self.metrics),
+            "modalities": {k: int(v) for k, v in self.modalities.items()},
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
             "tensors": encode_tensors(self.tensors),
         }
 
@@ -158,7 +158,7 @@ class SiteFeedback:
             "site": self.site,
             "version": int(self.version),
             "rank": int(self.rank),
-            "stats": dict(self.stats),
+            "stats": {k: float(v) for k, v in self.stats.items()},
             "accepted": [int(s) for s in self.accepted],
             "rejected": [r.to_body() for r in self.rejected],
             "tensors": encode_tensors(self.tensors),

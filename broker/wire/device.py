@@ -159,11 +159,16 @@ class DeviceConfig:
     @classmethod
     def from_body(cls, body: Any) -> DeviceConfig:
         b = body_map(body, "config")
-        shapes = get_map(b, "shapes", optional=True)
+        shapes = {}
+        for k, v in get_map(b, "shapes", optional=True).items():
+            # a shape off the wire is a list of positive ints: not a string to iterate, nor floats to truncate
+            if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v):
+                raise DecodeError(f"config shape of {k!r} must be a list of positive ints, got {v!r}")
+            shapes[check_modality(k)] = tuple(v)
         return cls(
             modalities=[check_modality(m) for m in get_list(b, "modalities")],
             rate_hz=number_map(get_map(b, "rate_hz", optional=True), "rate_hz"),
-            shapes={check_modality(k): tuple(int(d) for d in v) for k, v in shapes.items()},
+            shapes=shapes,
             model_version=get_int(b, "model_version", optional=True) or 0,
         )
 
@@ -208,7 +213,11 @@ class DeviceFeedback:
     message: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {"global_version": int(self.global_version), "metrics": dict(self.metrics), "message": self.message}
+        return {
+            "global_version": int(self.global_version),
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            "message": self.message,
+        }
 
     @classmethod
     def from_body(cls, body: Any) -> DeviceFeedback:

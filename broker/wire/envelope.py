@@ -104,8 +104,9 @@ def decode_envelope(
     # keys view == set: no temporary set per message (hot path of every receiver)
     if not isinstance(obj, dict) or len(obj) != 7 or obj.keys() != _KEYS:
         raise DecodeError("an envelope is a map with exactly the keys v, k, s, n, t, ct, b")
-    if obj["v"] != WIRE_VERSION:
-        raise SchemaVersionError(f"schema version {obj['v']!r} is not supported (this code speaks {WIRE_VERSION})")
+    v = obj["v"]
+    if type(v) is not int or v != WIRE_VERSION:  # True and 1.0 compare equal to 1 in Python, not on the wire
+        raise SchemaVersionError(f"schema version {v!r} is not supported (this code speaks {WIRE_VERSION})")
     k = obj["k"]
     kind = _KIND_BY_VALUE.get(k) if isinstance(k, str) else None  # same as Kind(k), without the enum machinery
     if kind is None:
@@ -117,7 +118,7 @@ def decode_envelope(
     sender, seq, ts, ct = obj["s"], obj["n"], obj["t"], obj["ct"]
     if not isinstance(sender, str) or not isinstance(ct, str):
         raise DecodeError("envelope sender and content type must be strings")
-    if not _is_int(seq) or not _is_int(ts) or seq < 0:
+    if not _is_int(seq) or not _is_int(ts) or seq < 0 or ts < 0:
         raise DecodeError("envelope seq and timestamp must be non-negative integers")
     return Envelope(kind=kind, sender=sender, seq=seq, ts_ms=ts, content_type=ct, body=obj["b"])
 

@@ -84,7 +84,7 @@ def check_modality(name: Any, allowed: frozenset[str] | set[str] | None = None) 
         if allowed is not None and name not in allowed:
             raise UnknownModalityError(f"unknown modality {name!r}; expected one of {sorted(allowed)}")
         return name
-    if not isinstance(name, str) or not MODALITY.match(name):
+    if not isinstance(name, str) or not MODALITY.fullmatch(name):
         raise UnknownModalityError(f"malformed modality name {name!r}: must match {MODALITY.pattern}")
     if allowed is not None and name not in allowed:
         raise UnknownModalityError(f"unknown modality {name!r}; expected one of {sorted(allowed)}")

@@ -60,6 +60,6 @@ def _load(payload: bytes) -> dict[str, Any]:
         raise DecodeError(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise DecodeError("expected a JSON object")
-    if obj.get("v") != WIRE_VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != WIRE_VERSION:  # JSON true and 1.0 are not version 1
         raise SchemaVersionError(f"schema version {obj.get('v')!r} is not supported")
     return obj
