@@ -24,7 +24,7 @@ from megace.datasets import MultimodalDataset
 
 @dataclass(slots=True)
 class InferenceResult:
-    """One prediction as the device saw it; times are ``time.time()`` seconds (comparable across processes)."""
+    """One prediction as the device saw it; times are ``time.monotonic()`` seconds, the clock of the loop's tap."""
 
     device: str
     edge: int
@@ -122,7 +122,7 @@ class SimulatedDevice:
         results: list[InferenceResult] = []
         for s in samples if samples is not None else self.test:
             rid = next(self._request_ids)
-            sent = time.time()
+            sent = time.monotonic()
             self.client.request_inference(FeatureRecord(self.name, rid, dict(s["modalities"])))
             got = self._wait_answer(rid, timeout)
             pred, received = got if got else (None, None)
@@ -147,7 +147,7 @@ class SimulatedDevice:
     # -- downlink (paho's thread: keep it short) ---------------------------------------------------
 
     def _on_downlink(self, kind: Kind, msg: Any) -> None:
-        now = time.time()
+        now = time.monotonic()
         with self._cond:
             if kind is Kind.PREDICTION:
                 self._answers[int(msg.sample)] = (msg, now)

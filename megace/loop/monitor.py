@@ -1,9 +1,10 @@
 """The operator's view of the bus: status, JSON metrics, and a tap that timestamps inference traffic.
 
 The tap subscribes, like any dashboard could, to the sites' device uplinks and downlinks. It notes when an
-inference request reaches subscribers of the broker (about when the edge gets it) and, from the
-``Prediction`` envelope's timestamp, when the edge published the answer. With the device's own send and
-receive times that splits a round trip into uplink, edge time and downlink without touching the edge.
+inference request reaches subscribers of the broker (about when the edge gets it) and when the answer does.
+The tap runs in the loop's process and stamps with :func:`time.monotonic`, the clock the simulated devices
+stamp their send and receive times with, so with those two stamps a round trip splits into uplink, edge time
+and downlink on one clock, without touching the edge (see :meth:`LatencySample.from_stamps`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from broker.wire.status import ONLINE
 
 @dataclass(slots=True)
 class Tap:
-    """Per inference request (device, sample): when subscribers saw it and when the edge answered."""
+    """Per inference request (device, sample): when the tap saw the request and the answer (``time.monotonic``)."""
 
     request_seen: float | None = None
-    answer_published: float | None = None  # from the Prediction envelope (millisecond resolution)
     answer_seen: float | None = None
 
 
@@ -141,7 +141,7 @@ class Monitor:
         client.subscribe([(f, 1) for f in self.filters()])
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.time()
+        now = time.monotonic()  # the devices' clock: latency legs are differences on this one clock
         try:
             parsed = topics.parse(msg.topic)
             if parsed.channel is topics.Channel.METRICS:
@@ -202,5 +202,4 @@ class Monitor:
                 tap.request_seen = now
             elif env.kind is Kind.PREDICTION:
                 tap.answer_seen = now
-                tap.answer_published = env.ts_ms / 1000.0
 

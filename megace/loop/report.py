@@ -88,9 +88,9 @@ def plot_latency(samples: list[LatencySample], path: Path) -> Path:
 def latency_legs(samples: list[LatencySample]) -> dict[str, tuple[float, float]]:
     """p50 and p95 (ms) of each leg of a request and of the whole round trip."""
     legs = {
-        "uplink (device → broker → edge)": [s.uplink for s in samples],
-        "edge (decode, queue, inference, encode)": [s.edge_time for s in samples],
-        "downlink (edge → broker → device)": [s.downlink for s in samples],
+        "uplink (device → broker → subscribers)": [s.uplink for s in samples],
+        "edge (queue, inference, publish)": [s.edge_time for s in samples],
+        "downlink (broker → device)": [s.downlink for s in samples],
         "end to end": [s.e2e for s in samples],
     }
     return {k: (percentile([1000 * x for x in v if x is not None], 0.5),
@@ -146,8 +146,11 @@ def render_markdown(result: LoopResult) -> str:
     lines += [f"| {r} | {u / 1024:.1f} | {d / 1024:.1f} |" for r, u, d in per_round_traffic(result)]
     lines += ["", "![traffic](traffic.png)", "", "## Prediction latency", ""]
     if result.latency:
-        lines += [f"{len(result.latency)} requests, all rounds. Legs come from a passive tap on the bus "
-                  "(when the request reaches subscribers; the prediction envelope's timestamp, 1 ms resolution).",
+        split = sum(s.split for s in result.latency)
+        lines += [f"{len(result.latency)} requests, all rounds. Legs come from a passive tap on the bus (when the "
+                  "request and the answer reach subscribers), on the devices' clock; "
+                  f"{split} requests could be split (for the others the tap saw the request only after the device "
+                  "had the answer).",
                   "", "| leg | p50 ms | p95 ms |", "|---|---|---|"]
         lines += [f"| {k} | {p50:.2f} | {p95:.2f} |" for k, (p50, p95) in latency_legs(result.latency).items()]
     lines += ["", "![latency](latency.png)", "", "Settings: `" + ", ".join(

@@ -56,13 +56,41 @@ class RoundRecord:
 
 @dataclass
 class LatencySample:
-    """One inference request, split into legs (seconds); legs are None where the tap missed a message."""
+    """One inference request, split into legs (seconds); legs are None where the stamps cannot place the split.
+
+    Every stamp is ``time.monotonic()`` in the loop's process: the device's send and receive and the tap's
+    sightings of the request and of the answer. The answer reaches the broker's subscribers no later than the
+    first of them has it, so the split point for the downlink is the earlier of the tap's sighting and the
+    device's receipt (on loopback the two differ only by thread scheduling). The legs are differences of
+    consecutive stamps, so they add up to ``e2e``; they are kept only when the stamps are in causal order (a tap
+    thread scheduled late can see the request after the device already had the answer: then the split is
+    unknown, not negative).
+    """
 
     edge: str
     e2e: float
-    uplink: float | None
-    edge_time: float | None
-    downlink: float | None
+    uplink: float | None  # device send -> the tap sees the request (device -> broker -> subscribers)
+    edge_time: float | None  # the tap sees the request -> the answer reaches subscribers (queue, inference, publish)
+    downlink: float | None  # the answer reaches subscribers -> the device has it
+    device: str = ""
+    request: int = -1
+    round: int = 0
+
+    @classmethod
+    def from_stamps(cls, edge: str, sent: float, received: float, request_seen: float | None = None,
+                    answer_seen: float | None = None, **ids: Any) -> LatencySample:
+        """Split ``received - sent`` at the tap's stamps when they fall, in order, inside the round trip."""
+        e2e = received - sent
+        if request_seen is None or answer_seen is None:
+            return cls(edge, e2e, None, None, None, **ids)
+        answer_out = min(answer_seen, received)
+        if not sent <= request_seen <= answer_out <= received:
+            return cls(edge, e2e, None, None, None, **ids)
+        return cls(edge, e2e, request_seen - sent, answer_out - request_seen, received - answer_out, **ids)
+
+    @property
+    def split(self) -> bool:
+        return self.uplink is not None and self.edge_time is not None and self.downlink is not None
 
 
 @dataclass

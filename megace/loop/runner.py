@@ -180,22 +180,20 @@ class ClosedLoop:
         return RoundRecord(round=r, elapsed_s=time.monotonic() - started,
                            global_version=_int(cloud_m.get("version")), edges=edges, cloud=cloud_m)
 
-    def _latency(self, plans: list[configs.EdgePlan], results: list[InferenceResult]) -> list[LatencySample]:
+    def _latency(self, plans: list[configs.EdgePlan],
+                 rounds: list[tuple[int, list[InferenceResult]]]) -> list[LatencySample]:
         assert self.monitor is not None
         with self.monitor.lock:
             taps = dict(self.monitor.view.taps)
         out = []
-        for x in results:
-            if x.received is None:
-                continue
-            t = taps.get((x.device, x.request))
-            up = edge = down = None
-            if t is not None and t.request_seen is not None:
-                up = t.request_seen - x.sent
-                if t.answer_published is not None:
-                    edge = max(0.0, t.answer_published - t.request_seen)
-                    down = max(0.0, x.received - t.answer_published)
-            out.append(LatencySample(plans[x.edge].ident, x.received - x.sent, up, edge, down))
+        for r, results in rounds:
+            for x in results:
+                if x.received is None:
+                    continue
+                t = taps.get((x.device, x.request))
+                out.append(LatencySample.from_stamps(
+                    plans[x.edge].ident, x.sent, x.received, t.request_seen if t else None,
+                    t.answer_seen if t else None, device=x.device, request=x.request, round=r))
         return out
 
     def _global_eval(self, test: MultimodalDataset, plans: list[configs.EdgePlan],
@@ -260,7 +258,7 @@ class ClosedLoop:
             with self.monitor.lock:
                 version0 = int(self.monitor.view.cloud_metrics.get(configs.CLOUD_ID, {}).get("version", 0) or 0)
             pool = self._stack.enter_context(ThreadPoolExecutor(max_workers=max(4, len(self.devices))))
-            all_results: list[InferenceResult] = []
+            all_results: list[tuple[int, list[InferenceResult]]] = []
             started = time.monotonic()
             result.stopped_because = f"{s.rounds} rounds done"
             for r in range(1, s.rounds + 1):
@@ -276,7 +274,7 @@ class ClosedLoop:
                     break
                 self.progress("status", f"round {r}/{s.rounds}: devices ask for predictions…")
                 results = self._evaluate(pool)
-                all_results.extend(results)
+                all_results.append((r, results))
                 record = self._record(r, started, plans, results)
                 result.rounds.append(record)
                 self.progress("round", record)
