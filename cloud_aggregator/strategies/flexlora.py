@@ -18,7 +18,7 @@ class FlexLoRA(Strategy):
     factor_space = False
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        assert stack.a is not None and stack.b is not None
+        assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
         w = stack.b_coefficients(stack.normalized).to(stack.b.dtype)
         k, out_dim, r_max = stack.b.shape
         # Σ_k w_k B_k A_k as one matmul over the concatenated rank axis

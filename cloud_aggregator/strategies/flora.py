@@ -44,12 +44,12 @@ class FLoRA(Strategy):
         return g
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        assert stack.a is not None and stack.b is not None
+        assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
         w = stack.b_coefficients(stack.normalized).to(stack.b.dtype)
         keep = stack.ranks.tolist()
         k, _, r_max = stack.b.shape
         # drop the zero padding so the stacked rank is exactly Σ r_k
-        if all(r == r_max for r in keep):
+        if all(r == r_max for r in keep):  # pragma: no mutate (a fast path: the general one below gives the same)
             a = stack.a.reshape(k * r_max, -1)
             b = (stack.b * w[:, None, None]).transpose(0, 1).reshape(stack.b.shape[1], k * r_max)
         else:
@@ -63,7 +63,7 @@ class FLoRA(Strategy):
     def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if module in g.meta.get("svd_sorted", ()):
             return super().view_module(g, module, rank)
-        cache = g.cache.setdefault("flora_svd", {})
+        cache = g.cache.setdefault("flora_svd", {})  # pragma: no mutate (any private key works)
         if module not in cache:
             cache[module] = balanced_factors(*svd_of_product(g.tensors[lora_b(module)], g.tensors[lora_a(module)]))
         a, b = cache[module]

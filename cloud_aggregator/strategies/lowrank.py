@@ -14,14 +14,14 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
     """``U, S, Vh`` of ``b @ a`` truncated to its maximal possible rank ``min(R, out, in)``."""
     out_dim, r = b.shape
     in_dim = a.shape[1]
-    k = min(r, out_dim, in_dim)
     if r < min(out_dim, in_dim):
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
         return qb @ u, s, vh @ qa.T
+    # here R >= min(out, in), so the reduced SVD already has the maximal rank min(out, in)
     u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    return u, s, vh
 
 
 def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

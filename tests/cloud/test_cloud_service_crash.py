@@ -12,7 +12,8 @@ import sys
 import zlib
 from pathlib import Path
 
-import torch
+import np_reference as ref
+import numpy as np
 from cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
 from support.collector import Collector
 
@@ -24,9 +25,6 @@ from broker.wire import GlobalAdapter, SiteFeedback, Status, decode_metrics
 from broker.wire.bodies import decode_body
 from cloud_aggregator.config import write_cloud_config
 from cloud_aggregator.ledger import Ledger
-from cloud_aggregator.mixing import mix, step_sizes
-from cloud_aggregator.staleness import Polynomial
-from cloud_aggregator.strategies import get_strategy
 from edge_agent.model.adapters import build_edge_model, shared_state
 from edge_agent.model.fingerprint import base_fingerprint
 
@@ -52,14 +50,21 @@ class Bus:
         return any(isinstance(b, SiteFeedback) and b.site == site and seq in b.accepted for b in self.bodies())
 
 
-async def edge(site: str, addr: BrokerAddress, bus: Bus, tensors: dict, fingerprint: str) -> None:
-    """Upload ``ROUNDS`` updates, each resent every 2 s until acknowledged (at-least-once)."""
+SAMPLES = 32
+
+
+async def edge(site: str, addr: BrokerAddress, bus: Bus, tensors: dict, fingerprint: str,
+               sent: dict[tuple[str, int], tuple[int, dict[str, np.ndarray]]]) -> None:
+    """Upload ``ROUNDS`` updates, each resent every 2 s until acknowledged (at-least-once).
+
+    ``sent`` records what each upload carried (base version, tensors), for the replay check.
+    """
     async with make_client(addr, identifier=f"crash-edge-{site}") as client:
         for seq in range(1, ROUNDS + 1):
-            payload = update_payload(
-                perturbed(tensors, seed=zlib.crc32(f"{site}/{seq}".encode())), site=site, seq=seq,
-                base_version=max(bus.version(), 0), fingerprint=fingerprint, rank=RANK,
-            )
+            base, update = max(bus.version(), 0), perturbed(tensors, seed=zlib.crc32(f"{site}/{seq}".encode()))
+            sent[(f"edge-{site}", seq)] = (base, update)
+            payload = update_payload(update, site=site, seq=seq, base_version=base, fingerprint=fingerprint,
+                                     rank=RANK, samples=SAMPLES)
             while not bus.acked(site, seq):
                 await publish(client, topics.adapter_up(site), payload, sender=f"edge-{site}", seq=seq)
                 for _ in range(40):
@@ -93,12 +98,13 @@ async def test_kill_9_mid_stream_then_restart(tmp_path: Path, fresh_mosquitto):
         topics.metrics(Role.CLOUD, cfg.cloud_id),
         topics.status(Role.CLOUD, cfg.cloud_id),
     ]
+    sent: dict[tuple[str, int], tuple[int, dict[str, np.ndarray]]] = {}
     with Collector(addr, *filters) as col:
         bus = Bus(col)
         proc = await start_cloud(cfg_path, log)
         try:
             await eventually(lambda: bus.version() >= 0, 60, what="v0 from the first process")
-            edges = [asyncio.create_task(edge(s, addr, bus, tensors, fingerprint)) for s in SITES]
+            edges = [asyncio.create_task(edge(s, addr, bus, tensors, fingerprint, sent)) for s in SITES]
             await eventually(lambda: bus.version() >= 2, 60, what="version 2")
             proc.send_signal(signal.SIGKILL)  # mid-stream: the edges keep uploading into the broker
             assert await proc.wait() == -signal.SIGKILL
@@ -137,19 +143,22 @@ async def test_kill_9_mid_stream_then_restart(tmp_path: Path, fresh_mosquitto):
         assert sorted(applied) == sorted(expected), "every upload applied exactly once"
         reasons = {r for _, _, r in ledger.rejections()}
         assert reasons <= {"duplicate"}, reasons  # resends after the crash are recognised, nothing else
-        # replay every version from the updates the ledger says it consumed: each stored global is
-        # exactly its predecessor plus those updates, so none was applied twice or skipped
-        strategy, discount = get_strategy("fedavg"), Polynomial(a=0.5)
-        prev = ledger.load_global(0)
+        # replay every version from what the edges sent, in plain numpy from the documented maths: each
+        # stored global is exactly its predecessor plus the updates the ledger says it consumed, so none
+        # was applied twice or skipped.  fedavg: A = Σ w A_k, B = Σ w (alpha/r) B_k with w ∝ n_k d_k;
+        # d_k = (1 + s_k)^-1/2 with s_k = (v - 1) - base_k; FedBuff step ᾱ = Σ d n / Σ n, x + ᾱ (agg - x)
+        prev = {n: t.numpy().astype(np.float64) for n, t in ledger.load_global(0).tensors.items()}
         for v in range(1, final + 1):
-            ups = [u.contribution for u in ledger.applied_updates(v)]
-            ds = [discount(v - 1 - c.base_version) for c in ups]
-            agg = strategy.aggregate(prev, ups, ds)
-            replay = mix(prev.tensors, agg.tensors, step_sizes(strategy, ups, ds))
-            stored = ledger.load_global(v)
-            assert stored.tensors.keys() == replay.keys()
+            ups, ds = [], []
+            for edge_id, seq in ledger.applied_in(v):
+                base, update = sent[(edge_id, seq)]
+                ups.append(ref.Up({n: t.astype(np.float64) for n, t in update.items()}, RANK, 2.0 * RANK, SAMPLES))
+                ds.append(ref.polynomial(v - 1 - base, 0.5))
+            replay = ref.mix(prev, ref.aggregate("fedavg", prev, ups, ds), ref.steps(ups, ds))
+            stored = {n: t.numpy().astype(np.float64) for n, t in ledger.load_global(v).tensors.items()}
+            assert stored.keys() == replay.keys()
             for name in replay:
-                torch.testing.assert_close(stored.tensors[name], replay[name], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(stored[name], replay[name], rtol=2e-5, atol=2e-6, err_msg=f"v{v} {name}")
             prev = stored
     assert "Traceback" not in log.read_text()
 
