@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.model.config import EdgeModelConfig, ModalitySpec
-from megace.configfile import dump_toml, env_paths
+from megace_common.configfile import dump_toml, env_paths
 
 ENV_PREFIX = "MEGACE_CLOUD__"
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from megace.durable import atomic_write
+from megace_common.durable import atomic_write
 
 from .contribution import Contribution, GlobalAdapter
 from .errors import DuplicateUpdate

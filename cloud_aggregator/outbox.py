@@ -17,7 +17,7 @@ from broker import topics
 from broker.topics import Role
 from broker.wire import GlobalAdapter as WireGlobal
 from broker.wire import Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
-from megace.durable import atomic_write
+from megace_common.durable import atomic_write
 
 from .contribution import GlobalAdapter
 

@@ -17,7 +17,7 @@ import torch
 
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.fingerprint import base_fingerprint
-from megace.durable import atomic_write
+from megace_common.durable import atomic_write
 
 from .naming import split_lora
 from .validation import AdapterSchema

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from broker.wire import AdapterUpdate
-from megace.durable import atomic_write
+from megace_common.durable import atomic_write
 
 SITES_FILE = "sites.json"
 MAX_UNKNOWN = 1024

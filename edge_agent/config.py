@@ -24,8 +24,8 @@ from broker.errors import TopicError
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.errors import ConfigError
 from edge_agent.training.toy_task import toy_config
-from megace.configfile import dump_toml, env_paths
-from megace.durable import atomic_write
+from megace_common.configfile import dump_toml, env_paths
+from megace_common.durable import atomic_write
 
 ENV_PREFIX = "MEGACE_EDGE__"
 _ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality"})

@@ -33,7 +33,7 @@ import msgpack
 from broker.errors import WireError
 from broker.wire import decode_array, encode_array
 from edge_agent.training.replay import BufferedSample
-from megace.durable import atomic_write, fsync_dir, write_synced
+from megace_common.durable import atomic_write, fsync_dir, write_synced
 
 log = logging.getLogger(__name__)
 

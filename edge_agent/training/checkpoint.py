@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from edge_agent.model.errors import CheckpointError
-from megace.durable import atomic_write
+from megace_common.durable import atomic_write
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "checkpoint.safetensors"
