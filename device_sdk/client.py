@@ -146,6 +146,7 @@ class DeviceClient:
             self._supervisor.join(5.0)
         with self._lock:
             self._move_inflight_to_store()
+            self._online = False  # a closed client is not online, whatever paho reported last
             self.store.close()
         return drained
 
@@ -245,7 +246,7 @@ class DeviceClient:
 
     def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
-            log.warning("device %s: broker refused connection: %s", self.device, reason)
+            log.warning("device %s: broker refused connection: %s", self.device, reason)  # pragma: no mutate
             return
         sock = client.socket()
         if isinstance(sock, socket.socket):
@@ -269,7 +270,7 @@ class DeviceClient:
             message = decode_body(env)
         except WireError as exc:
             self.counters.reject(exc)
-            log.warning("device %s: rejected downlink on %s: %s", self.device, msg.topic, exc)
+            log.warning("device %s: rejected downlink on %s: %s", self.device, msg.topic, exc)  # pragma: no mutate
             return
         self.counters.inc(f"received.{env.kind.value}")
         if self.on_downlink is not None:
@@ -277,7 +278,7 @@ class DeviceClient:
                 self.on_downlink(env.kind, message)
             except Exception:  # a faulty user callback must not kill paho's loop
                 self.counters.inc("callback_errors")
-                log.exception("device %s: downlink callback failed", self.device)
+                log.exception("device %s: downlink callback failed", self.device)  # pragma: no mutate
 
     # -- event processing (any thread holding ``self._lock``) --------------------------------
 
@@ -327,11 +328,15 @@ class DeviceClient:
             self._lock.notify_all()
 
     def _move_inflight_to_store(self) -> None:
-        """Un-acked direct publishes go back to the front of the disk queue (caller holds the lock)."""
+        """Un-acked direct publishes go back to the front of the disk queue (caller holds the lock).
+
+        Rows that came from the queue are still in it. Either way every un-acked record is re-sent after
+        the next connect; ``requeued`` counts them so an operator can see what a lost link cost.
+        """
+        self.counters.inc("requeued", len(self._inflight))
         direct = sorted((p for p in self._inflight.values() if p.row_id is None), key=lambda p: p.seq)
         self.store.prepend([(p.seq, p.topic, p.payload) for p in direct])
-        self._inflight.clear()
-        self._last_sent_row = None
+        self._inflight.clear()  # the next "connected" event restarts the drain at the head of the queue
 
     def _status(self, state: str) -> bytes:
         return Status(role=topics.Role.DEVICE.value, id=self.device, state=state,
@@ -356,7 +361,7 @@ class DeviceClient:
                 self._supervise_once()
             except Exception:  # the supervisor must outlive any single failure
                 self.counters.inc("supervisor_errors")
-                log.exception("device %s: supervisor step failed", self.device)
+                log.exception("device %s: supervisor step failed", self.device)  # pragma: no mutate
                 time.sleep(0.1)
 
     def _supervise_once(self) -> None:
