@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,12 @@ from edge_agent.model.adapters import (
     apply_global,
     build_base_model,
     build_edge_model,
+    is_personal,
+    load_personal,
     load_shared,
+    parameter_counts,
     personal_state,
+    shared_fraction,
     shared_state,
 )
 from edge_agent.model.batch import collate
@@ -158,3 +163,117 @@ def test_wire_numpy_float64_is_accepted_and_cast(setup: tuple) -> None:
     apply_global(model, glob)
     now = shared_state(model)
     assert all(now[k].dtype == torch.float32 and np.allclose(now[k].numpy(), glob[k], atol=1e-6) for k in glob)
+
+
+PERSONAL_PARTS = ("head", "cross_modal", "cls_token", "modality_embed", "position_embed")  # from the module docs
+
+
+def test_lora_wraps_exactly_query_value_and_the_modality_projections() -> None:
+    config = toy_config(lora_r=4, lora_alpha=12)
+    model = build_edge_model(config)
+    base = build_base_model(config)
+    linears = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    attention = (".self.query", ".self.value")
+    wanted = {n for n in linears if n.startswith("backbone.encoder.layer.") and n.endswith(attention)}
+    wanted |= {f"modality_proj.{m}" for m in config.modality_names}
+    wrapped = {n.removeprefix("base_model.model.").removesuffix(".lora_A")
+               for n, _ in model.named_modules() if n.endswith(".lora_A")}
+    assert wrapped == wanted and len(wanted) == 2 * 2 + 2  # two encoder layers, two modalities
+    modules = dict(model.named_modules())
+    for name in wanted:
+        layer = modules[f"base_model.model.{name}"]
+        assert layer.r["default"] == 4 and layer.scaling["default"] == pytest.approx(12 / 4)
+    # B starts at zero (so the untrained edge model is the base model), A does not
+    shared = shared_state(model)
+    assert all(float(t.abs().sum()) == 0 for k, t in shared.items() if ".lora_B." in k)
+    assert all(float(t.abs().sum()) > 0 for k, t in shared.items() if ".lora_A." in k)
+
+
+def test_parameter_counts_add_up_as_counted_by_hand() -> None:
+    config = toy_config(lora_r=4)
+    model = build_edge_model(config)
+    base = build_base_model(config)
+    targets = [m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)
+               and (n.endswith((".self.query", ".self.value")) or n.startswith("modality_proj."))]
+    shared = sum(4 * (m.in_features + m.out_features) for m in targets)  # A: r x in, B: out x r
+    personal = sum(p.numel() for n, p in base.named_parameters() if n.split(".")[0] in PERSONAL_PARTS)
+    total = sum(p.numel() for p in base.parameters()) + shared
+    assert parameter_counts(model) == {"total": total, "shared": shared, "personal": personal,
+                                       "frozen": total - shared - personal}
+    assert shared_fraction(model) == pytest.approx(shared / total)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == shared + personal
+
+
+def test_is_personal_with_and_without_the_peft_prefix() -> None:
+    for part in PERSONAL_PARTS:
+        assert is_personal(f"{part}.weight") and is_personal(f"base_model.model.{part}.weight")
+        assert is_personal(f"{part}.1.sub.weight") and is_personal(f"base_model.model.{part}.0.weight")
+    for name in ("base_model.model.modality_proj.env.lora_A.weight", "backbone.encoder.layer.0.attention.self.query",
+                 "base_model.model.backbone.embeddings.word_embeddings.weight", "header.weight", "model.head.weight"):
+        assert not is_personal(name), name
+
+
+def test_state_copies_are_detached_and_do_not_alias_the_model(setup: tuple) -> None:
+    _, model, inputs = setup
+    ref = logits_of(model, inputs)
+    shared, personal = shared_state(model), personal_state(model)
+    assert all(not t.requires_grad and t.device.type == "cpu" for t in [*shared.values(), *personal.values()])
+    for t in [*shared.values(), *personal.values()]:
+        t.add_(1.0)
+    assert torch.equal(logits_of(model, inputs), ref), "a state copy aliased the model's weights"
+    assert shared_state(model, torch.float16)[next(iter(shared))].dtype == torch.float16
+    assert shared_state(model)[next(iter(shared))].dtype == torch.float32
+
+
+def test_load_personal_needs_every_name_with_its_shape_and_casts_the_values(setup: tuple) -> None:
+    _, model, _ = setup
+    ref = personal_state(model)
+    name = next(iter(ref))
+    new = {k: (v + 0.5).double() for k, v in ref.items()}
+    load_personal(model, new)
+    now = personal_state(model)
+    assert all(now[k].dtype == ref[k].dtype and torch.allclose(now[k], new[k].float()) for k in ref)
+    for bad, error in (({k: v for k, v in new.items() if k != name}, "missing personal tensor names"),
+                       ({**new, "head.9.weight": torch.zeros(1)}, "unknown personal tensor names"),
+                       ({**new, name: torch.zeros(3, 3, 3)}, "shape")):
+        with pytest.raises(AdapterMismatchError, match=error):
+            load_personal(model, bad)
+        assert all(torch.equal(personal_state(model)[k], now[k]) for k in now)
+
+
+def test_each_check_on_an_incoming_adapter_has_its_own_error(setup: tuple) -> None:
+    _, model, _ = setup
+    good = shared_state(model)
+    key = next(iter(good))
+    unknown = {**good, **{f"base_model.model.nowhere{i}.lora_A.weight": torch.zeros(1) for i in range(6)}}
+    with pytest.raises(AdapterMismatchError, match=r"^unknown shared tensor names: \[.*'base_model\.model\."
+                                                   r"nowhere4\.lora_A\.weight'\]\.\.\.$"):
+        load_shared(model, unknown)
+    five = {**good, **{f"base_model.model.nowhere{i}.lora_A.weight": torch.zeros(1) for i in range(5)}}
+    with pytest.raises(AdapterMismatchError, match=r"^unknown shared tensor names: \[[^]]*nowhere4[^]]*\]$"):
+        load_shared(model, five)  # five names: all listed, no ellipsis
+    names = sorted(good)
+    with pytest.raises(AdapterMismatchError) as seven_missing:
+        load_shared(model, {k: v for k, v in good.items() if k not in names[:7]})
+    message = str(seven_missing.value)
+    assert message.endswith("]...") and message.count(".lora_") == 5, message  # the first five, then "..."
+    with pytest.raises(AdapterMismatchError, match=r"^missing shared tensor names: \[[^]]*\]$"):
+        load_shared(model, {k: v for k, v in good.items() if k not in names[:5]})
+    with pytest.raises(AdapterMismatchError, match=rf"^missing shared tensor names: \['{re.escape(names[0])}'\]$"):
+        load_shared(model, {k: v for k, v in good.items() if k != names[0]})
+    with pytest.raises(AdapterMismatchError, match=r"^missing shared tensor names: \[.*\]\.\.\.$"):
+        load_shared(model, {k: v for k, v in good.items() if k not in names[:6]})
+    with pytest.raises(AdapterMismatchError, match=rf"^{re.escape(key)}: expected a tensor or ndarray, got list$"):
+        load_shared(model, {**good, key: good[key].tolist()})
+    with pytest.raises(AdapterMismatchError, match=rf"^{re.escape(key)}: expected a floating dtype, got torch.int64$"):
+        load_shared(model, {**good, key: good[key].long()})
+    with pytest.raises(AdapterMismatchError, match=rf"^{re.escape(key)}: shape \(1, 2\) != expected "):
+        load_shared(model, {**good, key: torch.zeros(1, 2)})
+    with pytest.raises(NonFiniteAdapterError, match=rf"^{re.escape(key)}: contains NaN or infinite values$"):
+        load_shared(model, {**good, key: torch.full_like(good[key], float("inf"))})
+    assert all(torch.equal(shared_state(model)[k], good[k]) for k in good)
+    load_shared(model, {key: good[key] + 1}, strict=False)  # a subset is fine when not strict
+    assert torch.equal(shared_state(model)[key], good[key] + 1)
+    with pytest.raises(AdapterMismatchError):
+        apply_global(model, {key: good[key]})  # a global is always complete

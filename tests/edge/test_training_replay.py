@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge_agent.training.replay import ReplayBuffer
+from edge_agent.training.replay import BufferedSample, ReplayBuffer
 
 
 def test_per_device_cap_drops_oldest_of_that_device() -> None:
@@ -64,3 +64,85 @@ def test_concurrent_adds_respect_caps() -> None:
     assert all(v <= 20 for v in buf.counts()["devices"].values())
     seqs = [s.seq for s in buf.snapshot()]
     assert seqs == sorted(seqs) and len(set(seqs)) == 50
+
+
+def _item(seq: int, device: str, label: int = 0, **mods: float) -> BufferedSample:
+    return BufferedSample(seq=seq, device_id=device, label=label,
+                          modalities={m: np.full(2, v, np.float32) for m, v in (mods or {"env": 0.0}).items()})
+
+
+def test_restore_keeps_each_samples_seq_and_numbering_continues_after_the_newest() -> None:
+    """After a restart the buffer comes back from the checkpoint with the same seqs (so the held-out split
+    does not move) and new samples are numbered after the newest restored one."""
+    buf = ReplayBuffer(max_total=10, max_per_device=None)
+    buf.restore([_item(7, "b", 1), _item(3, "a", 0), _item(5, "a", 2, imu=1.0)])
+    assert [(s.seq, s.device_id, s.label) for s in buf.snapshot()] == [(3, "a", 0), (5, "a", 2), (7, "b", 1)]
+    assert buf.counts() == {"total": 3, "devices": {"a": 2, "b": 1}, "modalities": {"env": 2, "imu": 1}}
+    assert buf.add("c", {"env": np.zeros(2)}, 0).seq == 8
+    with pytest.raises(ValueError, match=r"^restore needs an empty buffer$"):
+        buf.restore([_item(1, "a")])
+    assert len(buf) == 4
+
+
+def test_restore_applies_the_caps_of_the_new_configuration() -> None:
+    per_device = ReplayBuffer(max_total=10, max_per_device=2)
+    per_device.restore([_item(i, "a", i) for i in range(4)])
+    assert [s.seq for s in per_device.snapshot()] == [2, 3] and per_device.dropped == {"device:a": 2, "all": 2}
+    per_modality = ReplayBuffer(max_total=10, max_per_device=None, max_per_modality=1)
+    per_modality.restore([_item(1, "a", imu=1.0), _item(2, "b", imu=2.0), _item(3, "b", env=0.0)])
+    assert [s.seq for s in per_modality.snapshot()] == [2, 3] and per_modality.dropped["modality:imu"] == 1
+    total = ReplayBuffer(max_total=2, max_per_device=None)
+    total.restore([_item(i, "a") for i in (9, 4, 6)])
+    assert [s.seq for s in total.snapshot()] == [6, 9] and total.dropped == {"total": 1, "all": 1}
+
+
+def test_caps_must_be_positive_and_none_means_unbounded() -> None:
+    for caps in ({"max_total": 0}, {"max_per_device": 0}, {"max_per_modality": 0}, {"max_per_device": -1}):
+        with pytest.raises(ValueError, match="caps must be"):
+            ReplayBuffer(**caps)
+    buf = ReplayBuffer(max_total=1000, max_per_device=None, max_per_modality=None)
+    for _ in range(300):
+        buf.add("a", {"env": np.zeros(1)}, 0)
+    assert len(buf) == 300 and buf.dropped == {}
+    capped = ReplayBuffer(max_total=1000, max_per_device=1, max_per_modality=1)
+    capped.add("a", {"env": np.zeros(1)}, 0)
+    capped.add("a", {"env": np.zeros(1)}, 1)
+    assert [s.label for s in capped.snapshot()] == [1] and capped.dropped["all"] == 1
+
+
+def test_float32_input_is_copied_too_and_samples_expose_their_modalities() -> None:
+    buf = ReplayBuffer()
+    arr = np.ones((2, 3), np.float32)
+    item = buf.add("a", {"imu": arr, "env": [1, 2]}, np.int64(3))
+    arr[:] = 9
+    assert item.modalities["imu"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert item.modalities["env"].dtype == np.float32 and item.modalities["env"].tolist() == [1, 2]
+    assert item.presence == ("env", "imu") and type(item.label) is int and item.label == 3
+    assert item.as_sample() == {"modalities": item.modalities, "label": 3}
+
+
+def test_counts_forget_devices_and_modalities_once_all_their_samples_are_gone() -> None:
+    buf = ReplayBuffer(max_total=2, max_per_device=None)
+    buf.add("old", {"audio": np.zeros(1)}, 0)
+    buf.add("new", {"env": np.zeros(1)}, 0)
+    buf.add("new", {"env": np.zeros(1)}, 1)
+    assert buf.counts() == {"total": 2, "devices": {"new": 2}, "modalities": {"env": 2}}
+    assert buf.dropped == {"total": 1, "all": 1}
+
+
+def test_evictions_through_one_cap_are_skipped_by_the_others() -> None:
+    """A sample evicted by the total cap is still listed in its device's queue; the device cap must skip it
+    and evict that device's oldest sample that is still there."""
+    buf = ReplayBuffer(max_total=3, max_per_device=2, max_per_modality=2)
+    buf.add("a", {"env": np.zeros(1)}, 0)  # seq 0
+    buf.add("b", {"imu": np.zeros(1)}, 1)  # seq 1
+    buf.add("b", {"imu": np.zeros(1)}, 2)  # seq 2
+    buf.add("a", {"env": np.zeros(1)}, 3)  # seq 3: total cap evicts seq 0 (a's oldest)
+    buf.add("a", {"env": np.zeros(1)}, 4)  # seq 4: total cap evicts seq 1
+    buf.add("a", {"env": np.zeros(1)}, 5)  # seq 5: a has 3 -> its oldest still present (seq 3) goes
+    assert [s.seq for s in buf.snapshot()] == [2, 4, 5]
+    assert buf.dropped == {"total": 2, "device:a": 1, "all": 3}
+    buf.add("b", {"imu": np.zeros(1)}, 6)  # seq 6: b has 2 (2, 6); total cap evicts the oldest overall (2)
+    assert [s.seq for s in buf.snapshot()] == [4, 5, 6]
+    buf.add("c", {"env": np.zeros(1)}, 7)  # env now 3 > 2: env's oldest present (seq 4) goes
+    assert [s.seq for s in buf.snapshot()] == [5, 6, 7] and buf.dropped["modality:env"] == 1
