@@ -45,7 +45,7 @@ class Contribution:
 
 
 @dataclass
-class GlobalAdapter:
+class GlobalState:
     """The global adapter at one version, stored at scaling 1 (see module docstring).
 
     ``tensors`` uses canonical peft names.  The rank of a module is whatever its factors'
@@ -75,14 +75,14 @@ class GlobalAdapter:
 
 
 @dataclass
-class Parsed:
+class Factors:
     """A contribution split into LoRA pairs and other tensors."""
 
     pairs: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
     extras: dict[str, torch.Tensor]
 
 
-def parse(tensors: dict[str, torch.Tensor]) -> Parsed:
+def parse(tensors: dict[str, torch.Tensor]) -> Factors:
     """Group ``<module>.lora_A/B.weight`` into pairs; everything else is an extra."""
     pairs: dict[str, list[torch.Tensor | None]] = {}
     extras: dict[str, torch.Tensor] = {}
@@ -93,7 +93,7 @@ def parse(tensors: dict[str, torch.Tensor]) -> Parsed:
             continue
         slot = pairs.setdefault(p[0], [None, None])
         slot[0 if p[1] == "A" else 1] = t
-    return Parsed({m: (ab[0], ab[1]) for m, ab in pairs.items()}, extras)
+    return Factors({m: (ab[0], ab[1]) for m, ab in pairs.items()}, extras)
 
 
 def effective_norm(c: Contribution) -> float:

@@ -31,13 +31,13 @@ from broker.wire import AdapterUpdate, Kind, decode_envelope
 from broker.wire.bodies import decode_body
 
 from .config import CloudConfig
-from .contribution import Contribution, GlobalAdapter
+from .contribution import Contribution, GlobalState
 from .drift import relative_drift
 from .errors import BadMetadata, RejectedUpdate
 from .intake import to_contribution, wire_reason
 from .ledger import Ledger
+from .messages import Outgoing, SeqReserve, feedback_message, global_message, metrics_message, to_numpy
 from .mixing import mix, step_sizes
-from .outbox import Outgoing, SeqReserve, feedback_message, global_message, metrics_message, to_numpy
 from .reference import open_reference
 from .server_opt import check_compatible, get_server_optimizer
 from .sites import SiteBook, SiteProfile
@@ -73,11 +73,11 @@ class AggregatorCore:
             reference, initial = open_reference(self.state_dir, config.model, need_initial=latest is None)
             if latest is None:
                 assert initial is not None
-                latest = GlobalAdapter(
+                latest = GlobalState(
                     version=0, tensors=initial, strategy=self.strategy.name, meta={"contributors": []}
                 )
                 self.ledger.commit_global(latest, [])
-            self.glob: GlobalAdapter = latest
+            self.glob: GlobalState = latest
             self.fingerprint = reference.fingerprint
             self.optimizer.load_state_dict(self.ledger.server_state())
             val = config.validation
@@ -248,7 +248,7 @@ class AggregatorCore:
         # (fedsa's B is personal: the optimizer's "keep what only the current global has" would revive
         # v0's B in every global, and an edge of the global's rank would load it over its own)
         tensors = {name: stepped[name] for name in agg.tensors}
-        new = GlobalAdapter(version=current + 1, tensors=tensors, strategy=self.strategy.name, meta=dict(agg.meta))
+        new = GlobalState(version=current + 1, tensors=tensors, strategy=self.strategy.name, meta=dict(agg.meta))
         ms = (time.perf_counter() - t0) * 1000.0
         site_stats = self._site_stats(new, contributions, stale, discounts, scaled)
         new.meta.update(
@@ -272,7 +272,7 @@ class AggregatorCore:
         return out
 
     def _site_stats(
-        self, new: GlobalAdapter, cs: list[Contribution], stale: list[int], discounts: list[float], scaled: bool
+        self, new: GlobalState, cs: list[Contribution], stale: list[int], discounts: list[float], scaled: bool
     ) -> dict[str, dict[str, float]]:
         """Per site: its weight in this aggregation, staleness, discount, drift from the new global.
 

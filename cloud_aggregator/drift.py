@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .contribution import Contribution, GlobalAdapter, parse
+from .contribution import Contribution, GlobalState, parse
 from .naming import lora_a, lora_b
 
 
@@ -21,7 +21,7 @@ def _inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tenso
 
 
 def relative_drift(
-    c: Contribution, g: GlobalAdapter, wants: Callable[[str], bool] = lambda name: True
+    c: Contribution, g: GlobalState, wants: Callable[[str], bool] = lambda name: True
 ) -> float | None:
     """Relative distance over the tensors both sides have (and ``wants``); None if the global is 0 there."""
     num = den = 0.0

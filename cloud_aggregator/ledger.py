@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 
 from megace_common.durable import atomic_write
 
-from .contribution import Contribution, GlobalAdapter
+from .contribution import Contribution, GlobalState
 from .errors import DuplicateUpdate
 
 _SCHEMA = """
@@ -284,7 +284,7 @@ class Ledger:
 
     def commit_global(
         self,
-        g: GlobalAdapter,
+        g: GlobalState,
         applied: Iterable[int],
         server_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
@@ -323,20 +323,20 @@ class Ledger:
                 self._db.execute("ROLLBACK")  # pragma: no mutate (SQL)
                 raise
 
-    def latest_global(self) -> GlobalAdapter | None:
+    def latest_global(self) -> GlobalState | None:
         """The last committed global (resume point after a crash), or None before the first."""
         row = self._db.execute(
             "SELECT version FROM globals ORDER BY version DESC LIMIT 1"  # pragma: no mutate (SQL)
         ).fetchone()
         return None if row is None else self.load_global(int(row[0]))
 
-    def load_global(self, version: int) -> GlobalAdapter:
+    def load_global(self, version: int) -> GlobalState:
         row = self._db.execute(
             "SELECT strategy, path, meta FROM globals WHERE version=?", (version,)  # pragma: no mutate (SQL)
         ).fetchone()
         if row is None:
             raise KeyError(version)
-        return GlobalAdapter(
+        return GlobalState(
             version=version, tensors=load_file(self.root / row[1]), strategy=row[0], meta=json.loads(row[2])
         )
 

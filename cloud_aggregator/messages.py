@@ -15,11 +15,10 @@ import torch
 
 from broker import topics
 from broker.topics import Role
-from broker.wire import GlobalAdapter as WireGlobal
-from broker.wire import Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
+from broker.wire import GlobalAdapter, Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
 from megace_common.durable import atomic_write
 
-from .contribution import GlobalAdapter
+from .contribution import GlobalState
 
 SEQ_FILE = "outseq.json"
 SEQ_BLOCK = 10_000
@@ -65,16 +64,16 @@ def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {n: t.detach().to("cpu").contiguous().numpy() for n, t in tensors.items()}
 
 
-def global_rank(g: GlobalAdapter, default: int) -> int:
+def global_rank(g: GlobalState, default: int) -> int:
     ranks = [g.rank_of(m) for m in g.modules()]
     return max(ranks) if ranks else default
 
 
-def global_message(g: GlobalAdapter, *, sender: str, seq: int, fingerprint: str, default_rank: int) -> Outgoing:
+def global_message(g: GlobalState, *, sender: str, seq: int, fingerprint: str, default_rank: int) -> Outgoing:
     """The retained global, at scaling 1: ``rank`` is the largest module rank and ``alpha = rank``,
     so an edge that loads the factors as they are gets ``(alpha/rank)·B A = B A`` exactly."""
     rank = global_rank(g, default_rank)
-    body = WireGlobal(
+    body = GlobalAdapter(
         version=g.version,
         base_model=fingerprint,
         strategy=g.strategy,

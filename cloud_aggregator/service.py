@@ -28,7 +28,7 @@ from broker.wire.status import OFFLINE, ONLINE, Status
 
 from .config import CloudConfig
 from .core import AggregatorCore
-from .outbox import Outgoing
+from .messages import Outgoing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

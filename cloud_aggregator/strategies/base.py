@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..contribution import Contribution, GlobalAdapter, parse
+from ..contribution import Contribution, GlobalState, parse
 from ..naming import lora_a, lora_b, modality_of, split_lora
 
 
@@ -119,7 +119,7 @@ class Strategy(ABC):
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Global ``(A, B)`` at scaling 1 for one module."""
 
-    def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """An edge's rank-``rank`` factors at scaling 1 (default: the first ``rank`` components)."""
         return fit_rank(g.tensors.get(lora_a(module)), g.tensors.get(lora_b(module)), rank)
 
@@ -130,10 +130,10 @@ class Strategy(ABC):
     # ---- driver ------------------------------------------------------------------------
     def aggregate(
         self,
-        global_state: GlobalAdapter | None,
+        global_state: GlobalState | None,
         contributions: Sequence[Contribution],
         weights: Sequence[float] | None = None,
-    ) -> GlobalAdapter:
+    ) -> GlobalState:
         """Next global adapter; modules and tensors nobody eligible sent are kept from ``global_state``."""
         extra = [1.0] * len(contributions) if weights is None else [float(w) for w in weights]
         if len(extra) != len(contributions):
@@ -177,7 +177,7 @@ class Strategy(ABC):
                 out[n] = weighted_sum(normalize(torch.tensor(ws, dtype=torch.float64)), torch.stack(ts).to(dt))
 
         version = 1 if global_state is None else global_state.version + 1
-        return GlobalAdapter(version=version, tensors=out, strategy=self.name)
+        return GlobalState(version=version, tensors=out, strategy=self.name)
 
     def _stack(
         self,
@@ -218,7 +218,7 @@ class Strategy(ABC):
 
     def view_for(
         self,
-        global_state: GlobalAdapter,
+        global_state: GlobalState,
         rank: int,
         modalities: dict[str, int] | None = None,
         alpha: float | None = None,

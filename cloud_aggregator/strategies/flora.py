@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..contribution import Contribution, GlobalAdapter
+from ..contribution import Contribution, GlobalState
 from ..naming import lora_a, lora_b
 from .base import ModuleStack, Strategy, fit_rank
 from .lowrank import balanced_factors, svd_of_product
@@ -31,10 +31,10 @@ class FLoRA(Strategy):
 
     def aggregate(
         self,
-        global_state: GlobalAdapter | None,
+        global_state: GlobalState | None,
         contributions: Sequence[Contribution],
         weights: Sequence[float] | None = None,
-    ) -> GlobalAdapter:
+    ) -> GlobalState:
         """As the base, plus ``meta["svd_sorted"]``: compacted modules whose views are plain slices."""
         self._sorted = set()
         g = super().aggregate(global_state, contributions, weights)
@@ -60,7 +60,7 @@ class FLoRA(Strategy):
             self._sorted.add(stack.module)
         return a.contiguous(), b.contiguous()
 
-    def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if module in g.meta.get("svd_sorted", ()):
             return super().view_module(g, module, rank)
         cache = g.cache.setdefault("flora_svd", {})  # pragma: no mutate (any private key works)

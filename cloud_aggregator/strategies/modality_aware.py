@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contribution import Contribution, GlobalAdapter
+from ..contribution import Contribution, GlobalState
 from ..naming import modality_of
 from .base import ModuleStack, Strategy, edge_has
 
@@ -40,7 +40,7 @@ class ModalityAware(Strategy):
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.inner.aggregate_module(stack)
 
-    def view_module(self, g: GlobalAdapter, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.inner.view_module(g, module, rank)
 
     def wants(self, name: str, modalities: dict[str, int] | None) -> bool:

@@ -25,7 +25,7 @@ from broker.topics import Role
 from broker.wire import GlobalAdapter, Kind, SiteFeedback, decode_envelope, decode_metrics, encode_envelope
 from broker.wire.bodies import decode_body
 from cloud_aggregator.core import AggregatorCore
-from cloud_aggregator.outbox import Outgoing
+from cloud_aggregator.messages import Outgoing
 from edge_agent.model.adapters import build_edge_model, shared_state
 from edge_agent.model.fingerprint import base_fingerprint
 

@@ -13,7 +13,7 @@ import torch
 from cloud_testkit import make_contribution
 from safetensors import safe_open
 
-from cloud_aggregator.contribution import GlobalAdapter
+from cloud_aggregator.contribution import GlobalState
 from cloud_aggregator.errors import DuplicateUpdate
 from cloud_aggregator.ledger import Ledger, VersionConflict, save_tensors
 from cloud_aggregator.strategies import get_strategy
@@ -58,9 +58,9 @@ def test_commit_marks_applied_once_and_resumes_version(tmp_path: Path):
         led.commit_global(g, ids[:2], server_state={"m/q": torch.ones(2)})
         assert led.pending_count() == 1
         with pytest.raises(VersionConflict, match=r"^1 of the updates are not pending$"):  # the same updates again
-            led.commit_global(GlobalAdapter(2, g.tensors, "fedavg"), ids[:1])
+            led.commit_global(GlobalState(2, g.tensors, "fedavg"), ids[:1])
         with pytest.raises(VersionConflict, match=r"^version 5 after 1$"):  # skipping a version
-            led.commit_global(GlobalAdapter(5, g.tensors, "fedavg"), ids[2:])
+            led.commit_global(GlobalState(5, g.tensors, "fedavg"), ids[2:])
         assert led.latest_version() == 1 and led.pending_count() == 1  # failed commits changed nothing
     with Ledger(tmp_path) as led:
         back = led.latest_global()
@@ -109,14 +109,14 @@ def test_real_process_crash_mid_commit(tmp_path: Path):
         led.commit_global(g2, [p.id for p in pend])
         assert led.pending_count() == 0 and led.latest_version() == 2
         with pytest.raises(VersionConflict):
-            led.commit_global(GlobalAdapter(3, g2.tensors), [p.id for p in pend])
+            led.commit_global(GlobalState(3, g2.tensors), [p.id for p in pend])
 
 
 def test_prune_keeps_recent_globals_and_pending(tmp_path: Path):
     with Ledger(tmp_path) as led:
         for v in range(1, 5):
             uid = led.accept(contrib(v, 1), v - 1, 1.0)
-            led.commit_global(GlobalAdapter(v, {"x": torch.full((2,), float(v))}), [uid])
+            led.commit_global(GlobalState(v, {"x": torch.full((2,), float(v))}), [uid])
         pending_id = led.accept(contrib(9, 1), 4, 1.0)
         assert led.prune(keep_globals=2) == 4 + 2
         assert led.latest_global().tensors["x"][0] == 4.0  # type: ignore[union-attr]
@@ -184,9 +184,9 @@ def test_rejections_keep_their_audit_fields(tmp_path: Path):
 def test_applied_updates_and_server_state_per_version(tmp_path: Path):
     with Ledger(tmp_path) as led:
         ids = [led.accept(contrib(i, 1), 0, 1.0) for i in range(3)]
-        led.commit_global(GlobalAdapter(1, {"x": torch.zeros(2)}, "fedavg"), [ids[2], ids[0]],
+        led.commit_global(GlobalState(1, {"x": torch.zeros(2)}, "fedavg"), [ids[2], ids[0]],
                           server_state={"m": torch.ones(1)})
-        led.commit_global(GlobalAdapter(2, {"x": torch.ones(2)}, "fedavg", meta={"n": 1}), [ids[1]])
+        led.commit_global(GlobalState(2, {"x": torch.ones(2)}, "fedavg", meta={"n": 1}), [ids[1]])
         assert led.applied_in(1) == [("edge-0", 1), ("edge-2", 1)]  # by arrival, not by the order passed
         assert [u.contribution.edge_id for u in led.applied_updates(2)] == ["edge-1"]
         assert torch.equal(led.server_state(1)["m"], torch.ones(1))
@@ -206,7 +206,7 @@ def test_prune_removes_exactly_the_files_no_longer_needed(tmp_path: Path):
     with Ledger(tmp_path) as led:
         for v in range(1, 4):
             uid = led.accept(contrib(v, 1), v - 1, 1.0)
-            led.commit_global(GlobalAdapter(v, {"x": torch.full((2,), float(v))}), [uid],
+            led.commit_global(GlobalState(v, {"x": torch.full((2,), float(v))}), [uid],
                               server_state={"m": torch.full((1,), float(v))})
         assert led.prune(keep_globals=3) == 3  # three applied updates, no global
         assert len(list((tmp_path / "updates").iterdir())) == 0
@@ -229,7 +229,7 @@ def test_prune_after_a_crash_that_already_removed_some_files(tmp_path: Path):
     with Ledger(tmp_path) as led:
         for v in (1, 2):
             uid = led.accept(contrib(v, 1), v - 1, 1.0)
-            led.commit_global(GlobalAdapter(v, {"x": torch.zeros(2)}), [uid], server_state={"m": torch.ones(1)})
+            led.commit_global(GlobalState(v, {"x": torch.zeros(2)}), [uid], server_state={"m": torch.ones(1)})
         for f in [*(tmp_path / "updates").iterdir(), tmp_path / "globals" / "v00000001.safetensors"]:
             f.unlink()
         assert led.prune(keep_globals=1) == 3  # two updates and v1, whose files were partly gone already

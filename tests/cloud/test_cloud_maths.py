@@ -17,7 +17,7 @@ from cloud_testkit import make_contribution
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_aggregator.contribution import Contribution, GlobalAdapter
+from cloud_aggregator.contribution import Contribution, GlobalState
 from cloud_aggregator.errors import FutureBase, StaleUpdate
 from cloud_aggregator.mixing import mix, step_sizes
 from cloud_aggregator.staleness import BufferPolicy, Constant, Hinge, Polynomial, StalenessPolicy, get_discount
@@ -56,7 +56,7 @@ def as_up(c: Contribution) -> ref.Up:
               dict(c.modalities))
 
 
-def previous_global() -> GlobalAdapter:
+def previous_global() -> GlobalState:
     """A version-7 global with a module nobody uploads and every module at rank 3."""
     g = torch.Generator().manual_seed(5)
     t = {"kept.lora_A.weight": torch.randn(2, 3, generator=g, dtype=torch.float64),
@@ -65,7 +65,7 @@ def previous_global() -> GlobalAdapter:
     for m, (o, i) in MODS.items():
         t[f"{m}.lora_A.weight"] = torch.randn(3, i, generator=g, dtype=torch.float64)
         t[f"{m}.lora_B.weight"] = torch.randn(o, 3, generator=g, dtype=torch.float64)
-    return GlobalAdapter(version=7, tensors=t, strategy="x")
+    return GlobalState(version=7, tensors=t, strategy="x")
 
 
 def np_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -207,7 +207,7 @@ def test_fedbuff_step_sizes_and_mix_match_numpy(name, options, edges, seed, grow
         assert got_steps[k] == pytest.approx(v, rel=1e-12), k
     prev = previous_global()
     if grow:  # a previous global of lower rank than the aggregate: the rank axis is zero-padded
-        prev = GlobalAdapter(7, {n: (t[:1] if ".lora_A." in n else t[:, :1] if ".lora_B." in n else t)
+        prev = GlobalState(7, {n: (t[:1] if ".lora_A." in n else t[:, :1] if ".lora_B." in n else t)
                                  for n, t in prev.tensors.items()})
     agg = strategy.aggregate(prev, cs, ds)
     got = mix(prev.tensors, agg.tensors, got_steps)
@@ -216,7 +216,7 @@ def test_fedbuff_step_sizes_and_mix_match_numpy(name, options, edges, seed, grow
 
 def test_a_lone_stale_update_moves_the_global_by_its_discount():
     """The FedBuff step for one update of staleness s is exactly (1+s)^-1/2 of the way (not a replacement)."""
-    prev = GlobalAdapter(3, {"m.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64),
+    prev = GlobalState(3, {"m.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64),
                              "m.lora_B.weight": torch.zeros(4, 2, dtype=torch.float64)})
     c = make_contribution(0, 2, {"m": (4, 3)}, alpha=2.0, base_version=0)
     d = (1 + 3) ** -0.5  # staleness 3 under the default polynomial discount, a = 0.5
@@ -330,7 +330,7 @@ def test_fedbuff_step_is_one_when_no_edge_reports_samples_and_a_shrunk_rank_is_n
     cs = [make_contribution(i, 2, {"m": (3, 4)}, samples=0) for i in range(2)]
     s = get_strategy("fedavg")
     assert step_sizes(s, cs, [0.5, 0.25]) == {"m": 1.0}
-    prev = GlobalAdapter(1, {"m.lora_A.weight": torch.ones(5, 4, dtype=torch.float64),
+    prev = GlobalState(1, {"m.lora_A.weight": torch.ones(5, 4, dtype=torch.float64),
                              "m.lora_B.weight": torch.ones(3, 5, dtype=torch.float64)})
     agg = s.aggregate(prev, cs, [0.5, 0.25])
     out = mix(prev.tensors, agg.tensors, {"m": 1.0})
@@ -389,7 +389,7 @@ def test_a_zero_weight_is_allowed_and_silences_that_edge():
 
 def test_views_send_only_the_factors_the_rule_shares():
     """Even if a global holds a B (an older version did), fedsa never sends one; a lone B is never sent as A."""
-    g = GlobalAdapter(3, {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2),
+    g = GlobalState(3, {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2),
                           "n.lora_B.weight": torch.ones(4, 2)})
     assert set(get_strategy("fedsa").view_for(g, 2)) == {"m.lora_A.weight"}
     assert set(get_strategy("fedavg").view_for(g, 2)) == {"m.lora_A.weight", "m.lora_B.weight", "n.lora_B.weight"}

@@ -13,7 +13,7 @@ from cloud_testkit import make_contribution
 from broker.address import BrokerAddress
 from cloud_aggregator.cli import serve
 from cloud_aggregator.config import CloudConfigError, dumps_cloud_config, load_cloud_config, write_cloud_config
-from cloud_aggregator.contribution import GlobalAdapter
+from cloud_aggregator.contribution import GlobalState
 from cloud_aggregator.core import AggregatorCore
 from cloud_aggregator.drift import relative_drift
 from cloud_aggregator.naming import modality_of
@@ -97,12 +97,12 @@ def test_modality_aware_with_peft_module_names_ignores_edges_without_the_modalit
 def test_drift_is_zero_against_itself_and_scale_invariant():
     mods = {"m": (6, 5)}
     c = make_contribution(0, 3, mods, alpha=6.0)
-    g = GlobalAdapter(1, {"m.lora_A.weight": c.tensors["m.lora_A.weight"],
+    g = GlobalState(1, {"m.lora_A.weight": c.tensors["m.lora_A.weight"],
                           "m.lora_B.weight": c.tensors["m.lora_B.weight"] * c.scaling})
     assert relative_drift(c, g) == pytest.approx(0.0, abs=1e-6)
-    g2 = GlobalAdapter(2, {k: v * (2.0 if ".lora_B." in k else 1.0) for k, v in g.tensors.items()})
+    g2 = GlobalState(2, {k: v * (2.0 if ".lora_B." in k else 1.0) for k, v in g.tensors.items()})
     assert relative_drift(c, g2) == pytest.approx(0.5)  # ||x - 2x|| / ||2x||
-    zero = GlobalAdapter(3, {k: torch.zeros_like(v) for k, v in g.tensors.items()})
+    zero = GlobalState(3, {k: torch.zeros_like(v) for k, v in g.tensors.items()})
     assert relative_drift(c, zero) is None
 
 

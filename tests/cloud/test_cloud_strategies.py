@@ -8,7 +8,7 @@ from cloud_testkit import effective_delta, make_contribution
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_aggregator.contribution import GlobalAdapter
+from cloud_aggregator.contribution import GlobalState
 from cloud_aggregator.naming import modality_of, split_lora
 from cloud_aggregator.strategies import STRATEGIES, get_strategy
 from cloud_aggregator.strategies.hetlora import product_norms
@@ -152,7 +152,7 @@ def test_fedsa_shares_only_a():
 def test_extras_are_sample_weighted_and_untouched_modules_kept():
     mods = {"m": (3, 3)}
     cs = [make_contribution(i, 2, mods, samples=s, extras={"head.bias": (3,)}) for i, s in enumerate([1, 2])]
-    prev = GlobalAdapter(
+    prev = GlobalState(
         version=4, tensors={"old.lora_A.weight": torch.ones(2, 3), "old.lora_B.weight": torch.ones(3, 2)}
     )
     g = get_strategy("fedavg").aggregate(prev, cs)
@@ -207,7 +207,7 @@ def test_modality_aware_ignores_edges_without_the_modality(n_audio, n_other, inn
 
 def test_modality_aware_keeps_global_and_filters_views():
     prev_a = torch.full((3, 4), 7.0, dtype=torch.float64)
-    prev = GlobalAdapter(
+    prev = GlobalState(
         version=1,
         tensors={f"{AUDIO}.lora_A.weight": prev_a, f"{AUDIO}.lora_B.weight": torch.ones(6, 3, dtype=torch.float64)},
     )
