@@ -135,8 +135,8 @@ def section() -> str:
         "|---|---|---|---|---|",
         *(f"| {' | '.join(r[:4])} | `{r[4]}` |" for r in table),
         "",
-        "No GPU was available to these sessions, so the CUDA path (the trainer moves to CUDA when present)",
-        "has not been measured.",
+        "The CUDA path (the trainer moves to CUDA when present) has not been measured: no GPU was",
+        "available to the sessions that produced these figures.",
         "", "",
     ]
     return "\n".join(lines)

@@ -13,10 +13,8 @@ import time
 import zlib
 from pathlib import Path
 
-import np_reference as ref
 import numpy as np
 import pytest
-from cloud_bus import cloud_config, model_config, perturbed, update_payload
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -28,6 +26,8 @@ from cloud_aggregator.core import AggregatorCore
 from cloud_aggregator.messages import Outgoing
 from edge_agent.model.adapters import build_edge_model, shared_state
 from edge_agent.model.fingerprint import base_fingerprint
+from tests.support import np_reference as ref
+from tests.support.cloud_bus import cloud_config, model_config, perturbed, update_payload
 
 ADDR = BrokerAddress("127.0.0.1", 1)  # the core never connects
 TOL = {"rtol": 2e-5, "atol": 2e-6}  # float32 on the wire and in the core, float64 in the reference

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cloud_testkit import make_contribution
 from safetensors import safe_open
 
 from cloud_aggregator.contribution import GlobalState
 from cloud_aggregator.errors import DuplicateUpdate
 from cloud_aggregator.ledger import Ledger, VersionConflict, save_tensors
 from cloud_aggregator.strategies import get_strategy
+from tests.support.cloud_testkit import make_contribution
 
 MODS = {"q": (6, 5)}
 
@@ -74,8 +74,8 @@ def test_commit_marks_applied_once_and_resumes_version(tmp_path: Path):
 CRASHER = textwrap.dedent(
     """
     import os, sys
-    sys.path[:0] = [{tests!r}, {repo!r}]
-    from cloud_testkit import make_contribution
+    sys.path[:0] = [{repo!r}]
+    from tests.support.cloud_testkit import make_contribution
     from cloud_aggregator.ledger import Ledger, save_tensors
     from cloud_aggregator.strategies import get_strategy
     led = Ledger({root!r})
@@ -92,8 +92,7 @@ CRASHER = textwrap.dedent(
 
 
 def test_real_process_crash_mid_commit(tmp_path: Path):
-    here = Path(__file__).parent
-    code = CRASHER.format(tests=str(here), repo=str(here.parent.parent), root=str(tmp_path))
+    code = CRASHER.format(repo=str(Path(__file__).resolve().parents[2]), root=str(tmp_path))
     rc = subprocess.run([sys.executable, "-c", code], timeout=120).returncode
     assert rc == 9
     with Ledger(tmp_path) as led:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 
-import np_reference as ref
 import numpy as np
 import pytest
 import torch
-from cloud_testkit import make_contribution
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +20,8 @@ from cloud_aggregator.errors import FutureBase, StaleUpdate
 from cloud_aggregator.mixing import mix, step_sizes
 from cloud_aggregator.staleness import BufferPolicy, Constant, Hinge, Polynomial, StalenessPolicy, get_discount
 from cloud_aggregator.strategies import get_strategy
+from tests.support import np_reference as ref
+from tests.support.cloud_testkit import make_contribution
 
 FAST = settings(max_examples=30, deadline=None)
 AUDIO, IMAGE, SHARED = "enc.modality_proj.audio", "enc.modality_proj.image", "enc.layer.0.query"

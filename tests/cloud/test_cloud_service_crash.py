@@ -12,10 +12,7 @@ import sys
 import zlib
 from pathlib import Path
 
-import np_reference as ref
 import numpy as np
-from cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
-from support.collector import Collector
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -27,6 +24,9 @@ from cloud_aggregator.config import write_cloud_config
 from cloud_aggregator.ledger import Ledger
 from edge_agent.model.adapters import build_edge_model, shared_state
 from edge_agent.model.fingerprint import base_fingerprint
+from tests.support import np_reference as ref
+from tests.support.cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
+from tests.support.collector import Collector
 
 SITES = [f"s{i}" for i in range(4)]
 ROUNDS = 6

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cloud_bus import MAX_RANK, cloud_config, eventually, model_config
-from support.collector import Collector
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -21,8 +19,10 @@ from broker.wire.bodies import decode_body
 from cloud_aggregator.ledger import Ledger
 from cloud_aggregator.service import running
 from edge_agent.model.adapters import build_edge_model, shared_state
+from tests.support.cloud_bus import MAX_RANK, cloud_config, eventually, model_config
+from tests.support.collector import Collector
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parents[2]
 EDGES = {
     # site: rank, modality sample counts, rounds, slow (waits for this global version, keeps base 0)
     "a": {"rank": 8, "modalities": {"audio": 30, "image": 30}, "rounds": 3},
@@ -57,7 +57,7 @@ async def test_three_heterogeneous_edges_and_a_slow_one(tmp_path: Path, fresh_mo
                     "result": str(tmp_path / f"{site}.json"), **spec,
                 }
                 procs[site] = await asyncio.create_subprocess_exec(
-                    sys.executable, str(HERE / "sim_edge.py"), json.dumps(args),
+                    sys.executable, "-m", "tests.support.sim_edge", json.dumps(args), cwd=ROOT,
                     stderr=open(tmp_path / f"{site}.err", "wb"),  # noqa: SIM115 (closed with the process)
                 )
             # start the rounds together, once every edge has its model and the retained v0

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cloud_bus import MODALITIES, cloud_config
-from cloud_testkit import make_contribution
 
 from broker.address import BrokerAddress
 from cloud_aggregator.cli import serve
@@ -19,6 +17,8 @@ from cloud_aggregator.drift import relative_drift
 from cloud_aggregator.naming import modality_of
 from cloud_aggregator.reference import StateMismatch
 from cloud_aggregator.strategies import get_strategy
+from tests.support.cloud_bus import MODALITIES, cloud_config
+from tests.support.cloud_testkit import make_contribution
 
 ROOT = Path(__file__).resolve().parents[2]
 ADDR = BrokerAddress("127.0.0.1", 1)

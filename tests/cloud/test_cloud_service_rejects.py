@@ -7,8 +7,6 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-from cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
-from support.collector import Collector
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -21,6 +19,8 @@ from cloud_aggregator.ledger import Ledger
 from cloud_aggregator.service import running
 from edge_agent.model.adapters import build_edge_model, shared_state
 from edge_agent.model.fingerprint import base_fingerprint
+from tests.support.cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
+from tests.support.collector import Collector
 
 RANK = 4
 A_NAME = "base_model.model.backbone.encoder.layer.0.attention.self.query.lora_A.weight"

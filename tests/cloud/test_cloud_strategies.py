@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cloud_testkit import effective_delta, make_contribution
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +11,7 @@ from cloud_aggregator.contribution import GlobalState
 from cloud_aggregator.naming import modality_of, split_lora
 from cloud_aggregator.strategies import STRATEGIES, get_strategy
 from cloud_aggregator.strategies.hetlora import product_norms
+from tests.support.cloud_testkit import effective_delta, make_contribution
 
 FAST = settings(max_examples=25, deadline=None)
 ranks_st = st.lists(st.integers(1, 6), min_size=1, max_size=6)

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from cloud_testkit import make_adapter, make_contribution
 
 from cloud_aggregator import errors
 from cloud_aggregator.validation import AdapterSchema, NormGuard, Validator
+from tests.support.cloud_testkit import make_adapter, make_contribution
 
 MODS = {"q": (8, 6), "v": (8, 6)}
 

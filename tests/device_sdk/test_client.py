@@ -38,8 +38,8 @@ from broker.wire import (
 )
 from broker.wire.status import OFFLINE, ONLINE, Status
 from device_sdk import DeviceClient, Overflow, QueueFullError
-from tests.device_sdk.relay import TcpRelay
 from tests.support.collector import Collector
+from tests.support.relay import TcpRelay
 
 UNREACHABLE = BrokerAddress("127.0.0.1", 1)  # nothing listens on port 1: connects fail at once
 

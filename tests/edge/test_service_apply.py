@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from edge_testkit import Device, edge_config, eventually, record, running, uid
 
 from broker import topics
 from broker.wire import GlobalAdapter, Kind, Prediction, SiteFeedback, encode_envelope
@@ -20,6 +19,7 @@ from edge_agent.model.batch import collate
 from edge_agent.service import EdgeAgent
 from edge_agent.training.toy_task import ToyTask
 from tests.support.collector import Collector
+from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
 
 torch.set_num_threads(1)
 

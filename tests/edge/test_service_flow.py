@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 import torch
-from edge_testkit import Device, edge_config, eventually, record, running, uid
 from peft import PeftModel
 
 from broker import topics
@@ -19,6 +18,7 @@ from broker.wire.bodies import decode_body
 from edge_agent.model.adapters import build_base_model, shared_state
 from edge_agent.training.toy_task import ToyTask
 from tests.support.collector import Collector
+from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
 
 torch.set_num_threads(1)
 

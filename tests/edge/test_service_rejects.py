@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from edge_testkit import Device, edge_config, eventually, record, running, uid
 
 from broker import topics
 from broker.wire import (
@@ -20,6 +19,7 @@ from broker.wire import (
 )
 from edge_agent.training.toy_task import ToyTask
 from tests.support.collector import Collector
+from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
 
 torch.set_num_threads(1)
 

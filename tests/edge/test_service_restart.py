@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from edge_testkit import Device, edge_config, eventually, record, uid
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -28,6 +27,7 @@ from broker.wire import Kind, decode_envelope
 from edge_agent.config import EdgeConfig
 from edge_agent.training.toy_task import ToyTask
 from tests.support.collector import Collector
+from tests.support.edge_testkit import Device, edge_config, eventually, record, uid
 
 REPO = Path(__file__).resolve().parents[2]
 

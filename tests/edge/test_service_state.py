@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from edge_testkit import Device, edge_config, eventually, record, running, uid
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -19,6 +18,7 @@ from edge_agent.state import AgentState, StateStore
 from edge_agent.training.toy_task import ToyTask
 from edge_agent.training.trainer import Trainer
 from tests.support.collector import Collector
+from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
 
 torch.set_num_threads(1)
 

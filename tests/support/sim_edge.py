@@ -6,7 +6,7 @@ acknowledgement (its seq in the site feedback's ``accepted`` list; resends other
 loads the rank-truncated view the cloud sends back into its model with ``load_shared``.
 A slow edge keeps uploading on the base version it started from.
 
-    python sim_edge.py '{"host": ..., "port": ..., "site": "a", "rank": 8, ...}'
+    python -m tests.support.sim_edge '{"host": ..., "port": ..., "site": "a", "rank": 8, ...}'
 
 Writes a JSON report to ``args["result"]``; exits non-zero if any check fails.
 """
@@ -26,7 +26,6 @@ from typing import Any
 import aiomqtt
 import numpy as np
 import torch
-from cloud_bus import model_config, perturbed, update_payload
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -37,6 +36,7 @@ from broker.wire import GlobalAdapter, SiteFeedback
 from broker.wire.bodies import decode_body
 from edge_agent.model.adapters import build_edge_model, load_shared, shared_state
 from edge_agent.model.fingerprint import base_fingerprint
+from tests.support.cloud_bus import model_config, perturbed, update_payload
 
 
 class EdgeState:
