@@ -63,7 +63,36 @@ def default_store_path(device: str) -> Path:
 
 
 class DeviceClient:
-    """One device's connection to the bus (one instance per device id)."""
+    """One device's connection to the bus (one instance per device id).
+
+    Args:
+        site: The site (edge) this device belongs to; it picks the topics the device publishes on
+            and listens to. 1 to 64 characters from ``[A-Za-z0-9_.-]``.
+        device: This device's id, unique within its site; also the MQTT client id and the name of
+            its on-disk queue. Same character rules as ``site``.
+        broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or
+            ``mqtts://user:pass@host:8883``.
+        on_downlink: Called from the network thread with the envelope kind and the decoded message
+            (``DeviceConfig``, ``Prediction``, ``DeviceFeedback``, ...) for every downlink addressed to
+            this device. Keep it short; an exception in it is counted (``callback_errors``)
+            and the next message is still delivered.
+        store_path: The sqlite file of the store-and-forward queue and the reserved sequence
+            numbers. Default: ``$MEGACE_STATE_DIR/device/<device>.sqlite`` or
+            ``~/.local/state/megace/device/<device>.sqlite``. Keep it on persistent storage: it is
+            what makes sequence numbers survive a reboot.
+        store_max_records: How many records the on-disk queue holds while the broker is
+            unreachable before ``overflow`` applies.
+        overflow: What a full queue does with one more record: ``drop-oldest`` (default),
+            ``drop-newest`` (both counted) or ``error`` (``publish`` raises ``QueueFullError``).
+        max_inflight: Records published and not yet acknowledged by the broker that paho may have
+            on the wire at once (MQTT's in-flight window).
+        max_unacked: Records published and not yet acknowledged that the client keeps in memory
+            before ``publish`` blocks (back-pressure); at least ``max_inflight``. On a disconnect they
+            go back to the queue in order and are counted as ``requeued``.
+        max_packet: The largest MQTT packet to send; bigger payloads are split into chunks (many
+            brokers cap packets at 128 KB or 1 MB).
+        reconnect_max_delay: The cap, in seconds, of the exponential back-off between reconnects.
+    """
 
     def __init__(
         self,
