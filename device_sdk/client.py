@@ -68,8 +68,8 @@ class DeviceClient:
     Args:
         site: The site (edge) this device belongs to; it picks the topics the device publishes on
             and listens to. 1 to 64 characters from ``[A-Za-z0-9_.-]``.
-        device: This device's id, unique within its site; also the MQTT client id and the name of
-            its on-disk queue. Same character rules as ``site``.
+        device: This device's id, unique within its site; it names the MQTT client id
+            (``megace-dev-<device>``) and the on-disk queue. Same character rules as ``site``.
         broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or
             ``mqtts://user:pass@host:8883``.
         on_downlink: Called from the network thread with the envelope kind and the decoded message
