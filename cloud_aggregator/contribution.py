@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .naming import lora_a, lora_b, split_lora
+from megace_common.lora import lora_a, lora_b, lora_scaling, split_lora
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Contribution:
     @property
     def scaling(self) -> float:
         """LoRA scaling ``alpha / r``.  rsLoRA edges (``alpha/√r``) must declare ``alpha·√r`` instead."""
-        return float(self.alpha) / float(self.rank) if self.rank else 1.0
+        return lora_scaling(self.alpha, self.rank) if self.rank else 1.0
 
 
 @dataclass

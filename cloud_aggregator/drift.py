@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from megace_common.lora import lora_a, lora_b
+
 from .contribution import Contribution, GlobalState, parse
-from .naming import lora_a, lora_b
 
 
 def _inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:

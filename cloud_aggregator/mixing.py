@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
+from megace_common.lora import split_lora
+
 from .contribution import Contribution, parse
-from .naming import split_lora
 from .server_opt import _common_shape, _pad_to
 from .strategies import Strategy
 

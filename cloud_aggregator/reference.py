@@ -18,8 +18,8 @@ import torch
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.fingerprint import base_fingerprint
 from megace_common.durable import atomic_write
+from megace_common.lora import add_peft_prefix, is_lora_b, lora_scaling, rescale_b
 
-from .naming import split_lora
 from .validation import AdapterSchema
 
 REFERENCE_FILE = "reference.json"
@@ -39,12 +39,9 @@ def initial_adapter(model: EdgeModelConfig) -> dict[str, torch.Tensor]:
     """The seeded shared adapter at the global's scaling 1 (``alpha/r`` folded into B)."""
     from edge_agent.model.adapters import build_edge_model, shared_state  # lazy: pulls peft
 
-    scale = float(model.lora_alpha) / float(model.lora_r)
-    out = {}
-    for name, t in shared_state(build_edge_model(model), dtype=torch.float32).items():
-        p = split_lora(name)
-        out[name] = t * scale if p is not None and p[1] == "B" else t
-    return out
+    edge = lora_scaling(model.lora_alpha, model.lora_r)
+    return {name: rescale_b(t, edge, 1.0) if is_lora_b(name) else t
+            for name, t in shared_state(build_edge_model(model), dtype=torch.float32).items()}
 
 
 def personal_shapes(model: EdgeModelConfig) -> dict[str, tuple[int, ...]]:
@@ -55,7 +52,7 @@ def personal_shapes(model: EdgeModelConfig) -> dict[str, tuple[int, ...]]:
     """
     from edge_agent.model.adapters import build_edge_model, personal_state  # lazy: pulls peft
 
-    return {"base_model.model." + n: tuple(t.shape) for n, t in personal_state(build_edge_model(model)).items()}
+    return {add_peft_prefix(n): tuple(t.shape) for n, t in personal_state(build_edge_model(model)).items()}
 
 
 def open_reference(

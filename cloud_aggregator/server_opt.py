@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from .naming import split_lora
+from megace_common.lora import split_lora
 
 
 def _pad_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

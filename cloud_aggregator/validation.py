@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megace_common.lora import lora_a, lora_b
+
 from .contribution import Contribution, effective_norm, parse
 from .errors import (
     BadMetadata,
@@ -29,7 +31,6 @@ from .errors import (
     ShapeMismatch,
     UnknownTensor,
 )
-from .naming import lora_a, lora_b
 
 
 @dataclass(frozen=True)

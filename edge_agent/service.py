@@ -73,10 +73,10 @@ from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState, StateError, StateStore
 from edge_agent.training.replay import ReplayBuffer
 from edge_agent.training.trainer import Trainer
+from megace_common.lora import add_peft_prefix, b_factor, is_lora_b, lora_scaling, rescale_b, strip_peft_prefix
 
 log = logging.getLogger(__name__)
 
-PEFT_PREFIX = "base_model.model."
 UPLINK_KINDS = {"register": Kind.REGISTER, "features": Kind.FEATURES, "infer": Kind.INFER}
 
 
@@ -450,9 +450,11 @@ class EdgeAgent:
             self.counters.inc("global_other_rank")  # this edge waits for its site's rank-truncated view
             return
         tensors = {k: np.array(v) for k, v in msg.tensors.items()}  # wire arrays are read-only views
-        scale = (msg.alpha / msg.rank) / (self.config.model.lora_alpha / self.config.model.lora_r)
-        if not math.isclose(scale, 1.0):
-            tensors = {k: (v.astype(np.float32) * scale if ".lora_B." in k else v) for k, v in tensors.items()}
+        sent = lora_scaling(msg.alpha, msg.rank)
+        own = lora_scaling(self.config.model.lora_alpha, self.config.model.lora_r)
+        if not math.isclose(b_factor(sent, own), 1.0):
+            tensors = {k: (rescale_b(v.astype(np.float32), sent, own) if is_lora_b(k) else v)
+                       for k, v in tensors.items()}
         self._spawn(self._apply("global", msg.version, tensors, {}))
 
     def _on_site_feedback(self, msg: SiteFeedback) -> None:
@@ -507,7 +509,7 @@ class EdgeAgent:
         if version < current or (version == current and not (source == "view" and current_source == "global")):
             return None
         shared = {k: v for k, v in tensors.items() if not is_personal(k)}
-        personal = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items() if is_personal(k)}
+        personal = {strip_peft_prefix(k): v for k, v in tensors.items() if is_personal(k)}
         if personal and self.config.training.share_personal:
             _check_like(trainer.personal_state(), personal)
         else:
@@ -624,7 +626,7 @@ class EdgeAgent:
             dtype = torch.float16 if t.upload_fp16 else torch.float32
             tensors = {k: v.to(dtype).numpy() for k, v in shared.items()}
             if t.share_personal:
-                tensors.update({PEFT_PREFIX + k: v.to(dtype).numpy() for k, v in personal.items()})
+                tensors.update({add_peft_prefix(k): v.to(dtype).numpy() for k, v in personal.items()})
             numbers = {k: float(metrics[k]) for k in ("loss", "ce_loss", "contrastive_loss", "train_acc",
                                                       "heldout_acc", "n_train", "n_heldout", "steps", "duration_s")
                        if metrics.get(k) is not None and math.isfinite(float(metrics[k]))}

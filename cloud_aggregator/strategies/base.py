@@ -15,8 +15,9 @@ from typing import ClassVar
 
 import torch
 
+from megace_common.lora import lora_a, lora_b, lora_scaling, modality_of, rescale_b, split_lora
+
 from ..contribution import Contribution, GlobalState, parse
-from ..naming import lora_a, lora_b, modality_of, split_lora
 
 
 @dataclass
@@ -227,7 +228,7 @@ class Strategy(ABC):
 
         ``B`` is divided by the edge's ``alpha/rank`` so its own scaling reproduces the global ΔW.
         """
-        scale = (float(alpha) / rank) if alpha is not None else 1.0
+        own = lora_scaling(alpha, rank) if alpha is not None else 1.0
         out: dict[str, torch.Tensor] = {}
         for name, t in global_state.tensors.items():
             if split_lora(name) is None and self.wants(name, modalities):
@@ -239,7 +240,7 @@ class Strategy(ABC):
             if a is not None and self.shares_a:
                 out[lora_a(m)] = a.contiguous()
             if b is not None and self.shares_b:
-                out[lora_b(m)] = (b / scale).contiguous()
+                out[lora_b(m)] = rescale_b(b, 1.0, own).contiguous()  # the global is at scaling 1
         return out
 
 

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
+from megace_common.lora import lora_a, lora_b
+
 from ..contribution import Contribution, GlobalState
-from ..naming import lora_a, lora_b
 from .base import ModuleStack, Strategy, fit_rank
 from .lowrank import balanced_factors, svd_of_product
 
@@ -39,7 +40,7 @@ class FLoRA(Strategy):
         self._sorted = set()
         g = super().aggregate(global_state, contributions, weights)
         kept = set(global_state.meta.get("svd_sorted", ())) if global_state is not None else set()
-        touched = {m for c in contributions for m in g.modules() if f"{m}.lora_A.weight" in c.tensors}
+        touched = {m for c in contributions for m in g.modules() if lora_a(m) in c.tensors}
         g.meta["svd_sorted"] = sorted((kept - touched) | self._sorted)
         return g
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from megace_common.lora import modality_of
+
 from ..contribution import Contribution, GlobalState
-from ..naming import modality_of
 from .base import ModuleStack, Strategy, edge_has
 
 

@@ -28,6 +28,7 @@ from edge_agent.model.classifier import PERSONAL_MODULES, MultimodalClassifier
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.errors import AdapterMismatchError, NonFiniteAdapterError
 from edge_agent.model.seeding import seeded
+from megace_common.lora import strip_peft_prefix
 
 ADAPTER_NAME = "default"
 
@@ -59,7 +60,7 @@ def build_edge_model(config: EdgeModelConfig) -> PeftModel:
     base = build_base_model(config)
     with seeded(config.seed, "lora"):
         peft_model = get_peft_model(base, lora_config(config))
-    for name, param in peft_model.base_model.model.named_parameters():
+    for name, param in peft_model.get_base_model().named_parameters():
         if name.split(".", 1)[0] in PERSONAL_MODULES:
             param.requires_grad_(True)
     return peft_model
@@ -67,8 +68,7 @@ def build_edge_model(config: EdgeModelConfig) -> PeftModel:
 
 def is_personal(name: str) -> bool:
     """True for a parameter name (with or without peft's prefix) belonging to the personal part."""
-    stripped = name.removeprefix("base_model.model.")
-    return stripped.split(".", 1)[0] in PERSONAL_MODULES
+    return strip_peft_prefix(name).split(".", 1)[0] in PERSONAL_MODULES
 
 
 def shared_state(model: PeftModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -87,14 +87,14 @@ def personal_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the personal (edge-only) parameters."""
     return {
         name: param.detach().to("cpu").clone()
-        for name, param in model.base_model.model.named_parameters()
+        for name, param in model.get_base_model().named_parameters()
         if name.split(".", 1)[0] in PERSONAL_MODULES
     }
 
 
 def load_personal(model: PeftModel, tensors: Mapping[str, torch.Tensor]) -> None:
     """Restore personal parameters (checkpoint path); names and shapes must match exactly."""
-    params = {n: p for n, p in model.base_model.model.named_parameters() if n.split(".", 1)[0] in PERSONAL_MODULES}
+    params = {n: p for n, p in model.get_base_model().named_parameters() if n.split(".", 1)[0] in PERSONAL_MODULES}
     _check_names_shapes(params, tensors, strict=True, what="personal")
     with torch.no_grad():
         for name, value in tensors.items():

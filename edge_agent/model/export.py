@@ -28,7 +28,7 @@ def export_shared(model: PeftModel, directory: str | Path) -> Path:
     """Write the shared adapter in peft format (personal weights are never part of it)."""
     path = Path(directory)
     model.save_pretrained(str(path), selected_adapters=[ADAPTER_NAME], safe_serialization=True)
-    config = model.base_model.model.edge_config
+    config = model.get_base_model().edge_config
     meta = {"config": config.to_dict(), "base_fingerprint": base_fingerprint(config)}
     (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return path
@@ -45,7 +45,7 @@ def read_shared(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def import_shared(model: PeftModel, directory: str | Path) -> None:
     """Check the base fingerprint (if the metadata is present) and apply the adapter as the global one."""
-    config = model.base_model.model.edge_config
+    config = model.get_base_model().edge_config
     meta_path = Path(directory) / META_FILE
     if meta_path.exists():
         try:

@@ -14,9 +14,9 @@ from cloud_aggregator.config import CloudConfigError, dumps_cloud_config, load_c
 from cloud_aggregator.contribution import GlobalState
 from cloud_aggregator.core import AggregatorCore
 from cloud_aggregator.drift import relative_drift
-from cloud_aggregator.naming import modality_of
 from cloud_aggregator.reference import StateMismatch
 from cloud_aggregator.strategies import get_strategy
+from megace_common.lora import modality_of
 from tests.support.cloud_bus import MODALITIES, cloud_config
 from tests.support.cloud_testkit import make_contribution
 

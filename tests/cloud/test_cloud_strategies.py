@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_aggregator.contribution import GlobalState
-from cloud_aggregator.naming import modality_of, split_lora
 from cloud_aggregator.strategies import STRATEGIES, get_strategy
 from cloud_aggregator.strategies.hetlora import product_norms
+from megace_common.lora import modality_of, split_lora
 from tests.support.cloud_testkit import effective_delta, make_contribution
 
 FAST = settings(max_examples=25, deadline=None)
