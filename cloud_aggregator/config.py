@@ -18,17 +18,15 @@ production config must not silently fall back to a default.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edge_agent.model.config import EdgeModelConfig, ModalitySpec
-from megace_common.configfile import dump_toml, env_paths
+from megace_common.configfile import dump_toml, load_layers
 
 ENV_PREFIX = "MEGACE_CLOUD__"
 
@@ -148,10 +146,10 @@ class CloudConfig:
             raise
         except (TypeError, ValueError) as exc:
             raise CloudConfigError(str(exc)) from exc
-        cfg.check()
+        cfg.validate()
         return cfg
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Cheap consistency checks; strategy/optimizer names are checked when the service builds them."""
         a, lim = self.aggregation, self.limits
         if not self.cloud_id or not all(c.isalnum() or c in "_.-" for c in self.cloud_id):
@@ -177,21 +175,7 @@ def load_cloud_config(
     ``overrides`` is a nested dict (``{"aggregation": {"buffer_k": 2}}``) or uses dotted keys
     (``{"aggregation.buffer_k": 2}``).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise CloudConfigError(f"cannot read {path}: {exc}") from exc
-    env = os.environ if environ is None else environ
-    for parts, value in env_paths(ENV_PREFIX, env):
-        _set(data, parts, value)
-    for key, value in (overrides or {}).items():
-        if isinstance(value, Mapping) and "." not in key:
-            _merge(data.setdefault(key, {}), value)
-        else:
-            _set(data, key.split("."), copy.deepcopy(value))
+    data = load_layers(path, ENV_PREFIX, overrides, environ=environ, error=CloudConfigError, what="cloud config")
     return CloudConfig.from_dict(data)
 
 
@@ -240,21 +224,3 @@ def _no_unknown(raw: Mapping[str, Any], known: set[str], where: str) -> None:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise CloudConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-
-
-def _set(data: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = data
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise CloudConfigError(f"{'.'.join(parts)}: {p} is not a table")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = copy.deepcopy(v)

@@ -21,8 +21,9 @@ import aiomqtt
 
 from broker import topics
 from broker.address import BrokerAddress
-from broker.aio import make_client, reconnecting
 from broker.chunking import frames
+from broker.metrics import Counters
+from broker.session import Session, payload_bytes
 from broker.topics import Role
 from broker.wire.status import OFFLINE, ONLINE, Status
 
@@ -45,6 +46,8 @@ class CloudAggregator:
         self._pool: ThreadPoolExecutor | None = None
         self._busy = asyncio.Lock()
         self._retained_chunks: dict[str, int] = {}
+        #: connection counters kept by the :class:`~broker.session.Session` (connects, drops, ...)
+        self.counters = Counters()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -76,22 +79,19 @@ class CloudAggregator:
 
     async def _connect_loop(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        addr = BrokerAddress.from_url(cfg.broker)
         status_topic = topics.status(Role.CLOUD, cfg.cloud_id)
         offline = Status(role=Role.CLOUD.value, id=cfg.cloud_id, state=OFFLINE).encode()
-        will = aiomqtt.Will(status_topic, offline, qos=1, retain=True)
-        async for attempt in reconnecting(addr):
-            if stop.is_set():
-                return
-            try:
-                async with make_client(
-                    addr, identifier=f"megace-cloud-{cfg.cloud_id}", will=will, clean_session=False
-                ) as client:
-                    await self._session(client, stop, attempt)
-                    return
-            except aiomqtt.MqttError as exc:
-                log.warning("broker session ended: %s", exc)
-                self._retained_chunks.clear()
+        session = Session(
+            BrokerAddress.from_url(cfg.broker),
+            lambda client, attempt: self._session(client, stop, attempt),
+            identifier=f"megace-cloud-{cfg.cloud_id}",
+            counters=self.counters,
+            will=aiomqtt.Will(status_topic, offline, qos=1, retain=True),
+            clean_session=False,
+            on_error=self._retained_chunks.clear,
+            name=f"cloud {cfg.cloud_id}",
+        )
+        await session.run(stop)
 
     async def _session(self, client: aiomqtt.Client, stop: asyncio.Event, attempt: int) -> None:
         cfg, core = self.config, self._core
@@ -128,7 +128,7 @@ class CloudAggregator:
     async def _receive(self, client: aiomqtt.Client) -> None:
         core = self._core
         async for msg in client.messages:
-            payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload or b"")  # type: ignore[arg-type]
+            payload = payload_bytes(msg.payload)
             async with self._busy:
                 try:
                     out = await self._call(core.ingest, str(msg.topic), payload)

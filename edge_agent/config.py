@@ -11,8 +11,6 @@ The loop launcher writes config files, so :meth:`EdgeConfig.to_toml` emits a fil
 
 from __future__ import annotations
 
-import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,7 +22,7 @@ from broker.errors import TopicError
 from edge_agent.model.config import EdgeModelConfig
 from edge_agent.model.errors import ConfigError
 from edge_agent.training.toy_task import toy_config
-from megace_common.configfile import dump_toml, env_paths
+from megace_common.configfile import deep_merge, dump_toml, load_layers
 from megace_common.durable import atomic_write
 
 ENV_PREFIX = "MEGACE_EDGE__"
@@ -202,46 +200,20 @@ def _section(cls: Any, data: Any, where: str, *, skip: tuple[str, ...] = (), bui
     return cls(**values) if build else values
 
 
-def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` updated with ``extra``, tables merged key by key (the ``modalities`` table is replaced whole)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "modalities":
-            out[key] = deep_merge(dict(out[key]), value)
-        else:
-            out[key] = value
-    return out
-
-
-def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Nested dict from ``MEGACE_EDGE__A__B=value`` variables (keys lower-cased)."""
-    env = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
-    for path, value in env_paths(ENV_PREFIX, env):
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
-
-
 def load_edge_config(
     path: str | Path | None, overrides: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None
 ) -> EdgeConfig:
-    """Defaults < TOML ``path`` (if given) < environment < ``overrides``; raises ``EdgeConfigError``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise EdgeConfigError(f"cannot read edge config {path}: {exc}") from exc
-    data = deep_merge(data, env_overrides(environ))
-    if overrides:
-        data = deep_merge(data, overrides)
+    """Defaults < TOML ``path`` (if given) < environment < ``overrides``; raises ``EdgeConfigError``.
+
+    The layering is :func:`megace_common.configfile.load_layers`, shared with the cloud.
+    """
+    data = load_layers(path, ENV_PREFIX, overrides, environ=environ, error=EdgeConfigError, what="edge config")
     try:
         return EdgeConfig.from_dict(data)
     except TypeError as exc:
         raise EdgeConfigError(str(exc)) from exc
 
 
-__all__ = ["EdgeConfig", "EdgeConfigError", "LimitsConfig", "TrainingConfig", "dump_toml", "load_edge_config"]
+__all__ = [
+    "EdgeConfig", "EdgeConfigError", "LimitsConfig", "TrainingConfig", "deep_merge", "dump_toml", "load_edge_config",
+]

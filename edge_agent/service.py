@@ -3,7 +3,7 @@
 Concurrency model (one asyncio loop, two explicit executors):
 
 * connection loop: one aiomqtt client per connection attempt (``async with``), re-created with
-  jittered backoff (:func:`broker.aio.reconnecting`); per connection it runs a receive loop,
+  jittered backoff (:class:`broker.session.Session`); per connection it runs a receive loop,
   a downlink sender, the uploader and the metrics publisher;
 * training executor (one thread): rounds, global-adapter application, checkpoints and the
   peft export. Everything that writes the trainer runs there, in order, so a global never
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 
 from broker import topics
-from broker.aio import make_client, publish, reconnecting
+from broker.aio import publish
 from broker.errors import UnknownKindError, WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
+from broker.session import Session, payload_bytes
 from broker.wire import (
     AdapterUpdate,
     CapabilityProfile,
@@ -86,19 +87,6 @@ class _InferRequest:
     sample_id: int
     sample: dict[str, Any]
     received: float
-
-
-class _DropCounter(logging.Filter):
-    """Counts aiomqtt's "queue full, discarding" warnings: its only signal that it dropped a message."""
-
-    def __init__(self, counters: Counters) -> None:
-        super().__init__()
-        self.counters = counters
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "queue is full" in record.getMessage():
-            self.counters.inc("mqtt_dropped")
-        return True
 
 
 class EdgeAgent:
@@ -157,8 +145,6 @@ class EdgeAgent:
         loop = asyncio.get_running_loop()
         self._train_pool = ThreadPoolExecutor(1, thread_name_prefix=f"megace-train-{self.edge_id}")
         self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"megace-infer-{self.edge_id}")
-        drops = _DropCounter(self.counters)
-        logging.getLogger("mqtt").addFilter(drops)
         tasks: list[asyncio.Task[Any]] = []
         try:
             await loop.run_in_executor(self._train_pool, self._build_sync)
@@ -179,7 +165,6 @@ class EdgeAgent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            logging.getLogger("mqtt").removeFilter(drops)
             self._train_pool.shutdown(wait=True)
             self._infer_pool.shutdown(wait=True)
 
@@ -261,28 +246,15 @@ class EdgeAgent:
     # ================================================================ connection
     async def _connection_loop(self) -> None:
         """Connect forever; a fresh client per attempt, backoff reset after every healthy session."""
-        address = self.config.address
         will = aiomqtt.Will(self._status_topic, self._status(OFFLINE), qos=1, retain=True)
-        while True:
-            async for attempt in reconnecting(address):
-                healthy = False
-                try:
-                    client = make_client(address, identifier=f"megace-edge-{self.edge_id}", will=will,
-                                         max_queued_incoming=self.config.limits.mqtt_queue,
-                                         clean_session=not self.config.persistent_session)
-                    async with client:
-                        healthy = True
-                        self.counters.inc("connects")
-                        log.info("edge %s connected to %s (attempt %d)", self.edge_id, address, attempt)
-                        await self._session(client)
-                except aiomqtt.MqttError as exc:
-                    self.counters.inc("disconnects" if healthy else "connect_failures")
-                    log.warning("edge %s: broker connection %s: %s", self.edge_id,
-                                "lost" if healthy else "failed", exc)
-                if healthy:
-                    break  # re-enter reconnecting(): first retry immediate, backoff from scratch
+        session = Session(
+            self.config.address, self._session, identifier=f"megace-edge-{self.edge_id}", counters=self.counters,
+            will=will, clean_session=not self.config.persistent_session,
+            max_queued_incoming=self.config.limits.mqtt_queue, name=f"edge {self.edge_id}",
+        )
+        await session.run()
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: aiomqtt.Client, attempt: int = 0) -> None:
         await client.subscribe([(f, 1) for f in self._filters])
         await client.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
         self._client = client
@@ -311,11 +283,7 @@ class EdgeAgent:
     async def _receive(self, client: aiomqtt.Client) -> None:
         inc, handle = self.counters.inc, self.handle
         async for message in client.messages:
-            payload = message.payload
-            if type(payload) is not bytes:
-                if not isinstance(payload, (bytes, bytearray)):
-                    payload = b"" if payload is None else str(payload).encode()
-                payload = bytes(payload)
+            payload = payload_bytes(message.payload)
             inc("bytes_down", len(payload))
             inc("messages_in")
             handle(message.topic.value, payload, retained=bool(message.retain))
