@@ -4,6 +4,7 @@
     ./dev.sh mutate broker-wire cloud    # some targets
     ./dev.sh mutate edge --only 'edge_agent/registry.py'   # iterate on one file (no report written)
     ./dev.sh mutate --report             # only rebuild reports/mutation.md from reports/mutation/*.json
+    ./dev.sh mutate device-sdk --resume --max-children 6   # continue an interrupted run, more in parallel
 
 Why a wrapper: mutmut reads its settings from ``pyproject.toml`` in the directory it runs in and
 writes ``mutants/`` there. Each target runs in its own scratch copy of the working tree
@@ -156,10 +157,11 @@ def _score(counts: dict[str, int]) -> float:
     return sum(n for s, n in counts.items() if s in DETECTED) / total if total else 1.0
 
 
-def run_target(target: Target, only: list[str], max_children: int) -> dict:
+def run_target(target: Target, only: list[str], max_children: int, resume: bool = False) -> dict:
     work = SCRATCH / target.name
-    _copy_tree(work)
-    _configure(target, work, only)
+    if not (resume and (work / "mutants").is_dir()):
+        _copy_tree(work)
+        _configure(target, work, only)
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = work / "mutmut.log"
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[], help="mutate only these globs (no report written)")
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--report", action="store_true", help="only rebuild reports/mutation.md")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in .mutation/<target> (mutmut keeps finished results)")
     args = ap.parse_args(argv)
     if args.report:
         write_summary()
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     REPORTS.mkdir(parents=True, exist_ok=True)
     failed = False
     for name in args.targets or list(TARGETS):
-        result = run_target(TARGETS[name], args.only, args.max_children)
+        result = run_target(TARGETS[name], args.only, args.max_children, args.resume)
         print(f"{name}: score {result['score']:.1%} (goal {result['goal']:.0%}) {result['totals']} "
               f"in {result['seconds']:.0f} s")
         for line in result["not_detected"]:
