@@ -1,0 +1,323 @@
+"""The edge's message handling, network-free: ``EdgeCore.ingest(topic, payload)`` returns :class:`Effects`.
+
+No sockets, no asyncio, no threads: the core decodes and validates what arrives, updates the
+registry, the replay buffer and the counters, and says what should follow — the downlinks to
+publish (:class:`Outgoing`), the adapters to install (:class:`ApplyJob`, run by the service on its
+training thread through :meth:`EdgeCore.apply`), the inference requests to serve
+(:class:`InferRequest`) and whether a training round is due. The service
+(:mod:`edge_agent.service`) owns the connection, the queues and the executors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from broker import topics
+from broker.errors import UnknownKindError, WireError
+from broker.inbox import Inbox
+from broker.metrics import Counters
+from broker.wire import (
+    CapabilityProfile,
+    DeviceFeedback,
+    ErrorReport,
+    FeatureRecord,
+    GlobalAdapter,
+    Kind,
+    Prediction,
+    SiteFeedback,
+    encode_envelope,
+)
+from edge_agent.config import EdgeConfig
+from edge_agent.errors import IngestError, UnregisteredDeviceError
+from edge_agent.model.adapters import is_personal, load_personal
+from edge_agent.model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
+from edge_agent.registry import DeviceRegistry
+from edge_agent.state import AgentState
+from edge_agent.training.trainer import Trainer
+from megace_common.lora import b_factor, is_lora_b, lora_scaling, rescale_b, strip_peft_prefix
+
+log = logging.getLogger(__name__)
+
+UPLINK_KINDS = {"register": Kind.REGISTER, "features": Kind.FEATURES, "infer": Kind.INFER}
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to publish."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(slots=True)
+class InferRequest:
+    device: str
+    sample_id: int
+    sample: dict[str, Any]
+    received: float
+    seq: int = 0
+
+
+@dataclass(slots=True)
+class ApplyJob:
+    """A global (``source="global"``) or the site's view of it (``"view"``) to install via :meth:`EdgeCore.apply`."""
+
+    source: str
+    version: int
+    tensors: dict[str, np.ndarray]
+    stats: dict[str, float]
+
+
+@dataclass(slots=True)
+class Effects:
+    """What one message asks for: downlinks to send and work to schedule."""
+
+    out: list[Outgoing] = field(default_factory=list)
+    applies: list[ApplyJob] = field(default_factory=list)
+    infers: list[InferRequest] = field(default_factory=list)
+    train_due: bool = False
+
+
+class EdgeCore:
+    """Registry, replay-buffer intake, version decisions and downlink building for one edge."""
+
+    def __init__(self, config: EdgeConfig, counters: Counters | None = None, trainer: Trainer | None = None) -> None:
+        self.config = config
+        self.site = config.site
+        self.edge_id = config.edge_id
+        self.counters = counters if counters is not None else Counters()
+        self.state = AgentState()
+        self.registry = DeviceRegistry(config.model, max_devices=config.limits.max_devices)
+        self.trainer = trainer
+        self.new_samples = 0
+        """Labelled samples buffered since the last round (the service resets it when a round starts)."""
+        self.modalities_seen: dict[str, int] = {}
+        self._inbox = Inbox(
+            max_payload=config.limits.max_payload,
+            channels=frozenset({topics.Channel.DEVICE_UP, topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK}),
+        )
+        self._down_seq = 0
+        self._last_log: dict[str, float] = {}
+
+    # ================================================================== intake
+    def ingest(self, topic: str, payload: bytes, *, retained: bool = False) -> Effects:
+        """Process one MQTT message; never raises (a bad message is counted and, for a device, answered)."""
+        fx = Effects()
+        parsed = None
+        env = None
+        try:
+            got = self._inbox.accept(topic, payload)
+            if got is None:
+                return fx  # a chunk of an unfinished transfer
+            parsed, env = got
+            channel = parsed.channel
+            if channel is topics.Channel.DEVICE_UP:
+                expected = UPLINK_KINDS[parsed.what or ""]
+                if env.kind is not expected:
+                    raise UnknownKindError(f"{parsed.what} topic carries a {env.kind.value!r} envelope")
+                device = parsed.device or ""
+                if expected is Kind.FEATURES:
+                    self._on_features(fx, device, env.seq, env.body)
+                elif expected is Kind.INFER:
+                    self._on_infer(fx, device, env.seq, env.body)
+                else:
+                    self._on_register(fx, device, env.seq, env.body, retained=retained)
+            elif channel is topics.Channel.GLOBAL_DOWN:
+                if env.kind is not Kind.GLOBAL:
+                    raise UnknownKindError(f"global topic carries a {env.kind.value!r} envelope")
+                self._on_global(fx, GlobalAdapter.from_body(env.body))
+            elif channel is topics.Channel.SITE_FEEDBACK:
+                if env.kind is not Kind.SITE_FEEDBACK:
+                    raise UnknownKindError(f"feedback topic carries a {env.kind.value!r} envelope")
+                self._on_site_feedback(fx, SiteFeedback.from_body(env.body))
+            else:
+                self.counters.inc("ignored")
+        except (WireError, IngestError, EdgeModelError) as exc:
+            fx.out.extend(self.reject(exc, self._device_of(topic, parsed), env.seq if env is not None else None))
+        except Exception as exc:  # a bug must cost one message, not the service
+            self.counters.inc("internal_errors")
+            log.exception("edge %s: internal error on %s", self.edge_id, topic)
+            fx.out.extend(self.reject(exc, self._device_of(topic, parsed), env.seq if env is not None else None))
+        return fx
+
+    @staticmethod
+    def _device_of(topic: str, parsed: topics.Parsed | None) -> str | None:
+        if parsed is None:
+            try:
+                parsed = topics.parse(topic)
+            except WireError:
+                return None
+        return parsed.device if parsed.channel is topics.Channel.DEVICE_UP else None
+
+    def reject(self, exc: BaseException, device: str | None, ref: int | None) -> list[Outgoing]:
+        """Count by class, log (rate-limited); the error downlink for the device, when there is one to tell."""
+        self.counters.reject(exc)
+        name = type(exc).__name__
+        now = time.monotonic()
+        if now - self._last_log.get(name, 0.0) > 5.0:
+            self._last_log[name] = now
+            log.warning("edge %s rejected input%s: %s: %s", self.edge_id, f" from {device}" if device else "",
+                        name, exc)
+        if device is None:
+            return []
+        entry = self.registry.devices.get(device)
+        if entry is not None:
+            entry.count("rejected")
+        code = getattr(exc, "code", "malformed")
+        return [self.down(device, Kind.ERROR, ErrorReport(code=code, message=f"{name}: {exc}"[:500], ref=ref))]
+
+    # ------------------------------------------------------------- device uplinks
+    def _on_register(self, fx: Effects, device: str, seq: int, body: Any, *, retained: bool) -> None:
+        profile = CapabilityProfile.from_body(body)
+        restarted = not retained and any(g.last.get(device, -1) >= seq for g in self.registry.guards.values())
+        entry = self.registry.register(device, profile, fresh=restarted)
+        self.counters.inc("registrations")
+        fx.out.append(self.down(device, Kind.CONFIG, entry.config(model_version=max(self.state.global_version, 0))))
+
+    def _on_features(self, fx: Effects, device: str, seq: int, body: Any) -> None:
+        registry = self.registry
+        entry = registry.devices.get(device)
+        if entry is None:
+            raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
+        if not registry.is_new("features", device, seq):
+            self.counters.inc("duplicates")
+            return
+        record = FeatureRecord.from_body(body, max_array_bytes=self.config.limits.max_array_bytes)
+        sample = registry.check(device, record, need_label=True)
+        entry.count("records")
+        label = sample["label"]
+        if label is None:
+            self.counters.inc("unlabeled")
+            return
+        assert self.trainer is not None
+        # registry.check already enforced what Trainer.add_sample would re-check (known modality,
+        # token width, finite values, label range): buffer directly, this is the ingest hot path
+        modalities = sample["modalities"]
+        self.trainer.buffer.add(device, modalities, int(label))
+        self.counters.inc("samples_total")
+        seen = self.modalities_seen
+        for name in modalities:
+            seen[name] = seen.get(name, 0) + 1
+        self.new_samples += 1
+        if self.new_samples >= self.config.training.min_new_samples:
+            fx.train_due = True
+
+    def _on_infer(self, fx: Effects, device: str, seq: int, body: Any) -> None:
+        if device not in self.registry:
+            raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
+        if not self.registry.is_new("infer", device, seq):
+            self.counters.inc("duplicates")
+            return
+        record = FeatureRecord.from_body(body, max_array_bytes=self.config.limits.max_array_bytes)
+        sample = self.registry.check(device, record, need_label=False)
+        fx.infers.append(InferRequest(device, record.sample, sample, time.perf_counter(), seq))
+
+    # ------------------------------------------------------------ cloud downlinks
+    def _on_global(self, fx: Effects, msg: GlobalAdapter) -> None:
+        if self.config.training.local_only:
+            self.counters.inc("global_ignored")
+            return
+        assert self.trainer is not None
+        if msg.base_model != self.trainer.fingerprint:
+            raise BaseMismatchError(f"global v{msg.version} was made for base {msg.base_model[:12]}..., "
+                                    f"this edge runs {self.trainer.fingerprint[:12]}...")
+        if msg.version <= self.state.global_version:
+            self.counters.inc("global_stale")
+            return
+        if msg.rank != self.config.model.lora_r:
+            self.counters.inc("global_other_rank")  # this edge waits for its site's rank-truncated view
+            return
+        tensors = {k: np.array(v) for k, v in msg.tensors.items()}  # wire arrays are read-only views
+        sent = lora_scaling(msg.alpha, msg.rank)
+        own = lora_scaling(self.config.model.lora_alpha, self.config.model.lora_r)
+        if not math.isclose(b_factor(sent, own), 1.0):
+            tensors = {k: (rescale_b(v.astype(np.float32), sent, own) if is_lora_b(k) else v)
+                       for k, v in tensors.items()}
+        fx.applies.append(ApplyJob("global", msg.version, tensors, {}))
+
+    def _on_site_feedback(self, fx: Effects, msg: SiteFeedback) -> None:
+        if msg.site != self.site:
+            self.counters.inc("ignored")
+            return
+        if self.config.training.local_only:
+            self.counters.inc("global_ignored")
+            return
+        for rejection in msg.rejected:
+            self.counters.inc("uploads_refused_by_cloud")
+            log.warning("edge %s: cloud refused upload %d: %s", self.edge_id, rejection.seq, rejection.reason)
+        stats = {k: float(v) for k, v in msg.stats.items()}
+        if msg.tensors and msg.rank == self.config.model.lora_r:
+            fx.applies.append(ApplyJob("view", msg.version, {k: np.array(v) for k, v in msg.tensors.items()}, stats))
+        else:
+            fx.out.extend(self.relay_feedback(msg.version, stats, "feedback"))
+
+    def apply(
+        self, source: str, version: int, tensors: dict[str, np.ndarray]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """Install a global (or the site's view of it) into the trainer; None if superseded meanwhile.
+
+        Runs where the trainer is written (the service's training thread). The view of the same version
+        is preferred over the global (it is cut to this edge's rank). Validation happens before anything
+        is written, so a bad adapter leaves the model untouched.
+        """
+        trainer = self.trainer
+        assert trainer is not None
+        current, current_source = self.state.global_version, self.state.global_source
+        if version < current or (version == current and not (source == "view" and current_source == "global")):
+            return None
+        shared = {k: v for k, v in tensors.items() if not is_personal(k)}
+        personal = {strip_peft_prefix(k): v for k, v in tensors.items() if is_personal(k)}
+        if personal and self.config.training.share_personal:
+            _check_like(trainer.personal_state(), personal)
+        else:
+            personal = {}
+        trainer.apply_global(shared, strict=source != "view")  # a view may omit modules (see Trainer)
+        if personal:
+            load_personal(trainer.model, {k: torch.from_numpy(np.array(v, dtype=np.float32))
+                                          for k, v in personal.items()})
+        self.state.global_version, self.state.global_source = version, source
+        return trainer.shared_state(), trainer.personal_state()
+
+    # ================================================================ outbound
+    def relay_feedback(self, version: int, stats: dict[str, float], message: str) -> list[Outgoing]:
+        """The round's outcome, told to every registered device."""
+        feedback = DeviceFeedback(global_version=version, metrics=stats, message=message)
+        out = [self.down(device, Kind.FEEDBACK, feedback) for device in list(self.registry.devices)]
+        self.counters.inc("feedback_relayed")
+        return out
+
+    def prediction(self, request: InferRequest, label: int, probs: Any, version: int) -> Outgoing:
+        self.counters.inc("predictions")
+        return self.down(request.device, Kind.PREDICTION, Prediction(request.device, request.sample_id, label, probs,
+                                                                     version))
+
+    def down(self, device: str, kind: Kind, message: Any) -> Outgoing:
+        """A device downlink envelope (this edge's own, increasing envelope seq)."""
+        self._down_seq += 1
+        topic = topics.device_down(self.site, device, topics.Downlink(kind.value))
+        return Outgoing(topic, encode_envelope(kind, self.edge_id, self._down_seq, message.to_body()))
+
+
+def _check_like(reference: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> None:
+    """Personal tensors from the cloud (share_personal baseline) must match names, shapes and be finite."""
+    if set(given) != set(reference):
+        raise AdapterMismatchError(f"personal tensors differ: {sorted(set(given) ^ set(reference))[:5]}")
+    for name, value in given.items():
+        array = np.asarray(value)
+        if tuple(array.shape) != tuple(reference[name].shape):
+            raise AdapterMismatchError(f"{name}: shape {array.shape} != {tuple(reference[name].shape)}")
+        if not np.isfinite(array).all():
+            raise NonFiniteAdapterError(f"{name}: contains NaN or infinite values")
+
+
+__all__ = ["ApplyJob", "EdgeCore", "Effects", "InferRequest", "Outgoing"]

@@ -1,0 +1,71 @@
+"""Inference serving: a bounded request queue, batched forwards on the :class:`Predictor` copy, in its own thread.
+
+A prediction never waits for a training step and never blocks ingest; overflow is answered ``busy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from edge_agent.core import EdgeCore, InferRequest, Outgoing
+from edge_agent.errors import BusyError
+from edge_agent.inference import Predictor
+from edge_agent.model.errors import EdgeModelError
+
+
+class InferenceServer:
+    """Owns the inference queue and executor; answers go out through ``emit`` (the downlink queue)."""
+
+    def __init__(self, core: EdgeCore, emit: Callable[[list[Outgoing]], None], *, queue: int, batch: int) -> None:
+        self.core = core
+        self.emit = emit
+        self.batch = batch
+        self.queue: asyncio.Queue[InferRequest] = asyncio.Queue(maxsize=queue)
+        self.predictor: Predictor | None = None
+        self.latency_ms = 0.0
+        self.pool: ThreadPoolExecutor | None = None
+
+    def submit(self, request: InferRequest) -> None:
+        """Queue one request; a full queue is answered ``busy`` (counted as a rejection)."""
+        try:
+            self.queue.put_nowait(request)
+        except asyncio.QueueFull:
+            busy = BusyError(f"{self.queue.maxsize} inference requests already waiting")
+            self.emit(self.core.reject(busy, request.device, request.seq))
+            return
+        self.core.counters.inc("infer_requests")
+
+    async def run(self) -> None:
+        """Batch whatever requests are waiting into one forward on the predictor copy."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            predictor = self.predictor
+            assert predictor is not None
+            try:
+                results = await loop.run_in_executor(self.pool, predictor.predict, [r.sample for r in batch])
+            except EdgeModelError as exc:
+                for request in batch:
+                    self.emit(self.core.reject(exc, request.device, None))
+                continue
+            now = time.perf_counter()
+            self.emit([self.core.prediction(request, label, probs, predictor.version)
+                       for request, (label, probs) in zip(batch, results, strict=True)])
+            self.latency_ms = (now - batch[0].received) * 1000
+
+    async def sync(self, shared: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor],
+                   version: int) -> None:
+        """Copy the trainer's adapters into the predictor (in the inference thread, between batches)."""
+        predictor = self.predictor
+        assert predictor is not None
+        await asyncio.get_running_loop().run_in_executor(self.pool, predictor.sync, shared, personal, max(version, 0))
