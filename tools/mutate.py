@@ -205,7 +205,8 @@ NOTES: dict[str, str] = {
     "edge": "`edge_agent/service.py` is not mutated: 1,722 mutants, each needing the seconds-long "
     "agent-over-Mosquitto tests, are out of reach of a 2-core run. Its apply, version-guard, locking and "
     "prediction-during-training paths are covered by `tests/edge/test_service_*.py`, each checked against a "
-    "planted bug; it joins this target once the edge is split into a network-free core. Survivors: "
+    "planted bug. The message handling now lives in the network-free `edge_agent/core.py` (tested without a "
+    "broker in `tests/edge/test_edge_core.py`): the next target to add. Survivors: "
     "equivalent string splits and default arguments, an unreachable 'peft rejected keys' branch, the CUDA "
     "branch (no GPU in CI).",
 }
