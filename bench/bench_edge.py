@@ -66,12 +66,12 @@ from broker.wire import (
 )
 from device_sdk import DeviceClient
 from edge_agent.config import EdgeConfig, deep_merge
-from edge_agent.model.adapters import build_edge_model, parameter_counts, shared_state
-from edge_agent.model.batch import collate
-from edge_agent.model.config import EdgeModelConfig
 from edge_agent.service import EdgeAgent
 from edge_agent.training.toy_task import ToyTask, toy_config
 from edge_agent.training.trainer import Trainer
+from megace_model.adapters import build_edge_model, parameter_counts, shared_state
+from megace_model.batch import collate
+from megace_model.config import EdgeModelConfig
 
 SITE = "bench"
 DEVICES = [f"dev-{i}" for i in range(8)]

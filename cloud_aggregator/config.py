@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge_agent.model.config import EdgeModelConfig, ModalitySpec
 from megace_common.configfile import dump_toml, load_layers
+from megace_model.config import EdgeModelConfig, ModalitySpec
 
 ENV_PREFIX = "MEGACE_CLOUD__"
 

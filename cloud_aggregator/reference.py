@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from edge_agent.model.config import EdgeModelConfig
-from edge_agent.model.fingerprint import base_fingerprint
 from megace_common.durable import atomic_write
 from megace_common.lora import add_peft_prefix, is_lora_b, lora_scaling, rescale_b
+from megace_model.config import EdgeModelConfig
+from megace_model.fingerprint import base_fingerprint
 
 from .validation import AdapterSchema
 
@@ -37,7 +37,7 @@ class Reference:
 
 def initial_adapter(model: EdgeModelConfig) -> dict[str, torch.Tensor]:
     """The seeded shared adapter at the global's scaling 1 (``alpha/r`` folded into B)."""
-    from edge_agent.model.adapters import build_edge_model, shared_state  # lazy: pulls peft
+    from megace_model.adapters import build_edge_model, shared_state  # lazy: pulls peft
 
     edge = lora_scaling(model.lora_alpha, model.lora_r)
     return {name: rescale_b(t, edge, 1.0) if is_lora_b(name) else t
@@ -50,7 +50,7 @@ def personal_shapes(model: EdgeModelConfig) -> dict[str, tuple[int, ...]]:
     Accepting them lets the no-personalization baselines (FedIT, full-model FedAvg) run through the
     same cloud; the strategies plain-average such non-LoRA tensors.
     """
-    from edge_agent.model.adapters import build_edge_model, personal_state  # lazy: pulls peft
+    from megace_model.adapters import build_edge_model, personal_state  # lazy: pulls peft
 
     return {add_peft_prefix(n): tuple(t.shape) for n, t in personal_state(build_edge_model(model)).items()}
 

@@ -1,5 +1,5 @@
 """Edge agent: multimodal model, adapters, training and (later) the MQTT service.
 
 Kept free of heavy imports so ``import edge_agent`` stays cheap; import
-``edge_agent.model`` / ``edge_agent.training`` explicitly.
+``megace_model`` / ``edge_agent.training`` explicitly.
 """

@@ -19,11 +19,11 @@ import torch
 from broker.metrics import Counters
 from edge_agent.config import EdgeConfig
 from edge_agent.core import EdgeCore
-from edge_agent.model.errors import CheckpointError
-from edge_agent.model.export import export_shared
 from edge_agent.state import AgentState, StateError, StateStore
 from edge_agent.training.replay import ReplayBuffer
 from edge_agent.training.trainer import Trainer
+from megace_model.errors import CheckpointError
+from megace_model.export import export_shared
 
 log = logging.getLogger(__name__)
 

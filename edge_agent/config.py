@@ -19,11 +19,11 @@ from typing import Any
 from broker import topics
 from broker.address import BrokerAddress
 from broker.errors import TopicError
-from edge_agent.model.config import EdgeModelConfig
-from edge_agent.model.errors import ConfigError
 from edge_agent.training.toy_task import toy_config
 from megace_common.configfile import deep_merge, dump_toml, load_layers
 from megace_common.durable import atomic_write
+from megace_model.config import EdgeModelConfig
+from megace_model.errors import ConfigError
 
 ENV_PREFIX = "MEGACE_EDGE__"
 _ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality"})

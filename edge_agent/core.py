@@ -37,12 +37,12 @@ from broker.wire import (
 )
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import IngestError, UnregisteredDeviceError
-from edge_agent.model.adapters import is_personal, load_personal
-from edge_agent.model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
 from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState
 from edge_agent.training.trainer import Trainer
 from megace_common.lora import b_factor, is_lora_b, lora_scaling, rescale_b, strip_peft_prefix
+from megace_model.adapters import is_personal, load_personal
+from megace_model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
 
 log = logging.getLogger(__name__)
 

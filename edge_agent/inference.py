@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from edge_agent.model.adapters import load_personal, load_shared
-from edge_agent.model.batch import collate
-from edge_agent.model.config import EdgeModelConfig
+from megace_model.adapters import load_personal, load_shared
+from megace_model.batch import collate
+from megace_model.config import EdgeModelConfig
 
 
 class Predictor:

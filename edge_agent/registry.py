@@ -25,7 +25,7 @@ from edge_agent.errors import (
     RegistrationError,
     UnregisteredDeviceError,
 )
-from edge_agent.model.config import EdgeModelConfig
+from megace_model.config import EdgeModelConfig
 
 STREAMS = ("features", "infer")
 

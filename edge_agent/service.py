@@ -45,12 +45,12 @@ from edge_agent import checkpoints, uploads
 from edge_agent.config import EdgeConfig
 from edge_agent.core import ApplyJob, EdgeCore, Outgoing
 from edge_agent.inference import Predictor
-from edge_agent.model.errors import AdapterMismatchError, InsufficientDataError
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, edge_metrics, status_payload
 from edge_agent.serving import InferenceServer
 from edge_agent.state import AgentState, StateStore
 from edge_agent.training.trainer import Trainer
+from megace_model.errors import AdapterMismatchError, InsufficientDataError
 
 log = logging.getLogger(__name__)
 

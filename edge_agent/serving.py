@@ -15,7 +15,7 @@ import torch
 from edge_agent.core import EdgeCore, InferRequest, Outgoing
 from edge_agent.errors import BusyError
 from edge_agent.inference import Predictor
-from edge_agent.model.errors import EdgeModelError
+from megace_model.errors import EdgeModelError
 
 
 class InferenceServer:

@@ -1,9 +1,11 @@
 """Dependencies flow one way: no package imports from a layer above its own.
 
 Lowest first: the bus contract (``broker``), then ``device_sdk`` and the shared helpers
-(``megace_common``), then the services (``edge_agent``, ``cloud_aggregator``), then the operator's
-package (``megace``: CLI, closed loop, experiments). Read from the source with ``ast``, so a lazy
-import inside a function counts as much as one at the top of a module.
+(``megace_common``), then the shared model description (``megace_model``: the multimodal base
+model and its LoRA adapters, which edge and cloud both build), then the services (``edge_agent``,
+``cloud_aggregator``), then the operator's package (``megace``: CLI, closed loop, experiments).
+Read from the source with ``ast``, so a lazy import inside a function counts as much as one at
+the top of a module.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIRST_PARTY = {"broker", "device_sdk", "megace_common", "edge_agent", "cloud_aggregator", "megace"}
+FIRST_PARTY = {"broker", "device_sdk", "megace_common", "megace_model", "edge_agent", "cloud_aggregator", "megace"}
 ALLOWED: dict[str, set[str]] = {
     "broker": {"broker"},
     "device_sdk": {"device_sdk", "broker"},
     "megace_common": {"megace_common", "broker"},
-    "edge_agent": {"edge_agent", "megace_common", "broker"},
-    # the base-model description still lives in edge_agent.model (open in the structure issue)
-    "cloud_aggregator": {"cloud_aggregator", "megace_common", "broker", "edge_agent.model"},
+    "megace_model": {"megace_model", "megace_common", "broker"},
+    "edge_agent": {"edge_agent", "megace_model", "megace_common", "broker"},
+    "cloud_aggregator": {"cloud_aggregator", "megace_model", "megace_common", "broker"},
 }
 
 

@@ -79,7 +79,7 @@ TARGETS: dict[str, Target] = {
         # edge_agent/service.py (1,700 mutants, each needing the seconds-long agent-over-Mosquitto tests) is out
         # of reach of a 2-core run; its apply and version-guard paths are checked by tests/edge/test_service_*.py
         Target("edge", ("edge_agent/registry.py", "edge_agent/training/trainer.py", "edge_agent/training/replay.py",
-                        "edge_agent/model/adapters.py"),
+                        "megace_model/adapters.py"),
                ("tests/edge",), 0.80, forkserver=True,
                deselect=("tests/edge/test_service_apply.py", "tests/edge/test_service_flow.py",
                          "tests/edge/test_service_rejects.py", "tests/edge/test_service_restart.py",

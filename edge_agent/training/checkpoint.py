@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from edge_agent.model.errors import CheckpointError
 from megace_common.durable import atomic_write
+from megace_model.errors import CheckpointError
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "checkpoint.safetensors"

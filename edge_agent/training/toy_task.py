@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.model.config import EdgeModelConfig, ModalitySpec
+from megace_model.config import EdgeModelConfig, ModalitySpec
 
 
 def toy_config(**overrides: Any) -> EdgeModelConfig:

@@ -19,21 +19,21 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
-from edge_agent.model.adapters import (
+from edge_agent.training import optimizer_state
+from edge_agent.training.checkpoint import read_checkpoint, write_checkpoint
+from edge_agent.training.replay import BufferedSample, ReplayBuffer
+from megace_model.adapters import (
     build_edge_model,
     load_personal,
     load_shared,
     personal_state,
     shared_state,
 )
-from edge_agent.model.batch import Batch, collate, validate_sample
-from edge_agent.model.config import EdgeModelConfig
-from edge_agent.model.contrastive import contrastive_loss
-from edge_agent.model.errors import AdapterMismatchError, CheckpointError, InsufficientDataError
-from edge_agent.model.fingerprint import base_fingerprint
-from edge_agent.training import optimizer_state
-from edge_agent.training.checkpoint import read_checkpoint, write_checkpoint
-from edge_agent.training.replay import BufferedSample, ReplayBuffer
+from megace_model.batch import Batch, collate, validate_sample
+from megace_model.config import EdgeModelConfig
+from megace_model.contrastive import contrastive_loss
+from megace_model.errors import AdapterMismatchError, CheckpointError, InsufficientDataError
+from megace_model.fingerprint import base_fingerprint
 
 Sample = Mapping[str, Any]
 

@@ -97,7 +97,7 @@ class ExperimentPlan:
         return replace(self, tasks=tuple(tasks) if tasks else self.tasks, arms=tuple(arms) if arms else self.arms)
 
     def settings(self, task: str, arm: str, seed: int) -> LoopSettings:
-        from edge_agent.model.config import BACKBONE_HIDDEN
+        from megace_model.config import BACKBONE_HIDDEN
 
         base = replace(TASKS[task], seed=seed, rounds=self.rounds, global_eval=True, backbone=self.backbone)
         return ARM_BY_NAME[arm].settings(base, BACKBONE_HIDDEN[base.backbone])

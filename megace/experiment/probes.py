@@ -19,8 +19,8 @@ def inference_ms(settings: LoopSettings, schema: MultimodalDataset, reps: int = 
     """(p50, p95) ms of one single-sample prediction (collate + forward + softmax) on one thread."""
     import torch
 
-    from edge_agent.model.config import EdgeModelConfig
     from edge_agent.training.trainer import Trainer
+    from megace_model.config import EdgeModelConfig
 
     torch.set_num_threads(1)
     trainer = Trainer(EdgeModelConfig.from_dict(configs.model_section(settings, schema, settings.rank_of(0))),

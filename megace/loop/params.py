@@ -9,9 +9,9 @@ from megace.loop.settings import LoopSettings
 
 def parameter_counts(settings: LoopSettings, schema: MultimodalDataset, rank: int) -> dict[str, int]:
     """total / shared / personal / frozen parameters of an edge model with LoRA rank ``rank``."""
-    from edge_agent.model.adapters import build_edge_model
-    from edge_agent.model.adapters import parameter_counts as counts
-    from edge_agent.model.config import EdgeModelConfig
+    from megace_model.adapters import build_edge_model
+    from megace_model.adapters import parameter_counts as counts
+    from megace_model.config import EdgeModelConfig
 
     model = build_edge_model(EdgeModelConfig.from_dict(configs.model_section(settings, schema, rank)))
     return counts(model)

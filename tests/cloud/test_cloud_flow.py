@@ -24,8 +24,8 @@ from broker.wire import GlobalAdapter, Kind, SiteFeedback, decode_envelope, deco
 from broker.wire.bodies import decode_body
 from cloud_aggregator.core import AggregatorCore
 from cloud_aggregator.messages import Outgoing
-from edge_agent.model.adapters import build_edge_model, shared_state
-from edge_agent.model.fingerprint import base_fingerprint
+from megace_model.adapters import build_edge_model, shared_state
+from megace_model.fingerprint import base_fingerprint
 from tests.support import np_reference as ref
 from tests.support.cloud_bus import cloud_config, model_config, perturbed, update_payload
 

@@ -22,8 +22,8 @@ from broker.wire import GlobalAdapter, SiteFeedback, Status, decode_metrics
 from broker.wire.bodies import decode_body
 from cloud_aggregator.config import write_cloud_config
 from cloud_aggregator.ledger import Ledger
-from edge_agent.model.adapters import build_edge_model, shared_state
-from edge_agent.model.fingerprint import base_fingerprint
+from megace_model.adapters import build_edge_model, shared_state
+from megace_model.fingerprint import base_fingerprint
 from tests.support import np_reference as ref
 from tests.support.cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
 from tests.support.collector import Collector

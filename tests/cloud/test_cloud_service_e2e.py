@@ -18,7 +18,7 @@ from broker.wire import GlobalAdapter, decode_metrics
 from broker.wire.bodies import decode_body
 from cloud_aggregator.ledger import Ledger
 from cloud_aggregator.service import running
-from edge_agent.model.adapters import build_edge_model, shared_state
+from megace_model.adapters import build_edge_model, shared_state
 from tests.support.cloud_bus import MAX_RANK, cloud_config, eventually, model_config
 from tests.support.collector import Collector
 

@@ -129,7 +129,7 @@ def _profile(rank: int):  # type: ignore[no-untyped-def]
 
 def test_reference_accepts_the_personal_tensors_of_share_personal_edges(tmp_path: Path) -> None:
     from cloud_aggregator.reference import open_reference
-    from edge_agent.model.adapters import build_edge_model, personal_state
+    from megace_model.adapters import build_edge_model, personal_state
 
     cfg = cloud_config(tmp_path, BrokerAddress("127.0.0.1", 1))
     ref, initial = open_reference(tmp_path, cfg.model, need_initial=True)

@@ -17,8 +17,8 @@ from broker.wire import Kind, SiteFeedback, decode_metrics, encode_envelope
 from broker.wire.bodies import decode_body
 from cloud_aggregator.ledger import Ledger
 from cloud_aggregator.service import running
-from edge_agent.model.adapters import build_edge_model, shared_state
-from edge_agent.model.fingerprint import base_fingerprint
+from megace_model.adapters import build_edge_model, shared_state
+from megace_model.fingerprint import base_fingerprint
 from tests.support.cloud_bus import cloud_config, eventually, model_config, perturbed, update_payload
 from tests.support.collector import Collector
 

@@ -26,8 +26,8 @@ from broker.wire import (
 )
 from edge_agent.checkpoints import build_trainer
 from edge_agent.core import EdgeCore, Effects
-from edge_agent.model.adapters import shared_state
 from edge_agent.training.toy_task import ToyTask
+from megace_model.adapters import shared_state
 from tests.support.edge_testkit import edge_config, record, toy_profile
 
 torch.set_num_threads(1)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from edge_agent.model.adapters import (
+from edge_agent.training.toy_task import ToyTask, toy_config
+from megace_model.adapters import (
     apply_global,
     build_base_model,
     build_edge_model,
@@ -23,10 +24,9 @@ from edge_agent.model.adapters import (
     shared_fraction,
     shared_state,
 )
-from edge_agent.model.batch import collate
-from edge_agent.model.errors import AdapterMismatchError, BaseMismatchError, NonFiniteAdapterError
-from edge_agent.model.export import META_FILE, export_shared, import_shared
-from edge_agent.training.toy_task import ToyTask, toy_config
+from megace_model.batch import collate
+from megace_model.errors import AdapterMismatchError, BaseMismatchError, NonFiniteAdapterError
+from megace_model.export import META_FILE, export_shared, import_shared
 
 torch.set_num_threads(1)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from edge_agent.model.adapters import build_edge_model
-from edge_agent.model.batch import collate
-from edge_agent.model.contrastive import contrastive_loss, pair_info_nce
 from edge_agent.training.toy_task import ToyTask, toy_config
+from megace_model.adapters import build_edge_model
+from megace_model.batch import collate
+from megace_model.contrastive import contrastive_loss, pair_info_nce
 
 torch.set_num_threads(1)
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.model.adapters import build_edge_model
-from edge_agent.model.batch import collate
-from edge_agent.model.config import EdgeModelConfig, ModalitySpec
-from edge_agent.model.errors import ConfigError, SampleError
-from edge_agent.model.fingerprint import base_fingerprint, frozen_weights_digest
 from edge_agent.training.toy_task import ToyTask, toy_config
+from megace_model.adapters import build_edge_model
+from megace_model.batch import collate
+from megace_model.config import EdgeModelConfig, ModalitySpec
+from megace_model.errors import ConfigError, SampleError
+from megace_model.fingerprint import base_fingerprint, frozen_weights_digest
 
 torch.set_num_threads(1)
 

@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from edge_agent.model.adapters import build_edge_model, parameter_counts, shared_fraction, shared_state
-from edge_agent.model.batch import collate
-from edge_agent.model.config import ModalitySpec
 from edge_agent.training.toy_task import ToyTask, toy_config
+from megace_model.adapters import build_edge_model, parameter_counts, shared_fraction, shared_state
+from megace_model.batch import collate
+from megace_model.config import ModalitySpec
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

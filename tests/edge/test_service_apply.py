@@ -14,10 +14,10 @@ import torch
 
 from broker import topics
 from broker.wire import GlobalAdapter, Kind, Prediction, SiteFeedback, encode_envelope
-from edge_agent.model.adapters import build_edge_model, shared_state
-from edge_agent.model.batch import collate
 from edge_agent.service import EdgeAgent
 from edge_agent.training.toy_task import ToyTask
+from megace_model.adapters import build_edge_model, shared_state
+from megace_model.batch import collate
 from tests.support.collector import Collector
 from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
 

@@ -15,8 +15,8 @@ from peft import PeftModel
 from broker import topics
 from broker.wire import AdapterUpdate, DeviceConfig, GlobalAdapter, Kind, Prediction, decode_metrics, encode_envelope
 from broker.wire.bodies import decode_body
-from edge_agent.model.adapters import build_base_model, shared_state
 from edge_agent.training.toy_task import ToyTask
+from megace_model.adapters import build_base_model, shared_state
 from tests.support.collector import Collector
 from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_agent.model.errors import CheckpointError
 from edge_agent.training.checkpoint import META_FILE, TENSORS_FILE
 from edge_agent.training.toy_task import ToyTask, toy_config
 from edge_agent.training.trainer import Trainer
+from megace_model.errors import CheckpointError
 
 torch.set_num_threads(1)
 

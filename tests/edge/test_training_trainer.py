@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_agent.model.batch import collate
-from edge_agent.model.errors import CheckpointError, InsufficientDataError, SampleError
 from edge_agent.training.replay import BufferedSample, ReplayBuffer
 from edge_agent.training.toy_task import ToyTask, toy_config
 from edge_agent.training.trainer import Trainer
+from megace_model.batch import collate
+from megace_model.errors import CheckpointError, InsufficientDataError, SampleError
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import numpy as np
 from broker.address import BrokerAddress
 from broker.wire import AdapterUpdate, Kind, encode_envelope
 from cloud_aggregator.config import CloudConfig, load_cloud_config
-from edge_agent.model.config import EdgeModelConfig, ModalitySpec
+from megace_model.config import EdgeModelConfig, ModalitySpec
 
 MODALITIES = {"audio": {"token_dim": 12, "max_tokens": 2}, "image": {"token_dim": 20, "max_tokens": 1}}
 MAX_RANK = 8

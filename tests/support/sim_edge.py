@@ -34,8 +34,8 @@ from broker.errors import WireError
 from broker.inbox import Inbox
 from broker.wire import GlobalAdapter, SiteFeedback
 from broker.wire.bodies import decode_body
-from edge_agent.model.adapters import build_edge_model, load_shared, shared_state
-from edge_agent.model.fingerprint import base_fingerprint
+from megace_model.adapters import build_edge_model, load_shared, shared_state
+from megace_model.fingerprint import base_fingerprint
 from tests.support.cloud_bus import model_config, perturbed, update_payload
 
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from edge_agent.model.errors import ConfigError
+from megace_model.errors import ConfigError
 
 Backbone = Literal["tiny", "minilm"]
 

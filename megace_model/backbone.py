@@ -8,9 +8,9 @@ from pathlib import Path
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
-from edge_agent.model.config import BACKBONE_MAX_POSITIONS, EdgeModelConfig
-from edge_agent.model.errors import ConfigError
-from edge_agent.model.seeding import seeded
+from megace_model.config import BACKBONE_MAX_POSITIONS, EdgeModelConfig
+from megace_model.errors import ConfigError
+from megace_model.seeding import seeded
 
 
 def tiny_bert_config() -> BertConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 class EdgeModelError(Exception):
-    """Base class of every error raised by ``edge_agent.model`` / ``edge_agent.training``."""
+    """Base class of every error raised by ``megace_model`` / ``edge_agent.training``."""
 
 
 class ConfigError(EdgeModelError, ValueError):

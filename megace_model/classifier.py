@@ -4,7 +4,7 @@ Frozen base (identical on every node, seeded): ``modality_proj.<m>`` Linear
 layers and the ``backbone``. Personal (trainable, never uploaded): modality and
 position embeddings, CLS token, cross-modal block, head. Shared (uploaded):
 LoRA on ``backbone`` query/value and on ``modality_proj.<m>`` (added by
-``edge_agent.model.adapters``).
+``megace_model.adapters``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers import BertModel
 
-from edge_agent.model.backbone import build_backbone
-from edge_agent.model.config import EdgeModelConfig
-from edge_agent.model.cross_modal import CrossModalBlock
-from edge_agent.model.seeding import seeded
+from megace_model.backbone import build_backbone
+from megace_model.config import EdgeModelConfig
+from megace_model.cross_modal import CrossModalBlock
+from megace_model.seeding import seeded
 
 #: Top-level module names that stay on the edge. Everything else is frozen base or LoRA.
 PERSONAL_MODULES: tuple[str, ...] = (

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent.model.config import EdgeModelConfig
-from edge_agent.model.errors import SampleError
+from megace_model.config import EdgeModelConfig
+from megace_model.errors import SampleError
 
 
 @dataclass

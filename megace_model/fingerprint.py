@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from edge_agent.model.config import EdgeModelConfig
+from megace_model.config import EdgeModelConfig
 
 #: Bump when the way the frozen base is built changes.
 BASE_FORMAT_VERSION = 1
@@ -36,7 +36,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 def _backbone_identity(config: EdgeModelConfig) -> str:
     if config.backbone == "tiny":
         return "tiny-bert-128x2"
-    from edge_agent.model.backbone import minilm_path
+    from megace_model.backbone import minilm_path
 
     weights = minilm_path() / "model.safetensors"
     stat = weights.stat()

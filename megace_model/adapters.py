@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from edge_agent.model.classifier import PERSONAL_MODULES, MultimodalClassifier
-from edge_agent.model.config import EdgeModelConfig
-from edge_agent.model.errors import AdapterMismatchError, NonFiniteAdapterError
-from edge_agent.model.seeding import seeded
 from megace_common.lora import strip_peft_prefix
+from megace_model.classifier import PERSONAL_MODULES, MultimodalClassifier
+from megace_model.config import EdgeModelConfig
+from megace_model.errors import AdapterMismatchError, NonFiniteAdapterError
+from megace_model.seeding import seeded
 
 ADAPTER_NAME = "default"
 

@@ -16,9 +16,9 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from edge_agent.model.adapters import ADAPTER_NAME, apply_global, shared_state
-from edge_agent.model.errors import AdapterMismatchError, BaseMismatchError
-from edge_agent.model.fingerprint import base_fingerprint
+from megace_model.adapters import ADAPTER_NAME, apply_global, shared_state
+from megace_model.errors import AdapterMismatchError, BaseMismatchError
+from megace_model.fingerprint import base_fingerprint
 
 META_FILE = "megace_edge.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

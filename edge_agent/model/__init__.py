@@ -1,1 +1,0 @@
-"""Edge multimodal model: config, classifier, LoRA adapters, contrastive loss, export."""
