@@ -20,12 +20,9 @@ do not call :meth:`flush` from them.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +32,14 @@ import paho.mqtt.client as mqtt
 from broker import topics
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
-from broker.errors import WireError
-from broker.inbox import Inbox
 from broker.metrics import Counters
 from broker.wire import CapabilityProfile, FeatureRecord, Kind, Status, encode_envelope
-from broker.wire.bodies import decode_body
 from broker.wire.status import OFFLINE, ONLINE
-from device_sdk.store import DiskQueue, Overflow
+from device_sdk.downlink import DownlinkHandler, DownlinkReceiver
+from device_sdk.link import paho_client, set_nodelay
+from device_sdk.store import DiskQueue, Overflow, default_store_path
 
 log = logging.getLogger(__name__)
-
-DownlinkHandler = Callable[[Kind, Any], None]
-"""Called with the envelope kind and the decoded message (DeviceConfig, Prediction, ...)."""
-
 
 @dataclass(slots=True)
 class _Pending:
@@ -55,11 +47,6 @@ class _Pending:
     topic: str
     payload: bytes
     row_id: int | None  # set when the record came from the on-disk queue
-
-
-def default_store_path(device: str) -> Path:
-    base = os.environ.get("MEGACE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "megace")
-    return Path(base) / "device" / f"{device}.sqlite"
 
 
 class DeviceClient:
@@ -112,7 +99,6 @@ class DeviceClient:
         self.site = topics.check_id(site, "site")
         self.device = topics.check_id(device, "device")
         self.address = BrokerAddress.from_url(broker) if isinstance(broker, str) else broker
-        self.on_downlink = on_downlink
         self.max_inflight = max_inflight
         self.max_unacked = max(max_unacked, max_inflight)
         self.max_packet = max_packet
@@ -127,7 +113,7 @@ class DeviceClient:
         self._closing = False
         self._inflight: dict[int, _Pending] = {}
         self._last_sent_row: int | None = None
-        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}))
+        self._downlink = DownlinkReceiver(self.device, self.counters, on_downlink)
         self._supervisor: threading.Thread | None = None
         self._registration: tuple[str, bytes] | None = None
         self._events: deque[tuple[str, Any]] = deque()
@@ -277,9 +263,7 @@ class DeviceClient:
         if reason.is_failure:
             log.warning("device %s: broker refused connection: %s", self.device, reason)  # pragma: no mutate
             return
-        sock = client.socket()
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(client)
         self._events.append(("connected", client))
         self._wake.set()
 
@@ -291,23 +275,7 @@ class DeviceClient:
         self._events.append(("ack", mid))  # reaped in batches; see _wait_for_acks
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            got = self._inbox.accept(msg.topic, msg.payload)
-            if got is None:
-                return
-            _, env = got
-            message = decode_body(env)
-        except WireError as exc:
-            self.counters.reject(exc)
-            log.warning("device %s: rejected downlink on %s: %s", self.device, msg.topic, exc)  # pragma: no mutate
-            return
-        self.counters.inc(f"received.{env.kind.value}")
-        if self.on_downlink is not None:
-            try:
-                self.on_downlink(env.kind, message)
-            except Exception:  # a faulty user callback must not kill paho's loop
-                self.counters.inc("callback_errors")
-                log.exception("device %s: downlink callback failed", self.device)  # pragma: no mutate
+        self._downlink.accept(msg.topic, msg.payload)
 
     # -- event processing (any thread holding ``self._lock``) --------------------------------
 
@@ -372,14 +340,8 @@ class DeviceClient:
                       detail={"site": self.site}).encode()
 
     def _new_client(self) -> mqtt.Client:
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"megace-dev-{self.device}",
-                        protocol=mqtt.MQTTv311, clean_session=False)
-        if self.address.username:
-            c.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            c.tls_set_context(self.address.ssl_context())
-        c.will_set(self._status_topic, self._status(OFFLINE), qos=1, retain=True)
-        c.max_inflight_messages_set(self.max_inflight)
+        c = paho_client(self.address, f"megace-dev-{self.device}", will=(self._status_topic, self._status(OFFLINE)),
+                        max_inflight=self.max_inflight)
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_publish, c.on_message = self._on_publish, self._on_message
         return c

@@ -8,9 +8,16 @@ When the bound is hit the policy is explicit and counted: ``drop-oldest`` (defau
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from enum import StrEnum
 from pathlib import Path
+
+
+def default_store_path(device: str) -> Path:
+    """``$MEGACE_STATE_DIR/device/<device>.sqlite``, else under ``~/.local/state/megace``."""
+    base = os.environ.get("MEGACE_STATE_DIR") or os.path.join(os.path.expanduser("~"), ".local", "state", "megace")
+    return Path(base) / "device" / f"{device}.sqlite"
 
 
 class Overflow(StrEnum):

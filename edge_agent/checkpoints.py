@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
 from dataclasses import asdict
 from typing import Any
 
@@ -29,10 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def restore(
-    store: StateStore, core: EdgeCore, counters: Counters, outbox: deque[tuple[int, bytes]]
+    store: StateStore, core: EdgeCore, counters: Counters, outbox: list[tuple[int, bytes]]
 ) -> dict[str, Any]:
     """Load the newest verifiable generation into ``core`` (corrupt ones are logged, counted and skipped);
-    pending unconfirmed uploads go back into ``outbox``. Returns the last round's metrics ({} if none)."""
+    pending unconfirmed uploads are appended to ``outbox`` (in seq order). Returns the last round's
+    metrics ({} if none)."""
     trainer = core.trainer
     assert trainer is not None
     edge_id = core.edge_id

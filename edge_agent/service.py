@@ -2,9 +2,10 @@
 
 This module connects, runs and shuts down; the work is done by collaborators:
 :mod:`edge_agent.core` (message handling, network-free: messages in, what to send and schedule out),
-:mod:`edge_agent.serving` (inference queue and batching), :mod:`edge_agent.uploads` (a round's
-upload and the outbox), :mod:`edge_agent.checkpoints` (trainer build, restore, save, peft export)
-and :mod:`edge_agent.reporting` (metrics and status).
+:mod:`edge_agent.serving` (inference queue and batching), :mod:`edge_agent.downlinks` (the device
+downlink queue and its sender), :mod:`edge_agent.uploads` (a round's upload and the outbox that sends
+it), :mod:`edge_agent.checkpoints` (trainer build, restore, save, peft export) and
+:mod:`edge_agent.reporting` (metrics and status).
 
 Concurrency model (one asyncio loop, two explicit executors):
 
@@ -29,21 +30,20 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiomqtt
 
 from broker import topics
-from broker.aio import publish
 from broker.metrics import Counters
 from broker.session import Session, payload_bytes
 from broker.wire import metrics_payload
 from broker.wire.status import OFFLINE, ONLINE
 from edge_agent import checkpoints, uploads
 from edge_agent.config import EdgeConfig
-from edge_agent.core import ApplyJob, EdgeCore, Outgoing
+from edge_agent.core import ApplyJob, EdgeCore
+from edge_agent.downlinks import DownlinkQueue
 from edge_agent.inference import Predictor
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, edge_metrics, status_payload
@@ -66,17 +66,20 @@ class EdgeAgent:
         self.core = EdgeCore(config, self.counters)
         """Message handling, registry, state and trainer (network-free); see :mod:`edge_agent.core`."""
         self.store = StateStore(config.state_dir)
-        self.outbox: deque[tuple[int, bytes]] = deque()
+        self._metrics_wake = asyncio.Event()
+        self.outbox = uploads.Outbox(
+            self.counters, self.store, edge_id=self.edge_id, topic=topics.adapter_up(self.site),
+            limit=config.limits.max_pending_uploads, max_packet=config.limits.max_packet,
+            on_sent=self._metrics_wake.set)
+        """Checkpointed uploads not yet confirmed by the broker; see :class:`edge_agent.uploads.Outbox`."""
+        self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue)
         self.last_round: dict[str, Any] = {}
         self.ready = asyncio.Event()
         """Set once state is restored and the first subscription is in place (tests, launchers)."""
         self.connected = asyncio.Event()
-        self.serving = InferenceServer(self.core, self._emit, queue=config.limits.infer_queue,
+        self.serving = InferenceServer(self.core, self.downlinks.emit, queue=config.limits.infer_queue,
                                        batch=config.limits.infer_batch)
-        self._downlinks: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=config.limits.downlink_queue)
         self._train_wake = asyncio.Event()
-        self._outbox_wake = asyncio.Event()
-        self._metrics_wake = asyncio.Event()
         self._subscribed_once = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._closing = False
@@ -126,7 +129,7 @@ class EdgeAgent:
         self.serving.pool = infer_pool = ThreadPoolExecutor(1, thread_name_prefix=f"megace-infer-{self.edge_id}")
         tasks: list[asyncio.Task[Any]] = []
         try:
-            await loop.run_in_executor(self._train_pool, self._build_sync)
+            self.outbox.extend(await loop.run_in_executor(self._train_pool, self._build_sync))
             checkpoints.freeze_startup_heap()
             tasks = [
                 asyncio.create_task(self._connection_loop(), name="edge-connection"),
@@ -162,7 +165,7 @@ class EdgeAgent:
         client = self._client
         if client is not None and self.connected.is_set():
             deadline = time.monotonic() + self.config.limits.shutdown_flush_s
-            while (self.outbox or not self._downlinks.empty()) and time.monotonic() < deadline:
+            while (self.outbox or not self.downlinks.empty()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                 await client.publish(self._metrics_topic, self._metrics_payload(), qos=0)
@@ -172,12 +175,16 @@ class EdgeAgent:
             await connection
         log.info("edge %s stopped (round %d, upload seq %d)", self.edge_id, self.state.round, self.state.upload_seq)
 
-    def _build_sync(self) -> None:
-        """Build the trainer (slow: model construction) and restore the last checkpoint; training thread."""
+    def _build_sync(self) -> list[tuple[int, bytes]]:
+        """Build the trainer (slow: model construction) and restore the last checkpoint; training thread.
+
+        Returns the unconfirmed uploads of the restored generation, for the loop to put in the outbox."""
         self.trainer = checkpoints.build_trainer(self.config)
-        self.last_round = checkpoints.restore(self.store, self.core, self.counters, self.outbox)
+        pending: list[tuple[int, bytes]] = []
+        self.last_round = checkpoints.restore(self.store, self.core, self.counters, pending)
         self.serving.predictor = Predictor(self.trainer.model, self.config.model, self.trainer.device)
         self.serving.predictor.version = max(self.state.global_version, 0)
+        return pending
 
     # ================================================================ connection
     async def _connection_loop(self) -> None:
@@ -199,8 +206,8 @@ class EdgeAgent:
         self.ready.set()
         tasks = [
             asyncio.create_task(self._receive(client), name="edge-receive"),
-            asyncio.create_task(self._send_downlinks(client), name="edge-downlinks"),
-            asyncio.create_task(self._uploader(client), name="edge-uploader"),
+            asyncio.create_task(self.downlinks.send(client), name="edge-downlinks"),
+            asyncio.create_task(self.outbox.send(client), name="edge-uploader"),
             asyncio.create_task(self._metrics_loop(client), name="edge-metrics"),
         ]
         try:
@@ -231,7 +238,7 @@ class EdgeAgent:
             self.serving.submit(request)
         for job in fx.applies:
             self._spawn(self._apply(job))
-        self._emit(fx.out)
+        self.downlinks.emit(fx.out)
         if fx.train_due:
             self._train_wake.set()
 
@@ -241,12 +248,12 @@ class EdgeAgent:
             result = await loop.run_in_executor(self._train_pool, self.core.apply, job.source, job.version,
                                                 job.tensors)
         except (AdapterMismatchError, ValueError) as exc:
-            self._emit(self.core.reject(exc, None, None))
+            self.downlinks.emit(self.core.reject(exc, None, None))
             return
         except Exception as exc:  # never let one adapter take the service down
             self.counters.inc("internal_errors")
             log.exception("edge %s: applying %s v%d failed", self.edge_id, job.source, job.version)
-            self._emit(self.core.reject(exc, None, None))
+            self.downlinks.emit(self.core.reject(exc, None, None))
             return
         if result is None:
             self.counters.inc("global_stale")
@@ -255,7 +262,7 @@ class EdgeAgent:
         self.counters.inc(f"globals_applied.{job.source}")
         log.info("edge %s applied %s adapter v%d", self.edge_id, job.source, job.version)
         await self.serving.sync(*result, job.version)
-        self._emit(self.core.relay_feedback(job.version, job.stats, job.source))
+        self.downlinks.emit(self.core.relay_feedback(job.version, job.stats, job.source))
         self._metrics_wake.set()
 
     # ================================================================= training
@@ -300,8 +307,7 @@ class EdgeAgent:
         if new_upload:
             self.state.upload_seq = seq  # type: ignore[assignment]
         if await self._checkpoint(new_upload, export=True):
-            uploads.enqueue(self.outbox, new_upload, self.config.limits.max_pending_uploads, self.counters)
-            self._outbox_wake.set()
+            self.outbox.extend(new_upload)
         log.info("edge %s round %d: loss %.4f train_acc %.3f heldout_acc %s (%d samples, %.2f s)", self.edge_id,
                  self.state.round, metrics["loss"], metrics["train_acc"], metrics["heldout_acc"], metrics["n_train"],
                  metrics["duration_s"])
@@ -322,57 +328,7 @@ class EdgeAgent:
         self.counters.inc("checkpoints")
         return True
 
-    # ================================================================ outbound
-    def _emit(self, messages: list[Outgoing]) -> None:
-        """Queue device downlinks; drops (counted) rather than grow without bound."""
-        for message in messages:
-            try:
-                self._downlinks.put_nowait((message.topic, message.payload))
-            except asyncio.QueueFull:
-                self.counters.inc("downlink_dropped")
-
-    async def _send_downlinks(self, client: aiomqtt.Client, window: int = 64) -> None:
-        """Publish queued downlinks at QoS 1 with up to ``window`` awaiting their PUBACK (order kept)."""
-        slots = asyncio.Semaphore(window)
-        pending: set[asyncio.Task[None]] = set()
-
-        async def one(topic: str, payload: bytes) -> None:
-            try:
-                await client.publish(topic, payload, qos=1)
-                self.counters.inc("bytes_up", len(payload))
-            finally:
-                slots.release()
-
-        try:
-            while True:
-                topic, payload = await self._downlinks.get()
-                await slots.acquire()
-                task = asyncio.create_task(one(topic, payload))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                for t in [t for t in pending if t.done() and not t.cancelled() and t.exception()]:
-                    raise t.exception()  # type: ignore[misc]
-        finally:
-            for task in pending:
-                task.cancel()
-
-    async def _uploader(self, client: aiomqtt.Client) -> None:
-        """Publish durable uploads in seq order; an upload leaves the outbox only once the broker acked it."""
-        topic = topics.adapter_up(self.site)
-        while True:
-            self._outbox_wake.clear()
-            while self.outbox:
-                seq, payload = self.outbox[0]
-                sent = await publish(client, topic, payload, sender=self.edge_id, seq=seq, qos=1,
-                                     max_packet=self.config.limits.max_packet)
-                uploads.sent(self.outbox, seq)
-                self.store.confirm(seq)
-                self.counters.inc("uploads")
-                self.counters.inc("bytes_up", sent)
-                log.info("edge %s uploaded adapter seq %d (%d bytes)", self.edge_id, seq, sent)
-                self._metrics_wake.set()
-            await self._outbox_wake.wait()
-
+    # ================================================================ metrics
     async def _metrics_loop(self, client: aiomqtt.Client) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -384,7 +340,7 @@ class EdgeAgent:
     def metrics(self) -> dict[str, Any]:
         """Everything the dashboard and the closed-loop progress table read (JSON-safe)."""
         live = {"outbox": len(self.outbox), "infer_queue": self.serving.queue.qsize(),
-                "downlink_queue": self._downlinks.qsize(), "infer_latency_ms": self.serving.latency_ms,
+                "downlink_queue": self.downlinks.qsize(), "infer_latency_ms": self.serving.latency_ms,
                 "connected": self.connected.is_set()}
         return edge_metrics(self.core, self._ingest_rate, self.last_round, live)
 

@@ -34,8 +34,8 @@ SUMMARY = ROOT / "reports" / "mutation.md"
 # statuses as `mutmut results --all true` prints them
 DETECTED = {"killed", "timeout", "caught by type check"}
 # top-level folders the tests need besides the one being mutated
-COPIED = ("broker/", "device_sdk/", "megace_common/", "edge_agent/", "cloud_aggregator/", "megace/", "docs/", "deploy/",
-          "bench/")
+COPIED = ("broker/", "device_sdk/", "megace_common/", "megace_model/", "edge_agent/", "cloud_aggregator/", "megace/",
+          "docs/", "deploy/", "bench/")
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,12 @@ TARGETS: dict[str, Target] = {
                deselect=CLOUD_SUBPROCESS_TESTS),
         Target("cloud", ("cloud_aggregator/core.py", "cloud_aggregator/validation.py", "cloud_aggregator/ledger.py"),
                ("tests/cloud",), 0.80, forkserver=True, deselect=CLOUD_SUBPROCESS_TESTS),
-        # the edge's ingest gate, replay buffer, training and adapter application, under their fast unit tests.
-        # edge_agent/service.py (1,700 mutants, each needing the seconds-long agent-over-Mosquitto tests) is out
-        # of reach of a 2-core run; its apply and version-guard paths are checked by tests/edge/test_service_*.py
-        Target("edge", ("edge_agent/registry.py", "edge_agent/training/trainer.py", "edge_agent/training/replay.py",
-                        "megace_model/adapters.py"),
+        # the edge's network-free core (message handling), ingest gate, replay buffer, training and adapter
+        # application, under their fast unit tests. edge_agent/service.py (connect, run, shut down) needs the
+        # seconds-long agent-over-Mosquitto tests for each mutant, out of reach of a 2-core run; its paths are
+        # checked by tests/edge/test_service_*.py
+        Target("edge", ("edge_agent/core.py", "edge_agent/registry.py", "edge_agent/training/trainer.py",
+                        "edge_agent/training/replay.py", "megace_model/adapters.py"),
                ("tests/edge",), 0.80, forkserver=True,
                deselect=("tests/edge/test_service_apply.py", "tests/edge/test_service_flow.py",
                          "tests/edge/test_service_rejects.py", "tests/edge/test_service_restart.py",

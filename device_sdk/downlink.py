@@ -1,0 +1,60 @@
+"""What reaches a device from its edge: decode, check, count, and hand to the user's callback.
+
+Kept apart from the connection code because this is where trust in downlinks is decided (the
+inbox's channel and dedup checks today; the edge's signature when the device is given its key),
+and because it runs in paho's network thread: it must never block and never raise into paho.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker import topics
+from broker.errors import WireError
+from broker.inbox import Inbox
+from broker.metrics import Counters
+from broker.wire import Kind
+from broker.wire.bodies import decode_body
+
+log = logging.getLogger(__name__)
+
+DownlinkHandler = Callable[[Kind, Any], None]
+"""Called with the envelope kind and the decoded message (DeviceConfig, Prediction, ...)."""
+
+
+class DownlinkReceiver:
+    """Turns this device's downlink MQTT messages into decoded messages for ``handler``.
+
+    Args:
+        device: The device id (for log lines).
+        counters: Where ``received.<kind>``, rejections by reason and ``callback_errors`` are counted.
+        handler: The user's callback, or None to only count.
+    """
+
+    def __init__(self, device: str, counters: Counters, handler: DownlinkHandler | None) -> None:
+        self.device = device
+        self.counters = counters
+        self.handler = handler
+        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}))
+
+    def accept(self, topic: str, payload: bytes) -> None:
+        """Decode one message (chunks are reassembled first); malformed ones are counted, never raised."""
+        try:
+            got = self._inbox.accept(topic, payload)
+            if got is None:
+                return
+            _, env = got
+            message = decode_body(env)
+        except WireError as exc:
+            self.counters.reject(exc)
+            log.warning("device %s: rejected downlink on %s: %s", self.device, topic, exc)  # pragma: no mutate
+            return
+        self.counters.inc(f"received.{env.kind.value}")
+        if self.handler is not None:
+            try:
+                self.handler(env.kind, message)
+            except Exception:  # a faulty user callback must not kill paho's loop
+                self.counters.inc("callback_errors")
+                log.exception("device %s: downlink callback failed", self.device)  # pragma: no mutate
