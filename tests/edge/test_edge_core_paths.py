@@ -176,3 +176,62 @@ def test_site_feedback_counts_refused_uploads_and_schedules_a_view_of_this_rank(
     fx = core.ingest(topics.site_feedback(core.site), encode_envelope(Kind.SITE_FEEDBACK, "cloud", 7, other))
     assert fx.applies == [] and [m.topic.rsplit("/", 1)[1] for m in fx.out] == ["feedback"]
     assert core.counters["feedback_relayed"] == 1
+
+
+def test_a_prediction_goes_to_the_asking_device_with_the_model_version(core: EdgeCore) -> None:
+    from broker.wire import Prediction
+    from edge_agent.core import InferRequest
+
+    request = InferRequest("dev-9", 31, {}, 0.0, seq=4)
+    msg = core.prediction(request, 2, np.array([0.1, 0.2, 0.7], np.float32), 6)
+    assert msg.topic == f"megace/v1/site/{core.site}/device/dev-9/down/prediction"
+    env = decode_envelope(msg.payload)
+    assert env.kind is Kind.PREDICTION and env.sender == core.edge_id
+    got = Prediction.from_body(env.body)
+    assert (got.device, got.sample, got.label, got.model_version) == ("dev-9", 31, 2, 6)
+    assert np.allclose(got.probs, [0.1, 0.2, 0.7]) and core.counters["predictions"] == 1
+
+
+def _personal(core: EdgeCore, fill: float) -> dict[str, np.ndarray]:
+    from megace_common.lora import add_peft_prefix
+
+    assert core.trainer is not None
+    return {add_peft_prefix(k): np.full(tuple(v.shape), fill, np.float32)
+            for k, v in core.trainer.personal_state().items()}
+
+
+def test_personal_tensors_from_the_cloud_install_only_when_shared_and_well_formed(tmp_path: Path) -> None:
+    from megace_model.errors import AdapterMismatchError, NonFiniteAdapterError
+
+    core = make_core(tmp_path, {"training": {"min_new_samples": 5, "share_personal": True}})
+    assert core.trainer is not None
+    shared = {k: np.full(tuple(v.shape), 0.01, np.float32) for k, v in core.trainer.shared_state().items()}
+    personal = _personal(core, 0.5)
+    before = {k: v.clone() for k, v in core.trainer.personal_state().items()}
+
+    missing = dict(list(personal.items())[1:])
+    with pytest.raises(AdapterMismatchError, match="differ"):
+        core.apply("global", 1, {**shared, **missing})
+    name = next(iter(personal))
+    wrong_shape = {**personal, name: np.zeros((1, 1), np.float32)}
+    with pytest.raises(AdapterMismatchError, match="shape"):
+        core.apply("global", 1, {**shared, **wrong_shape})
+    not_finite = {**personal, name: np.full(personal[name].shape, np.nan, np.float32)}
+    with pytest.raises(NonFiniteAdapterError):
+        core.apply("global", 1, {**shared, **not_finite})
+    after_refusals = core.trainer.personal_state()
+    assert all(torch.equal(before[k], after_refusals[k]) for k in before) and core.state.global_version == -1
+
+    out = core.apply("global", 1, {**shared, **personal})
+    assert out is not None and core.state.global_version == 1
+    installed = core.trainer.personal_state()
+    assert all(torch.allclose(v, torch.full_like(v, 0.5)) for v in installed.values())
+
+
+def test_personal_tensors_are_ignored_unless_the_edge_shares_its_personal_part(core: EdgeCore) -> None:
+    assert core.trainer is not None
+    shared = {k: np.full(tuple(v.shape), 0.01, np.float32) for k, v in core.trainer.shared_state().items()}
+    before = {k: v.clone() for k, v in core.trainer.personal_state().items()}
+    assert core.apply("global", 1, {**shared, **_personal(core, 0.5)}) is not None
+    after = core.trainer.personal_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
