@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from megace.provision.cli import app as provision_app  # typer only: cryptography loads inside its commands
+
 app = typer.Typer(
     name="megace",
     help="End-edge-cloud learning over MQTT: devices → edges (personalized LoRA) → cloud (heterogeneous "
@@ -21,6 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(provision_app, name="provision")
 
 STRATEGIES = ["fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware"]
 

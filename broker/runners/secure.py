@@ -1,0 +1,172 @@
+"""A private Mosquitto with the production security model, on free loopback ports (tests, ``megace run --secure``).
+
+Two TLS listeners and nothing else: one requires a client certificate whose CN becomes the
+username (``use_identity_as_username``), one takes username + password; both replace the client
+id with the username (``use_username_as_clientid``), so no identity can take over another's
+session. No anonymous access; authorization comes from a provisioning folder
+(:class:`megace.provision.store.Store`): its password and ACL files (``mode="static"``) or its
+dynamic-security file (``mode="dynsec"``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol
+
+from broker.address import BrokerAddress
+from broker.runners.mosquitto import find_mosquitto
+from broker.runners.ports import free_port, wait_for_port
+
+
+class Store(Protocol):
+    """What the broker needs from a provisioning folder (:class:`megace.provision.store.Store`; the bus
+    layer does not import the layer above it)."""
+
+    @property
+    def broker_dir(self) -> Path: ...
+
+    @property
+    def admin_username(self) -> str: ...
+
+    def address(self, username: str, *, mtls: bool = True, host: str | None = None) -> BrokerAddress: ...
+
+DYNSEC_PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+                       "/usr/lib/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so")
+
+TLS_LISTENER = """\
+listener {port} {host}
+cafile {broker}/ca.crt
+certfile {broker}/server.crt
+keyfile {broker}/server.key
+tls_version tlsv1.2
+use_username_as_clientid true
+"""
+
+
+def find_dynsec_plugin() -> str:
+    """Path of Mosquitto's dynamic-security plugin (Debian's ``mosquitto`` package ships it)."""
+    for candidate in DYNSEC_PLUGIN_PATHS:
+        if Path(candidate).exists():
+            return candidate
+    raise FileNotFoundError("mosquitto_dynamic_security.so not found; install Debian's mosquitto 2.0+")
+
+
+def secure_config(broker_dir: Path, state_dir: Path, host: str, mtls_port: int, password_port: int,
+                  mode: Literal["static", "dynsec"]) -> str:
+    """The whole configuration text: shared settings, the two listeners, then the auth back end."""
+    b = broker_dir.resolve()
+    lines = [
+        "per_listener_settings false",
+        "allow_anonymous false",
+        "max_queued_messages 0",
+        "max_inflight_messages 20",
+        "set_tcp_nodelay true",
+        "persistence false",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")  # else Mosquitto drops to `mosquitto`, which cannot read our 0600 keys
+    lines.append(TLS_LISTENER.format(port=mtls_port, host=host, broker=b)
+                 + f"require_certificate true\nuse_identity_as_username true\ncrlfile {b}/crl.pem\n")
+    lines.append(TLS_LISTENER.format(port=password_port, host=host, broker=b) + "require_certificate false\n")
+    if mode == "static":
+        lines += [f"password_file {b}/megace.passwd", f"acl_file {b}/megace.acl"]
+    else:
+        lines += [f"plugin {find_dynsec_plugin()}", f"plugin_opt_config_file {state_dir}/dynamic-security.json"]
+    return "\n".join(lines) + "\n"
+
+
+class SecureMosquitto:
+    """Mosquitto configured from ``store``; ``address(username)`` says how each identity connects to it."""
+
+    def __init__(self, store: Store, *, mode: Literal["static", "dynsec"] = "static", host: str = "127.0.0.1",
+                 state_dir: Path | None = None) -> None:
+        self.store = store
+        self.mode = mode
+        self.host = host
+        self.mtls_port = free_port(host)
+        self.password_port = free_port(host)
+        self._tmp = tempfile.TemporaryDirectory(prefix="megace-secure-") if state_dir is None else None
+        self.state_dir = Path(self._tmp.name) if self._tmp else Path(state_dir)  # type: ignore[arg-type]
+        self.config_path = self.state_dir / "mosquitto.conf"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("broker not running")
+        return self._proc.pid
+
+    def start(self) -> SecureMosquitto:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.mode == "dynsec" and not (self.state_dir / "dynamic-security.json").exists():
+            shutil.copyfile(self.store.broker_dir / "dynamic-security.json", self.state_dir / "dynamic-security.json")
+        self.config_path.write_text(secure_config(self.store.broker_dir, self.state_dir, self.host, self.mtls_port,
+                                                  self.password_port, self.mode))
+        self._proc = subprocess.Popen([find_mosquitto(), "-c", str(self.config_path)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            wait_for_port(self.host, self.mtls_port)
+            wait_for_port(self.host, self.password_port)
+        except TimeoutError:
+            err = b""
+            if self._proc.poll() is not None and self._proc.stderr:
+                err = self._proc.stderr.read()
+            self.stop()
+            raise RuntimeError(f"secure mosquitto did not start: {err.decode(errors='replace')}") from None
+        if self._proc.stderr:
+            self._proc.stderr.close()  # never read again: a full pipe must not block the broker
+            self._proc.stderr = None
+        return self
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password, ACL (and CRL) files after ``store.add`` / ``store.revoke``."""
+        os.kill(self.pid, signal.SIGHUP)
+
+    def address(self, username: str, *, mtls: bool = True) -> BrokerAddress:
+        """``username``'s address on this broker: its certificate (``mtls``) or its password, over TLS."""
+        a = self.store.address(username, mtls=mtls, host=self.host)
+        return BrokerAddress(a.host, self.mtls_port if mtls else self.password_port, True, a.ca_file, a.username,
+                             a.password, a.keepalive, a.cert_file, a.key_file, a.password_file)
+
+    def admin_address(self) -> BrokerAddress:
+        """The dynamic-security admin's address (password listener)."""
+        return self.address(self.store.admin_username, mtls=False)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stderr:
+            self._proc.stderr.close()
+        self._proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> SecureMosquitto:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
