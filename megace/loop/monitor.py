@@ -113,12 +113,6 @@ class Monitor:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def clear_retained(self, names: Iterable[str], timeout: float = 10.0) -> None:
-        """Empty retained messages left on a shared broker by an earlier run (an empty payload clears them)."""
-        infos = [self.client.publish(t, b"", qos=1, retain=True) for t in names]
-        for info in infos:
-            info.wait_for_publish(timeout)
-
     def wait_until(self, predicate: Any, timeout: float, poll: float = 0.2) -> bool:
         """Block until ``predicate(view)`` is true (checked on every message and every ``poll`` s)."""
         deadline = time.monotonic() + timeout

@@ -24,7 +24,7 @@ from urllib.parse import quote
 from broker import topics
 from broker.address import BrokerAddress
 from megace.datasets import EdgeData, MultimodalDataset, default_modality_sets, label_skew, load_dataset, partition
-from megace.loop import configs
+from megace.loop import configs, retained
 from megace.loop.children import Children
 from megace.loop.devices import InferenceResult, SimulatedDevice
 from megace.loop.monitor import BusView, Monitor
@@ -243,10 +243,11 @@ class ClosedLoop:
                                  sum(d.portion(stream) for d in self.devices if d.edge == e.edge_id))
                 for e in parts
             ]
+            if s.broker_url:  # a broker that outlives runs may still hold an earlier run's globals (and chunks)
+                self.progress("status", "clearing what earlier runs left retained…")
+                retained.clear_retained(address, self._retained_topics(plans))
             self.monitor = Monitor(address, [(d.site, d.name) for d in self.devices]).start()
             self._stack.callback(self.monitor.stop)
-            if s.broker_url:  # a broker that outlives runs may still hold an earlier run's globals
-                self.monitor.clear_retained(self._retained_topics(plans))
             self._spawn(train, plans, address)
             self._wait_services(plans)
             self.progress("status", "devices registering…")

@@ -1,0 +1,1 @@
+"""Reliability under broker crashes: real Mosquitto processes, real clients, SIGTERM and SIGKILL."""
