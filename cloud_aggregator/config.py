@@ -59,22 +59,37 @@ class AggregationConfig:
     #: server optimizer on the pseudo-gradient: "none", "sgd" (lr, momentum) or "fedadam"
     server_optimizer: str = "none"
     server_optimizer_options: dict[str, float] = field(default_factory=dict)
+    #: no single contribution may weigh more than this share of a module's aggregate (1 = no cap); excess
+    #: weight is handed to the others, so 10^12 claimed samples buy at most half of the round
+    max_share: float = 0.5
 
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """The crude poisoning guard: reject updates whose norm is far from the recent ones."""
+    """Poisoning guards (see ``validation.py`` and ``admission.py`` for why each default is what it is)."""
 
     norm_guard: bool = True
-    #: robust log-norm z-score bound (0 = off)
-    z_max: float = 6.0
+    #: robust log-norm z-score bound (0 = off); with min_spread 0.5 the band is e^(4 x 0.5) = 7.4x the median
+    z_max: float = 4.0
     #: bound on norm / median norm and its inverse (0 = off)
-    ratio_max: float = 100.0
+    ratio_max: float = 10.0
     #: floor of the robust log-norm scale: honest edges differ by rank/alpha/data (see NormGuard)
     min_spread: float = 0.5
-    #: the guard is silent until this many norms were accepted
-    min_history: int = 5
+    #: the statistical band is silent until this many norms were accepted (the absolute bound is not); 3 is one
+    #: round of a 3-edge fleet, so a 15x update is judged from the second round on (5 let it through twice)
+    min_history: int = 3
     window: int = 256
+    #: absolute bound on an update's effective norm ||ΔW||_F, armed from the first upload (0 = derive it:
+    #: max_norm_ratio x the Frobenius norm of the frozen base weights the adapter modifies)
+    max_norm: float = 0.0
+    max_norm_ratio: float = 10.0
+    #: each LoRA A row is kept within this factor of the initial global's row scale, compensated in B so that
+    #: ΔW is unchanged (0 = off); defeats "A x 10^4, B x 10^-4" against strategies that average A and B apart
+    factor_band: float = 4.0
+    #: sample counts above this are clipped (an upload's weight is what it claims; 0 = no clip)
+    max_samples: int = 1_000_000
+    #: provisioned sites; when set, uploads from any other site are refused ("unknown_site") with no feedback
+    sites: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,8 @@ class LimitsConfig:
     keep_globals: int = 0
     #: seconds a clean shutdown waits for the in-flight message or aggregation
     shutdown_grace_s: float = 10.0
+    #: log lines per rejection reason per minute; the rest are counted and summarised (0 = none)
+    reject_logs_per_minute: int = 10
 
 
 @dataclass(frozen=True)
@@ -162,6 +179,13 @@ class CloudConfig:
             raise CloudConfigError("limits.max_packet_bytes and max_payload_bytes must be >= 1024")
         if lim.torch_threads < 1 or lim.metrics_period_s <= 0 or lim.feedback_history < 1:
             raise CloudConfigError("limits.torch_threads, metrics_period_s and feedback_history must be positive")
+        if not 0 < a.max_share <= 1:
+            raise CloudConfigError("aggregation.max_share must be in (0, 1]")
+        v = self.validation
+        if min(v.max_norm, v.max_norm_ratio, v.factor_band, v.max_samples, lim.reject_logs_per_minute) < 0:
+            raise CloudConfigError("validation bounds and limits.reject_logs_per_minute must be >= 0 (0 = off)")
+        if 0 < v.factor_band < 1:
+            raise CloudConfigError("validation.factor_band must be >= 1 (or 0 = off)")
 
 
 def load_cloud_config(

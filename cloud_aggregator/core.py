@@ -1,7 +1,10 @@
 """The aggregator's state machine, synchronous and network-free.
 
-Per upload: reassemble → decode → validate → staleness weight → persist (ledger) → acknowledge
-(the site's feedback lists the seq) → buffer.  Per aggregation: pending updates → strategy →
+Per upload: reassemble → decode → admit (validate, dedup, neutralise; ``admission.py``) → staleness
+weight → persist (ledger) → acknowledge (the site's feedback lists the seq) → buffer.  A refusal
+is counted and (rate-limited) logged, and changes nothing else: no ledger row, no version, no seq,
+and a feedback only to a site the cloud knows (one with an accepted upload, or provisioned), so
+garbage on made-up topics cannot create retained messages.  Per aggregation: pending updates → strategy →
 server optimizer → commit (ledger) → broadcast (global + every site's feedback).  Every method
 returns the ``Outgoing`` messages to publish, in order; nothing is published before the state
 it announces is on disk, which is what makes a crash at any point recoverable.
@@ -30,6 +33,7 @@ from broker.topics import parse as parse_topic
 from broker.wire import AdapterUpdate, Kind, decode_envelope
 from broker.wire.bodies import decode_body
 
+from .admission import Admission
 from .config import CloudConfig
 from .contribution import Contribution, GlobalState
 from .drift import relative_drift
@@ -38,12 +42,12 @@ from .intake import to_contribution, wire_reason
 from .ledger import Ledger
 from .messages import Outgoing, SeqReserve, feedback_message, global_message, metrics_message, to_numpy
 from .mixing import mix, step_sizes
+from .ratelog import RateLimitedLog
 from .reference import open_reference
 from .server_opt import check_compatible, get_server_optimizer
 from .sites import SiteBook, SiteProfile
 from .staleness import BufferPolicy, StalenessPolicy, get_discount
 from .strategies import get_strategy
-from .validation import NormGuard, Validator
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ class AggregatorCore:
         torch.set_num_threads(lim.torch_threads)  # process-wide; SVDs on a small box should not starve the broker
 
         self.strategy = get_strategy(agg.strategy, **agg.strategy_options)
+        self.strategy.cap_share(agg.max_share)
         self.optimizer = get_server_optimizer(agg.server_optimizer, **agg.server_optimizer_options)
         check_compatible(self.strategy.factor_space, self.optimizer)
         self.staleness = StalenessPolicy(
@@ -80,28 +85,7 @@ class AggregatorCore:
             self.glob: GlobalState = latest
             self.fingerprint = reference.fingerprint
             self.optimizer.load_state_dict(self.ledger.server_state())
-            val = config.validation
-            guard = (
-                NormGuard(
-                    z_max=val.z_max or None,
-                    ratio_max=val.ratio_max or None,
-                    min_history=val.min_history,
-                    min_spread=val.min_spread,
-                    window=val.window,
-                )
-                if val.norm_guard
-                else None
-            )
-            self.validator = Validator(
-                fingerprint=reference.fingerprint,
-                schema=reference.schema,
-                max_rank=config.model.lora_r,
-                norm_guard=guard,
-                seen=self.ledger.seen,
-                last_seq=self.ledger.last_seq,
-                require_b=self.strategy.shares_b,
-            )
-            self._seed_norm_guard()
+            self.admission = Admission(config, reference, self.ledger, require_b=self.strategy.shares_b)
             self.sites = SiteBook(self.state_dir, history=lim.feedback_history)
             self.seqs = SeqReserve(self.state_dir)
         except BaseException:
@@ -125,6 +109,9 @@ class AggregatorCore:
         self.bytes_in = 0
         self.bytes_out = 0
         self.wire_errors = 0
+        #: uploads accepted but neutralised: factor gauge fixed, sample count clipped
+        self.neutralised: Counter[str] = Counter()
+        self.reject_log = RateLimitedLog(log, per_window=lim.reject_logs_per_minute, clock=clock)
         self.last_aggregation_ms = float(self.glob.meta.get("aggregation_ms", 0.0))
         # cache sentinels (pragma: equivalent mutants: any start value is recomputed on first use)
         self._views: dict[tuple[int, float, frozenset[str]], dict[str, np.ndarray]] = {}  # pragma: no mutate
@@ -176,14 +163,16 @@ class AggregatorCore:
         try:
             if update.site != site:
                 raise BadMetadata(f"body says site {update.site!r}, topic says {site!r}")
-            c = to_contribution(update)
-            norm = self.validator.validate(c)
+            adm = self.admission.admit(site, to_contribution(update))
+            c = adm.contribution
             weight = self.staleness.weight(self.version, c.base_version)
-            self.ledger.accept(c, received_version=self.version, weight=weight, norm=norm)
+            self.ledger.accept(c, received_version=self.version, weight=weight, norm=adm.norm, digest=adm.digest)
         except RejectedUpdate as exc:
-            return self._reject(site, update.seq, exc.reason, exc.detail, update)
+            return self._reject(site, update.seq, exc.reason, exc.detail)
         # durable from here on: now it may be acknowledged
-        self.validator.accepted(norm)
+        self.admission.accepted(adm)
+        self.neutralised["factor_gauge"] += adm.rebalanced
+        self.neutralised["samples_clipped"] += int(adm.clipped_samples)
         self.accepted += 1
         self.sites.accepted(site, update)
         self.buffer.arrived()
@@ -207,14 +196,12 @@ class AggregatorCore:
             seq = 0
         return self._reject(site, seq, wire_reason(exc), str(exc))
 
-    def _reject(
-        self, site: str, seq: int, reason: str, detail: str, update: AdapterUpdate | None = None
-    ) -> list[Outgoing]:
-        log.info("rejected %s#%d: %s %s", site, seq, reason, detail)  # pragma: no mutate (log text)
-        edge = update.edge if update is not None and update.edge else site
-        base = update.base_version if update is not None else None
-        self.ledger.reject(edge, seq, reason, detail[:500], base, self.version)
+    def _reject(self, site: str, seq: int, reason: str, detail: str) -> list[Outgoing]:
+        """Count, log (rate-limited) and tell a known site; no disk write, no new retained topic."""
         self.rejected[reason] += 1
+        self.reject_log.log(reason, "rejected %s#%d: %s %s", site, seq, reason, detail[:200])  # pragma: no mutate
+        if site not in self.sites.profiles and not self.admission.known(site):
+            return []
         self.sites.rejected(site, seq, reason)
         return [self._feedback(site)]
 
@@ -370,6 +357,8 @@ class AggregatorCore:
             "pending": self.buffer.pending,
             "sites": len(self.sites.profiles),
             "wire_errors": self.wire_errors,
+            "neutralised": dict(self.neutralised),
+            "log_suppressed": self.reject_log.suppressed_total,
         }
 
     def metrics_message(self) -> Outgoing:
@@ -377,15 +366,6 @@ class AggregatorCore:
 
     def sent(self, nbytes: int) -> None:
         self.bytes_out += nbytes
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _seed_norm_guard(self) -> None:
-        """Refill the norm guard's history from the ledger, so a restart does not disarm it."""
-        guard = self.validator.norm_guard
-        if guard is None:
-            return
-        for norm in self.ledger.recent_norms(guard.window):
-            guard.observe(norm)
 
 
 class BadKind(Exception):

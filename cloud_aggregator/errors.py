@@ -52,6 +52,18 @@ class NormOutlier(RejectedUpdate):
     reason = "norm_outlier"
 
 
+class DuplicateContent(RejectedUpdate):
+    """The same tensors were already accepted from this edge under another seq (a replay with a fresh seq)."""
+
+    reason = "duplicate_content"
+
+
+class UnknownSite(RejectedUpdate):
+    """An allow-list is configured and the site is not on it."""
+
+    reason = "unknown_site"
+
+
 class StaleUpdate(RejectedUpdate):
     reason = "stale"
 
@@ -77,6 +89,8 @@ REASONS: tuple[str, ...] = tuple(
         DuplicateUpdate,
         ReplayedUpdate,
         NormOutlier,
+        DuplicateContent,
+        UnknownSite,
         StaleUpdate,
         FutureBase,
         BadMetadata,

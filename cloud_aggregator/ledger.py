@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS updates (
     status TEXT NOT NULL CHECK (status IN ('pending', 'applied')),
     applied_version INTEGER,
     received_at REAL NOT NULL,
+    digest TEXT,
     UNIQUE (edge_id, seq)
 );
 CREATE INDEX IF NOT EXISTS updates_status ON updates (status);
@@ -114,6 +115,12 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")  # pragma: no mutate (SQL)
         self._db.execute("PRAGMA synchronous=FULL")  # pragma: no mutate (SQL)
         self._db.executescript(_SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(updates)")}  # pragma: no mutate (SQL)
+        if "digest" not in cols:  # a ledger from before content dedup
+            self._db.execute("ALTER TABLE updates ADD COLUMN digest TEXT")  # pragma: no mutate (SQL)
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS updates_digest ON updates (edge_id, digest)"  # pragma: no mutate (SQL)
+        )
         self._remove_orphans()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -145,6 +152,13 @@ class Ledger:
         ).fetchone()
         return row is not None
 
+    def seen_content(self, edge_id: str, digest: str) -> bool:
+        """Whether ``edge_id`` already had an update with these exact tensors accepted (any seq)."""
+        row = self._db.execute(
+            "SELECT 1 FROM updates WHERE edge_id=? AND digest=?", (edge_id, digest)  # pragma: no mutate (SQL)
+        ).fetchone()
+        return row is not None
+
     def last_seq(self, edge_id: str) -> int | None:
         row = self._db.execute(
             "SELECT MAX(seq) FROM updates WHERE edge_id=?", (edge_id,)  # pragma: no mutate (SQL)
@@ -152,19 +166,22 @@ class Ledger:
         return None if row[0] is None else int(row[0])
 
     # ---- updates -------------------------------------------------------------------------
-    def accept(self, c: Contribution, received_version: int, weight: float, norm: float | None = None) -> int:
+    def accept(
+        self, c: Contribution, received_version: int, weight: float, norm: float | None = None,
+        digest: str | None = None,
+    ) -> int:
         """Persist an accepted update; returns its id.  Acknowledge the edge only after this returns."""
-        digest = hashlib.sha256(c.edge_id.encode()).hexdigest()[:16]
+        edge_hash = hashlib.sha256(c.edge_id.encode()).hexdigest()[:16]
         # unique name: a racing replay must never overwrite the file of the copy that won
-        rel = f"updates/{digest}_{c.seq}_{uuid.uuid4().hex[:12]}.safetensors"
+        rel = f"updates/{edge_hash}_{c.seq}_{uuid.uuid4().hex[:12]}.safetensors"
         save_tensors(self.root / rel, c.tensors, {"edge_id": c.edge_id, "seq": str(c.seq)})
         with self._lock:
             try:
                 cur = self._db.execute(
                     "INSERT INTO updates (edge_id, seq, base_version, received_version,"  # pragma: no mutate (SQL)
                     " rank, alpha, samples,"  # pragma: no mutate (SQL)
-                    " modalities, fingerprint, weight, norm, path, status, received_at)"  # pragma: no mutate (SQL)
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?)",  # pragma: no mutate (SQL)
+                    " modalities, fingerprint, weight, norm, path, status, received_at, digest)"  # pragma: no mutate
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?,?)",  # pragma: no mutate (SQL)
                     (
                         c.edge_id,
                         c.seq,
@@ -179,6 +196,7 @@ class Ledger:
                         norm,
                         rel,
                         time.time(),
+                        digest,
                     ),
                 )
             except sqlite3.IntegrityError as e:
@@ -196,7 +214,8 @@ class Ledger:
         base_version: int | None = None,
         received_version: int | None = None,
     ) -> None:
-        """Record a refusal (for metrics and audits); it never blocks a later valid seq."""
+        """Record a refusal for an audit.  The service no longer calls it: a refusal must cost no disk write
+        (a flood of garbage would otherwise buy an fsync each); old rows still count in ``counts``."""
         with self._lock:
             self._db.execute(
                 "INSERT INTO rejections"  # pragma: no mutate (SQL)

@@ -54,7 +54,11 @@ class AdapterSchema:
 
 @dataclass
 class NormGuard:
-    """Rejects an update whose effective norm is far from the recent ones.
+    """Rejects an update whose effective norm is too large outright, or far from the recent ones.
+
+    ``max_norm`` is an absolute ceiling judged from the very first upload (the cloud derives it
+    from the frozen base, see ``admission.py``): without it the statistical test below would wave
+    through anything until ``min_history`` norms exist, first of all a 10^4x first upload.
 
     Robust on purpose: a log-norm z-score using the median and MAD (so one earlier outlier
     cannot widen the band), plus a plain median-ratio bound.  Silent until ``min_history``
@@ -63,17 +67,22 @@ class NormGuard:
     ``min_spread`` floors the robust scale (in log space): a handful of similar norms has a
     near-zero MAD, while edges of different ranks, alphas and data sizes legitimately differ by
     small factors, so without a floor the guard rejects honest updates.  With the defaults
-    anything within e^(6 x 0.5) = 20x of the median passes the z test.
+    anything within e^(4 x 0.5) = 7.4x of the median passes the z test (it was 20x, which let a
+    15x update through).  Honest spread in the closed loop (3 edges of ranks 8/4/2, 6 rounds, the
+    norms growing from 1.3 to 8.2 as B leaves zero) stays within 2.4x of the running median.
     """
 
-    z_max: float | None = 6.0
-    ratio_max: float | None = 100.0
-    min_history: int = 5
+    z_max: float | None = 4.0
+    ratio_max: float | None = 10.0
+    min_history: int = 3
     min_spread: float = 0.5
     window: int = 256
+    max_norm: float | None = None
     history: deque[float] = field(default_factory=deque)
 
     def check(self, norm: float) -> None:
+        if self.max_norm is not None and norm > self.max_norm:
+            raise NormOutlier(f"norm {norm:.3g} above the absolute bound {self.max_norm:.3g}")
         if len(self.history) < self.min_history:
             return
         med = statistics.median(self.history)

@@ -8,10 +8,14 @@ from .fedsa import FedSA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .median import Median
 from .modality_aware import ModalityAware
+from .norm_clip import NormClip
+from .trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, HetLoRA, FLoRA, FlexLoRA, FedSA, ModalityAware)
+    cls.name: cls
+    for cls in (FedAvg, HetLoRA, FLoRA, FlexLoRA, FedSA, ModalityAware, NormClip, TrimmedMean, Median)
 }
 
 
@@ -31,8 +35,11 @@ __all__ = [
     "FedSA",
     "FlexLoRA",
     "HetLoRA",
+    "Median",
     "ModalityAware",
     "ModuleStack",
+    "NormClip",
     "Strategy",
+    "TrimmedMean",
     "get_strategy",
 ]

@@ -30,10 +30,15 @@ class ModuleStack:
     ranks: torch.Tensor  # (K,) int64
     weights: torch.Tensor  # (K,) unnormalised, ≥ 0
     scales: torch.Tensor  # (K,) alpha_k / r_k, float64
+    max_share: float = 1.0  # no edge's normalised weight above this (see cap_shares)
 
     @property
     def normalized(self) -> torch.Tensor:
-        return normalize(self.weights)
+        return self.normalize(self.weights)
+
+    def normalize(self, w: torch.Tensor) -> torch.Tensor:
+        """Weights summing to one with no share above ``max_share`` (rules weighting by their own statistic)."""
+        return cap_shares(normalize(w), self.max_share)
 
     def b_coefficients(self, w: torch.Tensor) -> torch.Tensor:
         """Per-edge multipliers for raw ``B_k`` so that ``Σ c_k B_k`` = ``Σ w_k s_k B_k``.
@@ -49,6 +54,34 @@ def normalize(w: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(total) or total <= 0:
         return torch.full_like(w, 1.0 / max(len(w), 1))
     return w / total
+
+
+def cap_shares(w: torch.Tensor, max_share: float) -> torch.Tensor:
+    """Normalised weights with none above ``max_share``, the excess handed to the others pro rata.
+
+    Why: a weight is whatever the edge claims (samples), so one edge claiming 10^12 samples would
+    otherwise *be* the global.  Water-filling: cap the largest, re-spread the rest, repeat; weights
+    that are all zero share the remainder equally.  When ``K x max_share <= 1`` no weighting can
+    satisfy the cap and the result is uniform.
+    """
+    k = len(w)
+    if max_share >= 1.0 or k == 0 or not bool((w > max_share).any()):
+        return w
+    if k * max_share <= 1.0:
+        return torch.full_like(w, 1.0 / k)
+    capped = torch.zeros(k, dtype=torch.bool)
+    out = w.clone()
+    while True:
+        free = ~capped
+        rest = 1.0 - max_share * int(capped.sum())
+        base = w[free]
+        spread = base / base.sum() if float(base.sum()) > 0 else torch.full_like(base, 1.0 / len(base))
+        out[free] = spread * rest
+        out[capped] = max_share
+        over = free & (out > max_share)
+        if not bool(over.any()):
+            return out
+        capped |= over
 
 
 def stack_padded(ts: Sequence[torch.Tensor], dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -104,6 +137,8 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: cap on any one contribution's share of a module's aggregate; the core sets it from the config
+    max_share: float = 1.0
     #: the factors of successive globals live in the same coordinates, so a server optimizer
     #: (momentum, Adam) on ``new - old`` is meaningful; false for SVD/stacked forms.
     factor_space: ClassVar[bool] = True
@@ -127,6 +162,19 @@ class Strategy(ABC):
     def wants(self, name: str, modalities: dict[str, int] | None) -> bool:
         """Whether an edge with ``modalities`` receives tensor/module ``name``."""
         return True
+
+    def cap_share(self, max_share: float) -> None:
+        """Set ``max_share`` here and on a wrapped rule (``inner``), so whichever one builds a stack caps it."""
+        if not 0 < max_share <= 1:
+            raise ValueError("max_share must be in (0, 1]")
+        self.max_share = max_share
+        inner = getattr(self, "inner", None)
+        if isinstance(inner, Strategy):
+            inner.cap_share(max_share)
+
+    def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A non-LoRA tensor's aggregate from the ``(K, ...)`` stack (default: the capped weighted mean)."""
+        return weighted_sum(cap_shares(normalize(weights), self.max_share), stack)
 
     # ---- driver ------------------------------------------------------------------------
     def aggregate(
@@ -175,7 +223,7 @@ class Strategy(ABC):
                     ts.append(parsed[i].extras[n])
             if ts:
                 dt = work_dtype(ts[0])
-                out[n] = weighted_sum(normalize(torch.tensor(ws, dtype=torch.float64)), torch.stack(ts).to(dt))
+                out[n] = self.combine_extra(torch.stack(ts).to(dt), torch.tensor(ws, dtype=torch.float64))
 
         version = 1 if global_state is None else global_state.version + 1
         return GlobalState(version=version, tensors=out, strategy=self.name)
@@ -215,6 +263,7 @@ class Strategy(ABC):
             ranks=torch.tensor(ranks),
             weights=torch.tensor(ws, dtype=torch.float64),
             scales=torch.tensor(scales, dtype=torch.float64),
+            max_share=self.max_share,
         )
 
     def view_for(

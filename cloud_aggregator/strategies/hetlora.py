@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModuleStack, Strategy, normalize, weighted_sum
+from .base import ModuleStack, Strategy, weighted_sum
 
 
 def product_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -24,5 +24,5 @@ class HetLoRA(Strategy):
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
         norms = product_norms(stack.a, stack.b).to(torch.float64) * stack.scales  # pragma: no mutate (to f64: exact)
-        w = normalize(stack.weights * norms)
+        w = stack.normalize(stack.weights * norms)
         return weighted_sum(w, stack.a), weighted_sum(stack.b_coefficients(w), stack.b)

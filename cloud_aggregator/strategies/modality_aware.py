@@ -41,6 +41,9 @@ class ModalityAware(Strategy):
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.inner.aggregate_module(stack)
 
+    def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.inner.combine_extra(stack, weights)
+
     def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.inner.view_module(g, module, rank)
 

@@ -107,8 +107,9 @@ def test_core_flow_acks_refusals_restart_and_the_fedbuff_step(tmp_path: Path):
     cfg = cloud_config(
         tmp_path / "cloud", ADDR,
         aggregation={"strategy": "modality-aware", "strategy_options": {"inner": "hetlora"}, "buffer_k": 3,
-                     "max_staleness": 2, "discount": "polynomial", "discount_options": {"a": 0.5}},
-        validation={"min_history": 3},
+                     "max_staleness": 2, "discount": "polynomial", "discount_options": {"a": 0.5},
+                     "max_share": 1.0},  # the documented maths uncapped (a's 32 of 62 samples is above 1/2)
+        validation={"min_history": 3, "sites": ["a", "b", "c", "x", "y"]},  # provisioned: refusals get feedback
     )
     both, image, audio = {"audio": 32, "image": 32}, {"audio": 0, "image": 20}, {"audio": 10, "image": 0}
     core = AggregatorCore(cfg)
@@ -145,10 +146,8 @@ def test_core_flow_acks_refusals_restart_and_the_fedbuff_step(tmp_path: Path):
             fb = feedback_of(send(core, Upload(site, 1, 7 if site == "y" else 1, 4, 8, both, **kw)), site)
             assert [(r.seq, r.reason) for r in fb.rejected] == [(1, reason)]
             assert fb.accepted == [] and fb.tensors == {} and fb.rank == 0
-        with sqlite3.connect(tmp_path / "cloud" / "ledger.sqlite") as db:  # the audit record of each refusal
-            rows = list(db.execute("SELECT edge_id, seq, base_version, received_version, reason FROM rejections"))
-        assert rows == [("edge-a", 1, 0, 1, "duplicate"), ("edge-a", 0, 1, 1, "replayed"),
-                        ("edge-x", 1, 1, 1, "base_fingerprint"), ("edge-y", 1, 7, 1, "future_base")]
+        with sqlite3.connect(tmp_path / "cloud" / "ledger.sqlite") as db:  # a refusal costs no disk write
+            assert list(db.execute("SELECT * FROM rejections")) == []
         a2, b2 = Upload("a", 2, 1, 4, 32, both), Upload("b", 2, 0, 2, 20, image)  # b is one version stale
         assert feedback_of(send(core, a2), "a").accepted == [1, 2]
         assert feedback_of(send(core, b2), "b").accepted == [1, 2]
@@ -194,8 +193,7 @@ def test_core_flow_acks_refusals_restart_and_the_fedbuff_step(tmp_path: Path):
 
         [metrics] = [b for t, b in decoded(out) if t == topics.metrics(Role.CLOUD, cfg.cloud_id)]
         assert metrics["version"] == 2 and metrics["accepted"] == 6 and metrics["pending"] == 0
-        assert metrics["rejected"] == 4
-        assert metrics["rejected_reasons"] == {"duplicate": 1, "replayed": 1, "base_fingerprint": 1, "future_base": 1}
+        assert metrics["rejected"] == 0 and metrics["rejected_reasons"] == {}  # refusals are counted in memory only
         assert metrics["sites"] == 3 and metrics["contributors"] == 3
         assert metrics["staleness"] == {"mean": pytest.approx(1 / 3), "max": 1}
         meta = core.ledger.load_global(2).meta
@@ -246,9 +244,11 @@ def test_a_stale_update_moves_the_global_by_the_documented_factor(tmp_path: Path
         core.close()
 
 
-def test_transport_failures_are_refused_with_their_reason(tmp_path: Path):
+def test_transport_failures_are_refused_with_their_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     """Bytes that never become an update: attributed to the site when the topic names one."""
-    core = AggregatorCore(cloud_config(tmp_path / "cloud", ADDR, limits={"feedback_history": 2}))
+    core = AggregatorCore(cloud_config(tmp_path / "cloud", ADDR, limits={"feedback_history": 2},
+                                       validation={"sites": ["g", "k", "m", "f"]}))
+    caplog.set_level("INFO", logger="cloud_aggregator.core")
     try:
         fb = feedback_of(core.ingest(topics.adapter_up("g"), b"\x93not an envelope"), "g")
         assert [(r.seq, r.reason) for r in fb.rejected] == [(0, "bad_payload")]
@@ -268,16 +268,14 @@ def test_transport_failures_are_refused_with_their_reason(tmp_path: Path):
         assert core.aggregate() == [] and core.version == 0  # nothing pending: no empty version minted
         long = Upload("f", 1, 0, 4, 8, {"audio": 1, "image": 1}, fingerprint="f" * 600)
         assert feedback_of(send(core, long), "f").rejected[0].reason == "base_fingerprint"
-        # the audit trail names the uploading edge when the body could be read, else the site
-        assert core.ledger.rejections() == [("g", 0, "bad_payload"), ("g", 0, "bad_payload"), ("g", 0, "bad_payload"),
-                                            ("k", 5, "wrong_kind"), ("edge-m", 3, "bad_metadata"),
-                                            ("edge-f", 1, "base_fingerprint")]
-        with sqlite3.connect(tmp_path / "cloud" / "ledger.sqlite") as db:  # the audit trail says why
-            details = [r[0] for r in db.execute("SELECT detail FROM rejections ORDER BY id")]
+        assert core.ledger.rejections() == []  # no disk write for a refusal
+        # the log says why (rate-limited per reason; these are well under the limit)
+        details = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected ")]
         assert "msgpack" in details[0].lower() or "decode" in details[0].lower(), details[0]
-        assert details[3] == "expected an adapter, got 'feedback'"
-        assert details[4] == "body says site 'elsewhere', topic says 'm'"
-        assert details[5] == f"{'f' * 600!r} != {fingerprint()!r}"[:500]  # bounded: a client picks its length
+        assert details[3] == "rejected k#5: wrong_kind expected an adapter, got 'feedback'"
+        assert details[4] == "rejected m#3: bad_metadata body says site 'elsewhere', topic says 'm'"
+        want = f"rejected f#1: base_fingerprint {f'{chr(102) * 600!r} != {fingerprint()!r}'[:200]}"
+        assert details[5] == want  # bounded: a client picks its length
         m = core.metrics()
         assert m["wire_errors"] == 4 + 2 and m["accepted"] == 0 and m["version"] == 0 and m["strategy"] == "fedavg"
         assert m["staleness"] == {"mean": 0.0, "max": 0} and m["contributors"] == 0 and m["sites"] == 0
@@ -300,12 +298,15 @@ def huge(u: Upload) -> Upload:
     return u
 
 
-@pytest.mark.parametrize("bound", [{"ratio_max": 0, "min_spread": 0.05}, {"z_max": 0}], ids=["z-test", "ratio-test"])
+@pytest.mark.parametrize("bound", [{"ratio_max": 0, "min_spread": 0.05, "max_norm": 1e12},
+                                   {"z_max": 0, "max_norm": 1e12}], ids=["z-test", "ratio-test"])
 def test_restart_rearms_the_norm_guard_and_never_reuses_a_seq(tmp_path: Path, bound: dict):
     """Each norm bound alone (the other switched off with 0) refuses an outlier, also right after a restart.
 
-    A 3x larger update passes the 100x ratio bound but not a z test whose spread floor is only 0.05.
+    A 3x larger update passes the 10x ratio bound but not a z test whose spread floor is only 0.05.  The
+    absolute bound (armed from the first upload) is lifted here so that the statistical ones are what refuses.
     """
+    bound = {**bound, "sites": ["g", "h", "k", "j"]}
     cfg = cloud_config(tmp_path / "cloud", ADDR, aggregation={"buffer_k": 100},
                        validation={"min_history": 3, **bound}, limits={"feedback_history": 2})
     both = {"audio": 4, "image": 4}
@@ -364,7 +365,7 @@ def test_configuration_reaches_the_core(tmp_path: Path):
 
 
 def test_fedsa_core_accepts_a_alone_and_never_sends_b(tmp_path: Path):
-    cfg = cloud_config(tmp_path / "cloud", ADDR, aggregation={"strategy": "fedsa", "buffer_k": 2})
+    cfg = cloud_config(tmp_path / "cloud", ADDR, aggregation={"strategy": "fedsa", "buffer_k": 2, "max_share": 1.0})
     both = {"audio": 4, "image": 4}
     core = AggregatorCore(cfg)
     try:
@@ -404,7 +405,8 @@ def test_stacked_strategy_ignores_the_fedbuff_step(tmp_path: Path):
 
 
 def test_chunked_uploads_are_reassembled_and_oversize_ones_refused(tmp_path: Path):
-    cfg = cloud_config(tmp_path / "cloud", ADDR, limits={"max_payload_bytes": 32_000, "max_transfers": 1})
+    cfg = cloud_config(tmp_path / "cloud", ADDR, limits={"max_payload_bytes": 32_000, "max_transfers": 1},
+                       validation={"sites": ["c", "d", "o", "n"]})
     core = AggregatorCore(cfg)
     try:
         u = Upload("c", 1, 0, 4, 8, {"audio": 1, "image": 1})
@@ -428,10 +430,7 @@ def test_chunked_uploads_are_reassembled_and_oversize_ones_refused(tmp_path: Pat
         body = encode_envelope(Kind.ADAPTER, "edge-n", 9, {"site": "n"})  # an adapter envelope, unreadable body
         fb = feedback_of(core.ingest(topics.adapter_up("n"), body), "n")
         assert [r.seq for r in fb.rejected] == [9] and fb.rejected[0].reason == "bad_payload"
-        assert core.ledger.rejections()[-1] == ("n", 9, "bad_payload")
-        with sqlite3.connect(tmp_path / "cloud" / "ledger.sqlite") as db:
-            [(detail,)] = db.execute("SELECT detail FROM rejections WHERE edge_id = 'n'")
-        assert detail == "missing field 'edge'"  # the decoder's own words, recorded for the audit
+        assert core.ledger.rejections() == []
     finally:
         core.close()
 
@@ -470,7 +469,8 @@ def test_the_buffer_timer_aggregates_on_the_injected_clock(tmp_path: Path):
 def test_schema_and_rank_bound_come_from_the_served_model(tmp_path: Path):
     """Also: max_staleness = 0 means "fresh only" (only -1 lifts the limit), and the state_dir may be nested."""
     core = AggregatorCore(cloud_config(tmp_path / "deep" / "state" / "cloud", ADDR,
-                                       aggregation={"buffer_k": 1, "max_staleness": 0}))  # lora_r = 8
+                                       aggregation={"buffer_k": 1, "max_staleness": 0},
+                                       validation={"sites": ["w", "x", "y"]}))  # lora_r = 8
     try:
         both = {"audio": 1, "image": 1}
         u = Upload("w", 1, 0, 8, 8, both)

@@ -303,7 +303,8 @@ def test_buffer_policy_boundaries():
 
 def test_registry_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"^unknown strategy 'nope'; known: \['fedavg', 'fedsa', 'flexlora', "
-                                         r"'flora', 'hetlora', 'modality-aware'\]$"):
+                                         r"'flora', 'hetlora', 'median', 'modality-aware', 'norm-clip', "
+                                         r"'trimmed-mean'\]$"):
         get_strategy("nope")
     with pytest.raises(ValueError, match=r"^modality-aware cannot wrap itself$"):
         get_strategy("modality-aware", inner=get_strategy("modality-aware"))

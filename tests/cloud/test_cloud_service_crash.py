@@ -85,7 +85,8 @@ async def test_kill_9_mid_stream_then_restart(tmp_path: Path, fresh_mosquitto):
     addr = BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port)
     cfg = cloud_config(
         tmp_path / "cloud", addr,
-        aggregation={"strategy": "fedavg", "buffer_k": 3, "buffer_period_s": 0.5},
+        # no share cap: staleness discounts make some shares exceed 1/2, and the replay below is uncapped fedavg
+        aggregation={"strategy": "fedavg", "buffer_k": 3, "buffer_period_s": 0.5, "max_share": 1.0},
         limits={"metrics_period_s": 0.5},
     )
     cfg_path = write_cloud_config(cfg, tmp_path / "cloud.toml")
@@ -141,8 +142,7 @@ async def test_kill_9_mid_stream_then_restart(tmp_path: Path, fresh_mosquitto):
         applied = [u for v in range(1, final + 1) for u in ledger.applied_in(v)]
         expected = [(f"edge-{s}", q) for s in SITES for q in range(1, ROUNDS + 1)]
         assert sorted(applied) == sorted(expected), "every upload applied exactly once"
-        reasons = {r for _, _, r in ledger.rejections()}
-        assert reasons <= {"duplicate"}, reasons  # resends after the crash are recognised, nothing else
+        assert ledger.rejections() == []  # resends after the crash are refused without a disk write
         # replay every version from what the edges sent, in plain numpy from the documented maths: each
         # stored global is exactly its predecessor plus the updates the ledger says it consumed, so none
         # was applied twice or skipped.  fedavg: A = Σ w A_k, B = Σ w (alpha/r) B_k with w ∝ n_k d_k;

@@ -34,7 +34,8 @@ def test_modality_parser():
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware"}
+    assert set(STRATEGIES) == {"fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware", "norm-clip",
+                               "trimmed-mean", "median"}
     with pytest.raises(ValueError, match="unknown strategy"):
         get_strategy("nope")
     assert get_strategy("modality-aware", inner="flora").inner.name == "flora"
