@@ -69,13 +69,22 @@ class _Transfer:
     count: int
     size: int
     sha256: bytes
+    sender: str = ""
     parts: dict[int, bytes] = field(default_factory=dict)
     received: int = 0
     last: float = 0.0
 
 
 class Reassembler:
-    """Collects chunks per (key, transfer id) and returns the whole payload once complete."""
+    """Collects chunks per (key, transfer id) and returns the whole payload once complete.
+
+    Memory is bounded twice: globally (``max_bytes`` announced bytes, ``max_transfers`` partial
+    transfers) and per sender (``max_sender_bytes``, ``max_sender_transfers``), so one sender cannot
+    starve the others: four chunks announcing 64 MiB each used to hold a 256 MiB budget for a whole
+    timeout. A sender over its share loses its *own* least recently active partial transfers (counted
+    in :attr:`evicted`: a crashed sender's stale half-transfer must not block its resend); only the
+    global bounds refuse (:class:`ChunkLimitError`), and a refusal changes nothing.
+    """
 
     def __init__(
         self,
@@ -85,15 +94,24 @@ class Reassembler:
         max_transfer_bytes: int = DEFAULT_MAX_PAYLOAD,
         timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        max_sender_bytes: int | None = None,
+        max_sender_transfers: int | None = None,
     ) -> None:
+        """Per-sender shares default to a quarter of the global bounds, never less than one whole transfer."""
         self.max_transfers = max_transfers
         self.max_bytes = max_bytes
         self.max_transfer_bytes = max_transfer_bytes
         self.timeout_s = timeout_s
+        share = min(max_bytes, max(max_transfer_bytes, max_bytes // 4))
+        self.max_sender_bytes = max_sender_bytes if max_sender_bytes is not None else share
+        self.max_sender_transfers = (
+            max_sender_transfers if max_sender_transfers is not None else max(1, max_transfers // 4)
+        )
         self._clock = clock
         self._open: dict[tuple[str, bytes], _Transfer] = {}
         self.expired = 0
         self.completed = 0
+        self.evicted = 0
 
     @property
     def reserved_bytes(self) -> int:
@@ -104,6 +122,10 @@ class Reassembler:
     def open_transfers(self) -> int:
         return len(self._open)
 
+    def sender_bytes(self, sender: str) -> int:
+        """Bytes reserved by ``sender``'s partial transfers."""
+        return sum(t.size for t in self._open.values() if t.sender == sender)
+
     def expire(self) -> int:
         """Drop transfers idle for longer than the timeout; return how many were dropped."""
         now = self._clock()
@@ -113,9 +135,14 @@ class Reassembler:
         self.expired += len(stale)
         return len(stale)
 
-    def feed(self, key: str, body: Any) -> bytes | None:
-        """Add one chunk body; return the verified payload when its transfer is complete."""
+    def feed(self, key: str, body: Any, *, sender: str | None = None) -> bytes | None:
+        """Add one chunk body; return the verified payload when its transfer is complete.
+
+        ``sender`` is who is charged for the transfer's memory (default: ``key``); the inbox passes the
+        publisher identity the topic names, which a broker's ACL vouches for (an envelope's sender does not).
+        """
         self.expire()
+        who = key if sender is None else sender
         b = body_map(body, "chunk")
         transfer, digest, data = b.get("transfer"), b.get("sha256"), b.get("data")
         if not isinstance(transfer, bytes) or len(transfer) != 16:
@@ -136,11 +163,7 @@ class Reassembler:
         slot = (key, transfer)
         t = self._open.get(slot)
         if t is None:
-            if len(self._open) >= self.max_transfers:
-                raise ChunkLimitError(f"too many transfers in progress ({self.max_transfers})")
-            if self.reserved_bytes + size > self.max_bytes:
-                raise ChunkLimitError(f"transfer of {size} bytes would exceed the reassembly budget")
-            t = self._open[slot] = _Transfer(transfer, count, size, digest)
+            t = self._open[slot] = self._admit(who, _Transfer(transfer, count, size, digest, who))
         elif (t.count, t.size, t.sha256) != (count, size, digest):
             raise ChunkError("chunk disagrees with earlier chunks of its transfer on count, size or sha256")
         t.last = self._clock()
@@ -163,3 +186,31 @@ class Reassembler:
             raise ChunkHashError("reassembled payload does not match its sha256")
         self.completed += 1
         return payload
+
+    def _admit(self, sender: str, new: _Transfer) -> _Transfer:
+        """Make room for a new transfer: evict the sender's own oldest partials over its share, then check
+        the global bounds. Nothing is evicted unless the new transfer is then admitted."""
+        if new.size > self.max_bytes:
+            raise ChunkLimitError(f"transfer of {new.size} bytes would exceed the reassembly budget")
+        if new.size > self.max_sender_bytes:
+            raise ChunkLimitError(f"transfer of {new.size} bytes exceeds the per-sender budget of "
+                                  f"{self.max_sender_bytes}")
+        own = sorted(((t.last, k) for k, t in self._open.items() if t.sender == sender), key=lambda x: x[0])
+        own_bytes = sum(self._open[k].size for _, k in own)
+        victims: list[tuple[str, bytes]] = []
+        while own and (len(own) - len(victims) >= self.max_sender_transfers
+                       or own_bytes + new.size > self.max_sender_bytes):
+            _, k = own[len(victims)]
+            victims.append(k)
+            own_bytes -= self._open[k].size
+            if len(victims) == len(own):
+                break
+        freed = sum(self._open[k].size for k in victims)
+        if len(self._open) - len(victims) >= self.max_transfers:
+            raise ChunkLimitError(f"too many transfers in progress ({self.max_transfers})")
+        if self.reserved_bytes - freed + new.size > self.max_bytes:
+            raise ChunkLimitError(f"transfer of {new.size} bytes would exceed the reassembly budget")
+        for k in victims:
+            del self._open[k]
+        self.evicted += len(victims)
+        return new

@@ -17,6 +17,12 @@ class SequenceGuard:
         self.duplicates = 0
         self.gaps = 0
 
+    def seen(self, sender: str, seq: int) -> bool:
+        """True if ``seq`` would be dropped as a duplicate; records nothing, so a receiver can look before it
+        validates and :meth:`accept` only what it keeps (a rejected message must not advance the guard)."""
+        prev = self.last.get(sender)
+        return prev is not None and seq <= prev
+
     def accept(self, sender: str, seq: int) -> bool:
         """True if ``seq`` is new for ``sender`` (and record it); False for a duplicate/replay."""
         prev = self.last.get(sender)

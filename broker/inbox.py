@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from broker import topics
 from broker.chunking import Reassembler
-from broker.errors import ChunkError
+from broker.errors import ChunkError, TopicError
 from broker.wire.envelope import DEFAULT_MAX_PAYLOAD, Envelope, Kind, decode_envelope
 
 
@@ -38,7 +38,12 @@ class Inbox:
         That is a chunk whose transfer is not complete, or an empty payload: the MQTT way to clear a
         retained message (publishers clear stale retained chunks), never a megace message.
         """
-        parsed = topics.parse(topic)
+        try:
+            parsed = topics.parse(topic)
+        except TopicError:
+            raise
+        except (ValueError, TypeError) as exc:  # e.g. ".../chunk/²": str.isdigit() accepts it, int() does not
+            raise TopicError(f"not a megace/v1 topic: {topic!r} ({type(exc).__name__})") from None
         if self.channels is not None and parsed.channel not in self.channels:
             self.foreign += 1
             return None
@@ -50,10 +55,25 @@ class Inbox:
         if isinstance(env.body, dict) and env.body.get("index") != parsed.chunk_index:
             raise ChunkError(f"chunk body index {env.body.get('index')!r} != topic index {parsed.chunk_index}")
         base = replace(parsed, chunk_index=None)
-        whole = self.reassembler.feed(f"{base.base}|{env.sender}", env.body)
+        whole = self.reassembler.feed(f"{base.base}|{env.sender}", env.body, sender=publisher(base))
         if whole is None:
             return None
         inner = decode_envelope(whole, max_size=self.max_payload)
         if inner.kind is Kind.CHUNK:
             raise ChunkError("a chunked transfer may not contain another chunk")
         return base, inner
+
+
+def publisher(parsed: topics.Parsed) -> str:
+    """Who may publish on ``parsed``'s topic (what a broker ACL ties to credentials): the identity that
+    reassembly memory is charged to. The envelope's own sender field is self-declared and is not used."""
+    c = parsed.channel
+    if c is topics.Channel.DEVICE_UP:
+        return f"device/{parsed.site}/{parsed.device}"
+    if c is topics.Channel.DEVICE_DOWN:
+        return f"edge/{parsed.site}"
+    if c is topics.Channel.ADAPTER_UP:
+        return f"site/{parsed.site}"
+    if c in (topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK):
+        return "cloud"
+    return f"{c.value}/{parsed.role}/{parsed.ident}"

@@ -196,8 +196,10 @@ def _parse(topic: str) -> Parsed:
         raise TopicError(f"not a megace/v1 topic: {topic!r}")
     levels = topic[len(ROOT) + 1 :].split("/")
     chunk_index: int | None = None
-    # ".../chunk/<n>" only with a numeric n: a site or device may itself be called "chunk"
-    if len(levels) >= 2 and levels[-2] == "chunk" and levels[-1].isdigit():
+    # ".../chunk/<n>" only with an ASCII-decimal n of at most 9 digits (str.isdigit alone accepts "²",
+    # which int() refuses): a site or device may itself be called "chunk"
+    last = levels[-1]
+    if len(levels) >= 2 and levels[-2] == "chunk" and last.isascii() and last.isdigit() and len(last) <= 9:
         chunk_index = int(levels[-1])
         levels = levels[:-2]
     try:

@@ -185,7 +185,7 @@ class AggregatorCore:
         self.wire_errors += 1
         try:
             site = parse_topic(topic).site
-        except WireError:
+        except (WireError, ValueError):  # whatever a hostile topic makes the parser raise
             site = None
         if site is None:
             self.rejected[wire_reason(exc)] += 1

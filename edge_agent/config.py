@@ -80,6 +80,14 @@ class LimitsConfig:
     max_packet: int = 256 * 1024
     """Uploads larger than this are chunked."""
     max_devices: int = 10_000
+    device_idle_evict_s: float = 900.0
+    """A full registry evicts the least recently seen device that sent no data for this long (counted as
+    ``devices_evicted``) instead of refusing every newcomer; only when none qualifies is a newcomer refused."""
+    max_modality_elements: int = 65_536
+    """Largest array (elements) a registration may announce for one modality."""
+    max_sequence_factor: int = 4
+    """A registered token sequence may be at most this many times the model's ``max_tokens`` long
+    (the model keeps only the last ``max_tokens`` tokens; longer is waste, ``[10**6, 6]`` is an attack)."""
     replay_max_total: int = 4096
     replay_max_per_device: int | None = 1024
     replay_max_per_modality: int | None = None
@@ -99,6 +107,9 @@ class EdgeConfig:
     metrics_interval_s: float = 2.0
     persistent_session: bool = True
     """MQTT clean_session=False: the broker queues device records while the agent restarts."""
+    ingest_fsync: bool = True
+    """fsync the ingest log before acknowledging device messages (survives power loss); ``false`` only
+    writes to the OS, which survives a crash or ``kill -9`` of the agent but not of the machine."""
     log_level: str = "INFO"
     model: EdgeModelConfig = field(default_factory=toy_config)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,9 @@ from megace_model.adapters import is_personal, load_personal
 from megace_model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
 
 log = logging.getLogger(__name__)
+
+DOWN_SEQ_BLOCK = 10_000
+"""Downlink seqs reserved (persisted) at a time: one small fsync'd write per block."""
 
 UPLINK_KINDS = {"register": Kind.REGISTER, "features": Kind.FEATURES, "infer": Kind.INFER}
 
@@ -86,6 +89,9 @@ class Effects:
     applies: list[ApplyJob] = field(default_factory=list)
     infers: list[InferRequest] = field(default_factory=list)
     train_due: bool = False
+    durable: bool = False
+    """The message changed state that a checkpoint holds (a buffered sample, a registration): the service
+    logs it before acknowledging it to the broker (:mod:`edge_agent.acks`)."""
 
 
 class EdgeCore:
@@ -97,7 +103,11 @@ class EdgeCore:
         self.edge_id = config.edge_id
         self.counters = counters if counters is not None else Counters()
         self.state = AgentState()
-        self.registry = DeviceRegistry(config.model, max_devices=config.limits.max_devices)
+        lim = config.limits
+        self.registry = DeviceRegistry(
+            config.model, max_devices=lim.max_devices, idle_evict_s=lim.device_idle_evict_s,
+            max_modality_elements=lim.max_modality_elements, max_sequence_factor=lim.max_sequence_factor,
+        )
         self.trainer = trainer
         self.new_samples = 0
         """Labelled samples buffered since the last round (the service resets it when a round starts)."""
@@ -107,6 +117,8 @@ class EdgeCore:
             channels=frozenset({topics.Channel.DEVICE_UP, topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK}),
         )
         self._down_seq = 0
+        self._down_reserved = 0
+        self._reserve: Callable[[int], None] | None = None
         self._last_log: dict[str, float] = {}
 
     # ================================================================== intake
@@ -155,7 +167,7 @@ class EdgeCore:
         if parsed is None:
             try:
                 parsed = topics.parse(topic)
-            except WireError:
+            except ValueError:  # WireError, and whatever topics.parse lets slip (e.g. ".../chunk/²")
                 return None
         return parsed.device if parsed.channel is topics.Channel.DEVICE_UP else None
 
@@ -180,8 +192,12 @@ class EdgeCore:
     def _on_register(self, fx: Effects, device: str, seq: int, body: Any, *, retained: bool) -> None:
         profile = CapabilityProfile.from_body(body)
         restarted = not retained and any(g.last.get(device, -1) >= seq for g in self.registry.guards.values())
+        evicted = self.registry.evicted
         entry = self.registry.register(device, profile, fresh=restarted)
+        if self.registry.evicted > evicted:
+            self.counters.inc("devices_evicted", self.registry.evicted - evicted)
         self.counters.inc("registrations")
+        fx.durable = True
         fx.out.append(self.down(device, Kind.CONFIG, entry.config(model_version=max(self.state.global_version, 0))))
 
     def _on_features(self, fx: Effects, device: str, seq: int, body: Any) -> None:
@@ -189,11 +205,12 @@ class EdgeCore:
         entry = registry.devices.get(device)
         if entry is None:
             raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
-        if not registry.is_new("features", device, seq):
+        if registry.is_duplicate("features", device, seq):
             self.counters.inc("duplicates")
             return
         record = FeatureRecord.from_body(body, max_array_bytes=self.config.limits.max_array_bytes)
         sample = registry.check(device, record, need_label=True)
+        registry.is_new("features", device, seq)  # only now: a rejected record must not advance the guard
         entry.count("records")
         label = sample["label"]
         if label is None:
@@ -209,17 +226,19 @@ class EdgeCore:
         for name in modalities:
             seen[name] = seen.get(name, 0) + 1
         self.new_samples += 1
+        fx.durable = True
         if self.new_samples >= self.config.training.min_new_samples:
             fx.train_due = True
 
     def _on_infer(self, fx: Effects, device: str, seq: int, body: Any) -> None:
         if device not in self.registry:
             raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
-        if not self.registry.is_new("infer", device, seq):
+        if self.registry.is_duplicate("infer", device, seq):
             self.counters.inc("duplicates")
             return
         record = FeatureRecord.from_body(body, max_array_bytes=self.config.limits.max_array_bytes)
         sample = self.registry.check(device, record, need_label=False)
+        self.registry.is_new("infer", device, seq)
         fx.infers.append(InferRequest(device, record.sample, sample, time.perf_counter(), seq))
 
     # ------------------------------------------------------------ cloud downlinks
@@ -301,9 +320,19 @@ class EdgeCore:
         return self.down(request.device, Kind.PREDICTION, Prediction(request.device, request.sample_id, label, probs,
                                                                      version))
 
+    def resume_downlink_seqs(self, reserved: int, reserve: Callable[[int], None]) -> None:
+        """Continue downlink seqs after ``reserved`` (the last bound persisted), persisting each new bound
+        through ``reserve`` before any seq under it is used: seqs keep increasing across restarts, as the
+        wire spec promises devices, at the cost of a gap of at most one block per restart."""
+        self._down_seq = self._down_reserved = max(self._down_seq, int(reserved))
+        self._reserve = reserve
+
     def down(self, device: str, kind: Kind, message: Any) -> Outgoing:
         """A device downlink envelope (this edge's own, increasing envelope seq)."""
         self._down_seq += 1
+        if self._reserve is not None and self._down_seq > self._down_reserved:
+            self._down_reserved = self._down_seq + DOWN_SEQ_BLOCK - 1
+            self._reserve(self._down_reserved)
         topic = topics.device_down(self.site, device, topics.Downlink(kind.value))
         return Outgoing(topic, encode_envelope(kind, self.edge_id, self._down_seq, message.to_body()))
 

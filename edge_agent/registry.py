@@ -6,11 +6,17 @@ record is then checked against that agreement before it can reach the model.
 Registrations are retained on the broker and re-delivered on every (re)subscribe,
 so they are never de-duplicated by sequence number; features and inference requests
 are, per device and per stream (exactly-once over QoS 1).
+
+Everything a sender controls is bounded: the elements a registration may announce per modality
+(tied to the model's ``max_tokens`` and a configured maximum), the size of the stored profile, and the
+number of devices (a full registry evicts its least recently seen device without recent data rather
+than lock newcomers out). A refused message raises a typed error and leaves the registry unchanged.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,15 @@ from edge_agent.errors import (
 from megace_model.config import EdgeModelConfig
 
 STREAMS = ("features", "infer")
+MAX_PROFILE_ENTRIES = 64
+"""Most modalities or compute entries one registration may list (profiles are kept and persisted)."""
+MAX_SDK_VERSION = 64
+
+
+class RegistrationLimitError(RegistrationError):
+    """A registration announces more than this edge accepts from one device (elements, entries)."""
+
+    code = "registration_limit"
 
 
 @dataclass
@@ -41,6 +56,8 @@ class DeviceEntry:
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     counters: dict[str, int] = field(default_factory=dict)
+    last_data: float = 0.0
+    """When a record of this device last passed the checks (0: never); devices without recent data may be evicted."""
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -59,6 +76,7 @@ class DeviceEntry:
             "profile": self.profile.to_body(),
             "registered_at": self.registered_at,
             "last_seen": self.last_seen,
+            "last_data": self.last_data,
             "counters": dict(self.counters),
         }
 
@@ -66,11 +84,26 @@ class DeviceEntry:
 class DeviceRegistry:
     """Registered devices plus per-stream sequence guards; bounded by ``max_devices``."""
 
-    def __init__(self, model: EdgeModelConfig, *, max_devices: int = 10_000) -> None:
+    def __init__(
+        self,
+        model: EdgeModelConfig,
+        *,
+        max_devices: int = 10_000,
+        idle_evict_s: float = 900.0,
+        max_modality_elements: int = 65_536,
+        max_sequence_factor: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.model = model
         self.max_devices = max_devices
+        self.idle_evict_s = idle_evict_s
+        self.max_modality_elements = max_modality_elements
+        self.max_sequence_factor = max_sequence_factor
+        self.clock = clock
         self.devices: dict[str, DeviceEntry] = {}
         self.guards = {stream: SequenceGuard() for stream in STREAMS}
+        self.evicted = 0
+        """Devices evicted to make room for newcomers (the service publishes it as ``devices_evicted``)."""
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -89,31 +122,83 @@ class DeviceRegistry:
             out[name] = tuple(mod.shape)
         return out
 
+    def limit_error(self, profile: CapabilityProfile) -> RegistrationLimitError | None:
+        """Why ``profile`` announces more than this edge accepts from one device, or None.
+
+        A modality the model uses may announce at most ``max_sequence_factor * max_tokens`` tokens and
+        ``max_modality_elements`` elements: ``[10**6, 6]`` was once agreed to because only width and rank
+        were checked.
+        """
+        if len(profile.modalities) > MAX_PROFILE_ENTRIES or len(profile.compute) > MAX_PROFILE_ENTRIES:
+            return RegistrationLimitError(f"a registration may list at most {MAX_PROFILE_ENTRIES} modalities and "
+                                          f"{MAX_PROFILE_ENTRIES} compute entries")
+        if len(profile.sdk_version) > MAX_SDK_VERSION:
+            return RegistrationLimitError(f"sdk version longer than {MAX_SDK_VERSION} characters")
+        for name, mod in sorted(profile.modalities.items()):
+            spec = self.model.modalities.get(name)
+            if spec is None or not mod.shape:
+                continue
+            tokens = mod.shape[0] if len(mod.shape) > 1 else 1
+            elements = 1
+            for d in mod.shape:
+                elements *= d
+            max_tokens = spec.max_tokens * self.max_sequence_factor
+            if tokens > max_tokens or elements > self.max_modality_elements:
+                return RegistrationLimitError(
+                    f"modality {name!r}: shape {tuple(mod.shape)} exceeds this edge's bound of {max_tokens} tokens "
+                    f"and {self.max_modality_elements} elements")
+        return None
+
     def register(self, device: str, profile: CapabilityProfile, *, fresh: bool = False) -> DeviceEntry:
         """Add or update a device; ``fresh`` (a live, non-retained registration) resets its de-dup state.
 
         A live registration whose seq restarted means the device lost its sequence store;
         keeping the old guard would silently drop all its records as duplicates.
+        Every check runs before anything changes: a refused registration leaves the registry as it was.
         """
         if profile.device != device:
             raise RegistrationError(f"profile is for {profile.device!r} but arrived on {device!r}'s topic")
+        error = self.limit_error(profile)
+        if error is not None:
+            raise error
         accepted = self.agreement(profile)
         if not accepted:
             wanted = {n: (s.max_tokens, s.token_dim) for n, s in sorted(self.model.modalities.items())}
             raise RegistrationError(f"no usable modality in {sorted(profile.modalities)}; this edge expects {wanted}")
+        kept = CapabilityProfile(profile.device, {m: profile.modalities[m] for m in accepted}, dict(profile.compute),
+                                 profile.sdk_version)  # only what was agreed is stored (and persisted)
+        now = self.clock()
         entry = self.devices.get(device)
         if entry is None:
             if len(self.devices) >= self.max_devices:
-                raise RegistrationError(f"registry full ({self.max_devices} devices)")
-            entry = DeviceEntry(device=device, profile=profile, accepted=accepted)
+                victim = self._eviction_candidate(now)
+                if victim is None:
+                    raise RegistrationError(f"registry full ({self.max_devices} devices)")
+                del self.devices[victim]
+                self.reset_sequence(victim)
+                self.evicted += 1
+            entry = DeviceEntry(device=device, profile=kept, accepted=accepted, registered_at=now, last_seen=now)
             self.devices[device] = entry
         else:
-            entry.profile, entry.accepted = profile, accepted
-            entry.last_seen = time.time()
+            entry.profile, entry.accepted = kept, accepted
+            entry.last_seen = now
         entry.count("registrations")
         if fresh:
             self.reset_sequence(device)
         return entry
+
+    def _eviction_candidate(self, now: float) -> str | None:
+        """The least recently seen device with no accepted record for ``idle_evict_s``, if any.
+
+        Idle time counts from the later of its first registration and its last accepted record: a newcomer
+        gets the same grace as anyone, and re-sending a registration (retained or not) does not refresh it.
+        """
+        best: DeviceEntry | None = None
+        for entry in self.devices.values():
+            idle = now - max(entry.last_data, entry.registered_at)
+            if idle > self.idle_evict_s and (best is None or entry.last_seen < best.last_seen):
+                best = entry
+        return None if best is None else best.device
 
     def reset_sequence(self, device: str) -> None:
         for guard in self.guards.values():
@@ -123,6 +208,10 @@ class DeviceRegistry:
     def is_new(self, stream: str, device: str, seq: int) -> bool:
         """False for a repeated (already processed) sequence number of this device's stream."""
         return self.guards[stream].accept(device, seq)
+
+    def is_duplicate(self, stream: str, device: str, seq: int) -> bool:
+        """True for a sequence number already processed; records nothing (check first, then :meth:`is_new`)."""
+        return self.guards[stream].seen(device, seq)
 
     def check(self, device: str, record: FeatureRecord, *, need_label: bool) -> dict[str, Any]:
         """Validate a record against the device's agreement and the model; return a model sample.
@@ -134,7 +223,6 @@ class DeviceRegistry:
         entry = self.devices.get(device)
         if entry is None:
             raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
-        entry.last_seen = time.time()
         if record.device != device:
             raise ProfileMismatchError(f"record names device {record.device!r} but came from {device!r}")
         arrays: dict[str, np.ndarray] = {}
@@ -148,10 +236,14 @@ class DeviceRegistry:
                 raise ProfileMismatchError(f"modality {name!r}: expected floats, got {array.dtype}")
             if not all_finite(array):
                 raise NonFiniteFeaturesError(f"modality {name!r} contains NaN or infinite values")
+            if array.dtype.itemsize > 4 and not fits_float32(array):
+                raise NonFiniteFeaturesError(f"modality {name!r} holds values beyond float32's range "
+                                             "(they would train as infinities)")
             arrays[name] = array
         label = record.label
         if need_label and label is not None and not 0 <= label < self.model.num_classes:
             raise BadLabelError(f"label {label} outside [0, {self.model.num_classes})")
+        entry.last_seen = entry.last_data = self.clock()  # only a record that passed counts as data
         return {"modalities": arrays, "label": label if need_label else None}
 
     # -------------------------------------------------------------- persistence
@@ -166,12 +258,13 @@ class DeviceRegistry:
         for item in data.get("devices", []):
             profile = CapabilityProfile.from_body(item["profile"])
             accepted = self.agreement(profile)
-            if not accepted:
+            if not accepted or self.limit_error(profile) is not None:
                 continue
             self.devices[item["device"]] = DeviceEntry(
                 device=item["device"], profile=profile, accepted=accepted,
                 registered_at=float(item.get("registered_at", 0.0)), last_seen=float(item.get("last_seen", 0.0)),
                 counters={k: int(v) for k, v in dict(item.get("counters", {})).items()},
+                last_data=float(item.get("last_data", 0.0)),
             )
         for stream, last in dict(data.get("guards", {})).items():
             if stream in self.guards:
@@ -185,6 +278,12 @@ _all = np.logical_and.reduce
 def all_finite(array: np.ndarray) -> bool:
     """``np.isfinite(array).all()`` without numpy's Python-level ``all`` wrapper (half the cost on small arrays)."""
     return bool(_all(_isfinite(array), axis=None))
+
+
+def fits_float32(array: np.ndarray) -> bool:
+    """Whether every value stays finite as float32 (training converts to it): 1e300 as ``<f8`` does not."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return all_finite(array.astype(np.float32))
 
 
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:

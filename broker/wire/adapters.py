@@ -82,7 +82,7 @@ class AdapterUpdate:
             base_version=get_int(b, "base_version"),  # type: ignore[arg-type]
             base_model=get_str(b, "base_model"),  # type: ignore[arg-type]
             rank=get_int(b, "rank", minimum=1),  # type: ignore[arg-type]
-            alpha=get_float(b, "alpha"),  # type: ignore[arg-type]
+            alpha=get_float(b, "alpha", positive=True),  # type: ignore[arg-type]
             samples=get_int(b, "samples"),  # type: ignore[arg-type]
             modalities=count_map(get_map(b, "modalities"), "modalities"),
             metrics=number_map(get_map(b, "metrics", optional=True), "metrics"),
@@ -124,7 +124,7 @@ class GlobalAdapter:
             base_model=get_str(b, "base_model"),  # type: ignore[arg-type]
             strategy=get_str(b, "strategy"),  # type: ignore[arg-type]
             rank=get_int(b, "rank", minimum=1),  # type: ignore[arg-type]
-            alpha=get_float(b, "alpha"),  # type: ignore[arg-type]
+            alpha=get_float(b, "alpha", positive=True),  # type: ignore[arg-type]
             contributors=contributors,
             tensors=decode_tensors(get_map(b, "tensors")),
         )

@@ -20,6 +20,12 @@ DTYPES: dict[str, np.dtype] = {
 """Wire dtype strings (numpy's ``dtype.str`` of the little-endian form) to dtypes."""
 
 MAX_NDIM = 8
+MAX_EXTENT = 1 << 62
+"""Bound on the product of an array's non-zero dimensions times its itemsize.
+
+numpy refuses shapes whose extent overflows its index type even when one dimension is 0 (an empty
+array of shape ``[0, 2**64-1]`` raises numpy's ValueError); refusing them here keeps every failure a
+:class:`broker.errors.ArrayFormatError`."""
 
 
 def wire_dtype(dtype: np.dtype) -> str:
@@ -56,6 +62,7 @@ def decode_array(obj: Any, *, max_bytes: int | None = None) -> np.ndarray:
     if dtype is None:
         raise ArrayFormatError(f"unsupported dtype {name!r}")
     count = 1
+    extent = dtype.itemsize
     if not isinstance(shape, list) or len(shape) > MAX_NDIM:
         count = -1
     else:
@@ -64,8 +71,12 @@ def decode_array(obj: Any, *, max_bytes: int | None = None) -> np.ndarray:
                 count = -1
                 break
             count *= d
+            if d:
+                extent *= d
     if count < 0:
         raise ArrayFormatError(f"shape must be a list of at most {MAX_NDIM} non-negative ints, got {shape!r}")
+    if extent > MAX_EXTENT:
+        raise ArrayFormatError(f"shape {shape!r} of dtype {name} is too large for any array")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ArrayFormatError("array data must be binary")
     if count * dtype.itemsize != len(data):
@@ -75,4 +86,7 @@ def decode_array(obj: Any, *, max_bytes: int | None = None) -> np.ndarray:
     if max_bytes is not None and len(data) > max_bytes:
         raise OversizeError(f"array of {len(data)} bytes exceeds the limit of {max_bytes}")
     # one constructor call instead of frombuffer + reshape; still a zero-copy view of ``data``
-    return np.ndarray(shape, dtype, data)
+    try:
+        return np.ndarray(shape, dtype, data)
+    except (ValueError, TypeError, OverflowError) as exc:  # belt and braces: numpy's own refusals stay typed
+        raise ArrayFormatError(f"numpy refused shape {shape!r} of dtype {name}: {exc}") from None

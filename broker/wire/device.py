@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from broker.errors import DecodeError, UnknownModalityError
-from broker.wire.arrays import DTYPES, decode_array, encode_array
+from broker.wire.arrays import DTYPES, MAX_EXTENT, MAX_NDIM, decode_array, encode_array
 from broker.wire.fields import (
     body_map,
     check_modality,
@@ -100,12 +100,32 @@ class ModalityProfile:
     def from_body(cls, body: Any) -> ModalityProfile:
         b = body_map(body, "modality profile")
         shape = get_list(b, "shape")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise DecodeError(f"modality shape must be positive ints, got {shape!r}")
+        if not _is_shape(shape):
+            raise DecodeError(f"modality shape must be 1 to {MAX_NDIM} positive ints, got {shape!r}")
         dtype = get_str(b, "dtype")
         if dtype not in DTYPES:
             raise DecodeError(f"unsupported dtype {dtype!r} in modality profile")
-        return cls(shape=tuple(shape), dtype=dtype, rate_hz=get_float(b, "rate_hz"))  # type: ignore[arg-type]
+        rate = get_float(b, "rate_hz", finite=True)
+        assert rate is not None
+        if rate < 0:
+            raise DecodeError(f"field 'rate_hz' must be >= 0, got {rate!r}")
+        return cls(shape=tuple(shape), dtype=dtype, rate_hz=rate)
+
+
+def _is_shape(shape: Any) -> bool:
+    """A shape a receiver can act on: 1..MAX_NDIM positive ints whose extent fits any array.
+
+    An empty shape has no token width to check (the edge read ``shape[-1]`` and crashed), and a
+    dimension of 2**64-1 only overflows whoever multiplies it later.
+    """
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_NDIM:
+        return False
+    extent = 1
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+            return False
+        extent *= d
+    return extent <= MAX_EXTENT
 
 
 @dataclass(slots=True)
@@ -162,8 +182,8 @@ class DeviceConfig:
         shapes = {}
         for k, v in get_map(b, "shapes", optional=True).items():
             # a shape off the wire is a list of positive ints: not a string to iterate, nor floats to truncate
-            if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v):
-                raise DecodeError(f"config shape of {k!r} must be a list of positive ints, got {v!r}")
+            if not _is_shape(v):
+                raise DecodeError(f"config shape of {k!r} must be a list of 1 to {MAX_NDIM} positive ints, got {v!r}")
             shapes[check_modality(k)] = tuple(v)
         return cls(
             modalities=[check_modality(m) for m in get_list(b, "modalities")],

@@ -34,11 +34,21 @@ def get_int(body: dict[str, Any], key: str, *, optional: bool = False, minimum: 
     return value
 
 
-def get_float(body: dict[str, Any], key: str, *, optional: bool = False) -> float | None:
+def get_float(
+    body: dict[str, Any], key: str, *, optional: bool = False, finite: bool = False, positive: bool = False
+) -> float | None:
+    """A number as a float; ``finite``/``positive`` for fields that feed arithmetic (rates, LoRA alpha)."""
     value = _get(body, key, (int, float), optional)
     if isinstance(value, bool):
         raise DecodeError(f"field {key!r} must be a number")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    out = float(value)  # msgpack ints are at most 64-bit: no OverflowError here
+    if (finite or positive) and not math.isfinite(out):
+        raise DecodeError(f"field {key!r} must be finite, got {out!r}")
+    if positive and out <= 0:
+        raise DecodeError(f"field {key!r} must be > 0, got {out!r}")
+    return out
 
 
 def get_map(body: dict[str, Any], key: str, *, optional: bool = False) -> dict[str, Any]:

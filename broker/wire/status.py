@@ -36,7 +36,7 @@ class Status:
         try:
             return cls(role=obj["role"], id=obj["id"], state=obj["state"], ts=float(obj["ts"]),
                        detail=dict(obj.get("detail", {})), v=obj["v"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: "ts": 1e400 as a JSON int
             raise DecodeError(f"bad status document: {exc}") from None
 
 
@@ -56,8 +56,10 @@ def decode_metrics(payload: bytes) -> dict[str, Any]:
 def _load(payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
         raise DecodeError(f"not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested deeper than the interpreter's stack
+        raise DecodeError("not JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise DecodeError("expected a JSON object")
     if type(obj.get("v")) is not int or obj["v"] != WIRE_VERSION:  # JSON true and 1.0 are not version 1

@@ -197,10 +197,11 @@ def test_modality_profile() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"shape": [0], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be positive ints, got [0]"),
-        ({"shape": [3, -1], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be positive ints, got [3, -1]"),
-        ({"shape": [True], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be positive ints, got [True]"),
-        ({"shape": [2.0], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be positive ints, got [2.0]"),
+        ({"shape": [0], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be 1 to 8 positive ints, got [0]"),
+        ({"shape": [3, -1], "dtype": "<f4", "rate_hz": 1.0},
+         "modality shape must be 1 to 8 positive ints, got [3, -1]"),
+        ({"shape": [True], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be 1 to 8 positive ints, got [True]"),
+        ({"shape": [2.0], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be 1 to 8 positive ints, got [2.0]"),
         ({"shape": "3", "dtype": "<f4", "rate_hz": 1.0}, "field 'shape' has the wrong type str"),
         ({"dtype": "<f4", "rate_hz": 1.0}, "missing field 'shape'"),
         ({"shape": [3], "dtype": ">f4", "rate_hz": 1.0}, "unsupported dtype '>f4' in modality profile"),
@@ -208,6 +209,16 @@ def test_modality_profile() -> None:
         ({"shape": [3], "rate_hz": 1.0}, "missing field 'dtype'"),
         ({"shape": [3], "dtype": "<f4"}, "missing field 'rate_hz'"),
         ({"shape": [3], "dtype": "<f4", "rate_hz": "fast"}, "field 'rate_hz' has the wrong type str"),
+        # found by fuzzing: an empty shape has no token width (the edge read shape[-1] and crashed)
+        ({"shape": [], "dtype": "<f4", "rate_hz": 1.0}, "modality shape must be 1 to 8 positive ints, got []"),
+        ({"shape": [1] * 9, "dtype": "<f4", "rate_hz": 1.0},
+         f"modality shape must be 1 to 8 positive ints, got {[1] * 9}"),
+        ({"shape": [2**32, 2**32], "dtype": "<f4", "rate_hz": 1.0},
+         f"modality shape must be 1 to 8 positive ints, got {[2**32, 2**32]}"),
+        # a rate the device cannot read back from its DeviceConfig (number_map refuses non-finite values)
+        ({"shape": [3], "dtype": "<f4", "rate_hz": float("nan")}, "field 'rate_hz' must be finite, got nan"),
+        ({"shape": [3], "dtype": "<f4", "rate_hz": float("inf")}, "field 'rate_hz' must be finite, got inf"),
+        ({"shape": [3], "dtype": "<f4", "rate_hz": -1.0}, "field 'rate_hz' must be >= 0, got -1.0"),
     ],
 )
 def test_malformed_modality_profiles(body: dict[str, Any], message: str) -> None:
@@ -281,16 +292,18 @@ def test_device_config() -> None:
         ({"modalities": ["imu"], "rate_hz": {"imu": "fast"}}, DecodeError, "rate_hz must map strings to numbers"),
         ({"modalities": ["imu"], "shapes": {"IMU": [2]}}, UnknownModalityError, None),
         ({"modalities": ["imu"], "shapes": {"imu": "12"}}, DecodeError,
-         "config shape of 'imu' must be a list of positive ints, got '12'"),
+         "config shape of 'imu' must be a list of 1 to 8 positive ints, got '12'"),
         ({"modalities": ["imu"], "shapes": {"imu": 4}}, DecodeError,
-         "config shape of 'imu' must be a list of positive ints, got 4"),
+         "config shape of 'imu' must be a list of 1 to 8 positive ints, got 4"),
         ({"modalities": ["imu"], "shapes": {"imu": [4, 2.5]}}, DecodeError,
-         "config shape of 'imu' must be a list of positive ints, got [4, 2.5]"),
+         "config shape of 'imu' must be a list of 1 to 8 positive ints, got [4, 2.5]"),
         ({"modalities": ["imu"], "shapes": {"imu": [0]}}, DecodeError,
-         "config shape of 'imu' must be a list of positive ints, got [0]"),
+         "config shape of 'imu' must be a list of 1 to 8 positive ints, got [0]"),
         ({"modalities": ["imu"], "shapes": {"imu": [True]}}, DecodeError,
-         "config shape of 'imu' must be a list of positive ints, got [True]"),
+         "config shape of 'imu' must be a list of 1 to 8 positive ints, got [True]"),
         ({"modalities": ["imu"], "model_version": -1}, DecodeError, "field 'model_version' must be >= 0, got -1"),
+        ({"modalities": ["imu"], "shapes": {"imu": []}}, DecodeError,
+         "config shape of 'imu' must be a list of 1 to 8 positive ints, got []"),
     ],
 )
 def test_malformed_device_configs(body: dict[str, Any], cls: type[Exception], message: str | None) -> None:
@@ -448,6 +461,8 @@ def test_adapter_update() -> None:
         ({"base_model": None}, DecodeError, "missing field 'base_model'"),
         ({"rank": 0}, DecodeError, "field 'rank' must be >= 1, got 0"),
         ({"alpha": True}, DecodeError, "field 'alpha' must be a number"),
+        ({"alpha": 0.0}, DecodeError, "field 'alpha' must be > 0, got 0.0"),
+        ({"alpha": float("nan")}, DecodeError, "field 'alpha' must be finite, got nan"),
         ({"samples": -5}, DecodeError, "field 'samples' must be >= 0, got -5"),
         ({"modalities": None}, DecodeError, "missing field 'modalities'"),
         ({"modalities": {"audio": -1}}, DecodeError, "modalities['audio'] must be a non-negative integer"),
@@ -489,6 +504,10 @@ def test_global_adapter() -> None:
         ({"base_model": 3}, "field 'base_model' has the wrong type int"),
         ({"rank": 0}, "field 'rank' must be >= 1, got 0"),
         ({"alpha": "16"}, "field 'alpha' has the wrong type str"),
+        # found by fuzzing the edge: alpha 0 made the edge divide by a zero LoRA scaling (ZeroDivisionError)
+        ({"alpha": 0}, "field 'alpha' must be > 0, got 0.0"),
+        ({"alpha": -16.0}, "field 'alpha' must be > 0, got -16.0"),
+        ({"alpha": float("inf")}, "field 'alpha' must be finite, got inf"),
         ({"tensors": None}, "missing field 'tensors'"),
     ],
 )

@@ -127,3 +127,16 @@ def test_metrics_document_needs_a_metrics_map(payload: bytes) -> None:
 
 def test_minimal_metrics_document() -> None:
     assert decode_metrics(b'{"v":1,"metrics":{}}') == {"v": 1, "metrics": {}}
+
+
+def test_found_by_fuzzing_a_timestamp_too_large_for_a_float_is_a_decode_error() -> None:
+    payload = b'{"v":1,"role":"edge","id":"e","state":"online","ts":1' + b"0" * 400 + b"}"
+    with raises_exactly(DecodeError, "bad status document: int too large to convert to float"):
+        Status.decode(payload)  # was OverflowError, which no receiver catches
+
+
+@pytest.mark.parametrize("payload", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000])
+def test_found_by_fuzzing_json_nested_deeper_than_the_stack_is_a_decode_error(payload: bytes) -> None:
+    for decode in (Status.decode, decode_metrics):
+        with raises_exactly(DecodeError, "not JSON: nested too deeply"):
+            decode(payload)  # was RecursionError
