@@ -3,7 +3,8 @@
 :class:`Session` keeps a service connected: a fresh aiomqtt client per attempt (aiomqtt clients
 cannot be reused after a disconnect), jittered exponential backoff between failed attempts that
 starts over after every healthy session, and an incoming queue that counts what it drops.
-:func:`payload_bytes` is the one conversion of a received payload to ``bytes``.
+:func:`payload_bytes` is the one conversion of a received payload to ``bytes``; :func:`ack`
+acknowledges a message once the service made it durable (``manual_ack``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def payload_bytes(payload: Any) -> bytes:
     return b"" if payload is None else str(payload).encode()
 
 
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Acknowledge ``message`` to the broker (for a :class:`Session` with ``manual_ack``; QoS 0 needs none).
+
+    MQTT 3.1.1 wants PUBACKs in the order the messages arrived: call this in arrival order.
+    """
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
+
+
 def backoff_delay(attempt: int, base_delay: float, max_delay: float, jitter: float) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (0-based) of an outage.
 
@@ -103,6 +113,10 @@ class Session:
         stable_after: seconds a session must last to count as healthy. A broker that accepts and
             then drops the connection at once (a client-id clash, a refused subscription) is
             retried with backoff, not in a tight loop.
+        manual_ack: when True, a received QoS 1 message is acknowledged to the broker only when
+            the service calls :func:`ack` for it (after it made the message durable); until then a
+            persistent session gets it again after a reconnect. The broker's in-flight window
+            (``max_inflight_messages``) bounds how many may wait unacknowledged.
 
     After a healthy session the backoff starts over: the next attempt is immediate and a further
     outage waits ``base_delay`` first again.
@@ -124,6 +138,7 @@ class Session:
         on_error: Callable[[], None] | None = None,
         name: str = "",
         stable_after: float = 1.0,
+        manual_ack: bool = False,
     ) -> None:
         if base_delay < 0 or max_delay < base_delay or not 0.0 <= jitter <= 1.0:
             raise ValueError("need 0 <= base_delay <= max_delay and 0 <= jitter <= 1")
@@ -138,13 +153,14 @@ class Session:
         self.jitter = jitter
         self.name = name or identifier
         self.stable_after = stable_after
+        self.manual_ack = manual_ack
         self._serve = serve
         self._on_error = on_error
         self._queue_type = CountingQueue.counting_into(self.counters)
 
     def client(self) -> aiomqtt.Client:
         """A fresh (not yet connected) client with this session's settings and drop-counting queue."""
-        return make_client(
+        client = make_client(
             self.address,
             identifier=self.identifier,
             will=self.will,
@@ -152,6 +168,11 @@ class Session:
             clean_session=self.clean_session,
             queue_type=self._queue_type,
         )
+        if self.manual_ack:
+            # aiomqtt 2.5 has no manual-ack option yet (empicano/aiomqtt#345); paho, underneath, does.
+            # Set before connecting, so not even the first message of a resumed session is auto-acked.
+            client._client.manual_ack_set(True)
+        return client
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``serve`` returns, ``stop`` is set (checked between attempts) or the task is cancelled."""

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from broker.metrics import Counters
 from edge_agent.config import EdgeConfig
 from edge_agent.core import EdgeCore
 from edge_agent.state import AgentState, StateError, StateStore
-from edge_agent.training.replay import ReplayBuffer
+from edge_agent.training.replay import BufferedSample, ReplayBuffer
 from edge_agent.training.trainer import Trainer
 from megace_model.errors import CheckpointError
 from megace_model.export import export_shared
@@ -72,12 +72,9 @@ def restore(
     return last_round
 
 
-def save(
-    store: StateStore, trainer: Trainer, state: AgentState, registry: dict[str, Any],
-    outbox: list[tuple[int, bytes]], *, export: bool,
-) -> None:
+def save(store: StateStore, trainer: Trainer, snap: Snapshot, *, export: bool) -> None:
     """Persist one generation (and, with ``export``, replace the peft export under ``state_dir/adapter``)."""
-    store.save(trainer=trainer, state=state, registry=registry, samples=trainer.buffer.snapshot(), outbox=outbox)
+    store.save(trainer=trainer, state=snap.state, registry=snap.registry, samples=snap.samples, outbox=snap.outbox)
     if export:
         export_adapter(store, trainer)
 
@@ -108,14 +105,27 @@ def build_trainer(config: EdgeConfig) -> Trainer:
                    holdout_every=t.holdout_every, device=device)
 
 
-def snapshot(
-    core: EdgeCore, last_round: dict[str, Any], outbox: list[tuple[int, bytes]]
-) -> tuple[AgentState, dict[str, Any], list[tuple[int, bytes]]]:
-    """What one generation holds, copied on the loop (counter totals and the last round go into the state)."""
+@dataclass(frozen=True)
+class Snapshot:
+    """What one generation holds, all copied at the same moment on the loop."""
+
+    state: AgentState
+    registry: dict[str, Any]
+    samples: list[BufferedSample]
+    outbox: list[tuple[int, bytes]]
+
+
+def snapshot(core: EdgeCore, last_round: dict[str, Any], outbox: list[tuple[int, bytes]]) -> Snapshot:
+    """Copy the core's state, registry and replay buffer (counter totals and the last round go into the state).
+
+    Taken on the loop, between two messages: the samples match the registry's sequence guards and
+    the ingest log's segment boundary exactly (the model weights are saved later, on the training
+    thread, and are only as fresh as the last round anyway)."""
     state = core.state
     state.totals = {k: int(v) for k, v in core.counters.snapshot().items() if isinstance(v, int)}
     state.last_round = dict(last_round)
-    return AgentState(**asdict(state)), core.registry.to_dict(), outbox
+    assert core.trainer is not None
+    return Snapshot(AgentState(**asdict(state)), core.registry.to_dict(), core.trainer.buffer.snapshot(), outbox)
 
 
 _heap_frozen = False

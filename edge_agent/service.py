@@ -41,10 +41,12 @@ from broker.session import Session, payload_bytes
 from broker.wire import metrics_payload
 from broker.wire.status import OFFLINE, ONLINE
 from edge_agent import checkpoints, uploads
+from edge_agent.acks import DurableAcks
 from edge_agent.config import EdgeConfig
-from edge_agent.core import ApplyJob, EdgeCore
+from edge_agent.core import ApplyJob, EdgeCore, Effects
 from edge_agent.downlinks import DownlinkQueue
 from edge_agent.inference import Predictor
+from edge_agent.ingestlog import IngestLog
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, edge_metrics, status_payload
 from edge_agent.serving import InferenceServer
@@ -73,6 +75,8 @@ class EdgeAgent:
             on_sent=self._metrics_wake.set)
         """Checkpointed uploads not yet confirmed by the broker; see :class:`edge_agent.uploads.Outbox`."""
         self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue)
+        self.acks = DurableAcks(IngestLog(self.store.root / "ingest", fsync=config.ingest_fsync), self.counters)
+        """Device messages are acknowledged to the broker only once logged; see :mod:`edge_agent.acks`."""
         self.last_round: dict[str, Any] = {}
         self.ready = asyncio.Event()
         """Set once state is restored and the first subscription is in place (tests, launchers)."""
@@ -130,6 +134,8 @@ class EdgeAgent:
         tasks: list[asyncio.Task[Any]] = []
         try:
             self.outbox.extend(await loop.run_in_executor(self._train_pool, self._build_sync))
+            self.core.resume_downlink_seqs(self.store.downlinks_reserved(), self.store.reserve_downlinks)
+            self._replay()
             checkpoints.freeze_startup_heap()
             tasks = [
                 asyncio.create_task(self._connection_loop(), name="edge-connection"),
@@ -148,6 +154,7 @@ class EdgeAgent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._train_pool.shutdown(wait=True)
+            self.acks.close()
             infer_pool.shutdown(wait=True)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
@@ -193,7 +200,7 @@ class EdgeAgent:
         session = Session(
             self.config.address, self._session, identifier=f"megace-edge-{self.edge_id}", counters=self.counters,
             will=will, clean_session=not self.config.persistent_session,
-            max_queued_incoming=self.config.limits.mqtt_queue, name=f"edge {self.edge_id}",
+            max_queued_incoming=self.config.limits.mqtt_queue, name=f"edge {self.edge_id}", manual_ack=True,
         )
         await session.run()
 
@@ -206,6 +213,7 @@ class EdgeAgent:
         self.ready.set()
         tasks = [
             asyncio.create_task(self._receive(client), name="edge-receive"),
+            asyncio.create_task(self.acks.run(client), name="edge-acks"),
             asyncio.create_task(self.downlinks.send(client), name="edge-downlinks"),
             asyncio.create_task(self.outbox.send(client), name="edge-uploader"),
             asyncio.create_task(self._metrics_loop(client), name="edge-metrics"),
@@ -224,14 +232,27 @@ class EdgeAgent:
 
     # =================================================================== receive
     async def _receive(self, client: aiomqtt.Client) -> None:
-        inc, handle = self.counters.inc, self.handle
+        inc, handle, received = self.counters.inc, self.handle, self.acks.received
         async for message in client.messages:
             payload = payload_bytes(message.payload)
             inc("bytes_down", len(payload))
             inc("messages_in")
-            handle(message.topic.value, payload, retained=bool(message.retain))
+            topic = message.topic.value
+            fx = handle(topic, payload, retained=bool(message.retain))
+            received(message, topic, payload, durable=fx.durable)
 
-    def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> None:
+    def _replay(self) -> None:
+        """Re-ingest what was logged after the restored checkpoint (the loop's state as it was at a crash)."""
+        since = self.state.ingest_segment
+        n = 0
+        for topic, payload, retained in self.acks.log.replay(since):
+            self.core.ingest(topic, payload, retained=retained)  # its downlinks were sent before the crash
+            n += 1
+        if n:
+            self.counters.inc("ingest_replayed", n)
+            log.info("edge %s replayed %d logged messages since segment %d", self.edge_id, n, since)
+
+    def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Effects:
         """Process one MQTT message (synchronous and cheap; heavy work is handed to executors)."""
         fx = self.core.ingest(topic, payload, retained=retained)
         for request in fx.infers:
@@ -241,6 +262,7 @@ class EdgeAgent:
         self.downlinks.emit(fx.out)
         if fx.train_due:
             self._train_wake.set()
+        return fx
 
     async def _apply(self, job: ApplyJob) -> None:
         loop = asyncio.get_running_loop()
@@ -315,17 +337,23 @@ class EdgeAgent:
         self._metrics_wake.set()
 
     async def _checkpoint(self, new_upload: list[tuple[int, bytes]] | None = None, *, export: bool = False) -> bool:
-        """Persist a generation (off the loop); False (logged, counted) if the disk refused."""
-        state, registry, outbox = checkpoints.snapshot(self.core, self.last_round, [*self.outbox, *(new_upload or [])])
+        """Persist a generation (off the loop); False (logged, counted) if the disk refused.
+
+        The snapshot (state, registry, samples) and the ingest log's new segment are taken together on
+        the loop, so a replay after this checkpoint starts exactly where its samples end."""
+        segment = self.acks.mark()
+        self.state.ingest_segment = segment
+        snap = checkpoints.snapshot(self.core, self.last_round, [*self.outbox, *(new_upload or [])])
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._train_pool, functools.partial(
-                checkpoints.save, self.store, self.trainer, state, registry, outbox, export=export))
+                checkpoints.save, self.store, self.trainer, snap, export=export))
         except OSError:
             self.counters.inc("checkpoint_failures")
             log.exception("edge %s: checkpoint failed", self.edge_id)
             return False
         self.counters.inc("checkpoints")
+        await self.acks.checkpointed(segment)
         return True
 
     # ================================================================ metrics

@@ -10,6 +10,8 @@ Layout::
         outbox/<seq>.msgpack       uploads not yet confirmed by the broker, byte-exact
         agent.json                 counters, registry, upload seq, sha256 of the files above
       confirmed.json               highest upload seq the broker acknowledged
+      downlink_seq.json            highest device-downlink seq reserved (seqs survive restarts)
+      ingest/seg-<n>.log           device messages logged since the committed generation (ingestlog)
       adapter/                     the shared adapter in peft format (export, after each round)
 
 A generation is written completely, then committed by flipping ``CURRENT``; a crash at
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 CURRENT = "CURRENT"
 CONFIRMED = "confirmed.json"
+DOWNLINK_SEQ = "downlink_seq.json"
 GEN_PREFIX = "gen-"
 KEEP_GENERATIONS = 2
 
@@ -60,6 +63,8 @@ class AgentState:
     """``global`` or ``view`` (the site's rank-truncated view), whichever was applied last."""
     totals: dict[str, int] = field(default_factory=dict)
     last_round: dict[str, Any] = field(default_factory=dict)
+    ingest_segment: int = 0
+    """The ingest log's first segment after this generation: replay starts there (see ``ingestlog``)."""
 
 
 @dataclass
@@ -211,6 +216,18 @@ class StateStore:
             return int(json.loads((self.root / CONFIRMED).read_text())["seq"])
         except (OSError, ValueError, KeyError, TypeError):
             return 0
+
+    def downlinks_reserved(self) -> int:
+        """The highest downlink seq this edge may have used (0 if none recorded or unreadable)."""
+        try:
+            return int(json.loads((self.root / DOWNLINK_SEQ).read_text())["reserved"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def reserve_downlinks(self, upto: int) -> None:
+        """Record (fsync'd) that downlink seqs up to ``upto`` may be used; called before any is."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.root / DOWNLINK_SEQ, json.dumps({"reserved": int(upto)}).encode())
 
     def confirm(self, seq: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

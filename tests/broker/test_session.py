@@ -14,7 +14,7 @@ import pytest
 from broker.address import BrokerAddress
 from broker.aio import make_client
 from broker.metrics import Counters
-from broker.session import CountingQueue, Session, backoff_delay, payload_bytes
+from broker.session import CountingQueue, Session, ack, backoff_delay, payload_bytes
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
@@ -142,3 +142,40 @@ async def test_a_full_incoming_queue_counts_every_message_it_drops(mosquitto_add
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_with_manual_ack_only_acknowledged_messages_are_not_delivered_again(mosquitto_addr) -> None:
+    topic = f"megace-test/ack/{uuid.uuid4().hex[:8]}"
+    identifier = f"ack-{uuid.uuid4().hex[:8]}"
+    rounds: list[list[bytes]] = []
+
+    def serve_acking(n_ack: int, expect: int) -> Callable[[aiomqtt.Client, int], Any]:
+        async def serve(client: aiomqtt.Client, attempt: int) -> None:
+            await client.subscribe(topic, qos=1)
+            got: list[bytes] = []
+            async for message in client.messages:
+                got.append(payload_bytes(message.payload))
+                if len(got) <= n_ack:
+                    ack(client, message)
+                if len(got) == expect:
+                    break
+            await asyncio.sleep(0.3)  # let the PUBACKs reach the broker before the session ends
+            rounds.append(got)
+        return serve
+
+    def session(n_ack: int, expect: int) -> Session:
+        return Session(mosquitto_addr, serve_acking(n_ack, expect), identifier=identifier, clean_session=False,
+                       manual_ack=True)
+
+    # a persistent session exists before anything is published
+    async with make_client(mosquitto_addr, identifier=identifier, clean_session=False) as first:
+        await first.subscribe(topic, qos=1)
+    async with make_client(mosquitto_addr, identifier=f"ack-pub-{uuid.uuid4().hex[:8]}") as pub:
+        for i in range(5):
+            await pub.publish(topic, str(i).encode(), qos=1)
+    await asyncio.wait_for(session(2, 5).run(), 20)  # acknowledges 0 and 1 only
+    await asyncio.wait_for(session(3, 3).run(), 20)  # 2, 3, 4 come again; acknowledged now
+    async with make_client(mosquitto_addr, identifier=f"ack-pub-{uuid.uuid4().hex[:8]}") as pub:
+        await pub.publish(topic, b"marker", qos=1)
+    await asyncio.wait_for(session(1, 1).run(), 20)  # nothing of the old ones is left: the marker is next
+    assert rounds == [[b"0", b"1", b"2", b"3", b"4"], [b"2", b"3", b"4"], [b"marker"]]

@@ -1,0 +1,89 @@
+"""Acknowledge after logging: the broker hears that the edge has a message only once it is on disk.
+
+The service hands every received message to :meth:`DurableAcks.received` after the core handled it;
+a message that changed state (a buffered sample, a registration) is appended to the
+:class:`~edge_agent.ingestlog.IngestLog`. One task per connection (:meth:`DurableAcks.run`) commits
+the log in groups on its own I/O thread and then acknowledges, in arrival order, everything received
+up to that commit. A crash before the acknowledgement means the broker delivers the message again;
+the edge's sequence guard drops it if it had been logged and replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import aiomqtt
+
+from broker.metrics import Counters
+from broker.session import ack
+from edge_agent.ingestlog import IngestLog
+
+log = logging.getLogger(__name__)
+
+
+class DurableAcks:
+    """Group commit of the ingest log, then the manual acknowledgements it covers.
+
+    Args:
+        ingest_log: Where state-changing device messages go before they are acknowledged.
+        counters: Where ``ingest_logged`` (frames), ``ingest_commits`` (fsync groups) and
+            ``ingest_log_failures`` (commits the disk refused; retried, nothing acknowledged meanwhile)
+            are counted.
+        retry_s: Wait before retrying a refused commit.
+    """
+
+    def __init__(self, ingest_log: IngestLog, counters: Counters, *, retry_s: float = 0.5) -> None:
+        self.log = ingest_log
+        self.counters = counters
+        self.retry_s = retry_s
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="megace-ingest-log")
+        self._waiting: list[aiomqtt.Message] = []
+        self._wake = asyncio.Event()
+
+    def received(self, message: aiomqtt.Message, topic: str, payload: bytes, *, durable: bool) -> None:
+        """Note one handled message (loop thread); ``durable`` ones are logged before any later ack."""
+        if durable:
+            self.log.append(topic, payload, bool(message.retain))
+            self.counters.inc("ingest_logged")
+        if message.qos > 0:
+            self._waiting.append(message)
+            self._wake.set()
+
+    async def run(self, client: aiomqtt.Client) -> None:
+        """For one connection: commit, then acknowledge in arrival order, until cancelled."""
+        self._waiting.clear()  # what a previous connection left un-acknowledged is redelivered anyway
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._waiting = self._waiting, []
+            while True:
+                try:
+                    if self.log.pending:
+                        await loop.run_in_executor(self._pool, self.log.commit)
+                        self.counters.inc("ingest_commits")
+                    break
+                except OSError:
+                    self.counters.inc("ingest_log_failures")
+                    log.exception("ingest log commit failed; retrying without acknowledging")  # pragma: no mutate
+                    await asyncio.sleep(self.retry_s)
+            for message in batch:
+                ack(client, message)
+
+    def mark(self) -> int:
+        """A checkpoint snapshot is being taken: later messages go to a new segment (see IngestLog.mark)."""
+        return self.log.mark()
+
+    async def checkpointed(self, segment: int) -> None:
+        """The checkpoint holding everything before ``segment`` committed: its older segments can go."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.log.drop_before, segment)
+
+    async def flush(self) -> None:
+        """Commit what is buffered (shutdown)."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.log.commit)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.log.close()
