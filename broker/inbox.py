@@ -7,12 +7,17 @@ and decodes the envelope. Anything wrong raises a :class:`broker.errors.WireErro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from broker import topics
 from broker.chunking import Reassembler
 from broker.errors import ChunkError, TopicError
+from broker.signing import unsigned
 from broker.wire.envelope import DEFAULT_MAX_PAYLOAD, Envelope, Kind, decode_envelope
+
+Opener = Callable[[topics.Parsed, bytes], bytes]
+"""Turns a whole received message into envelope bytes (verifying a signature), or raises a WireError."""
 
 
 class Inbox:
@@ -24,10 +29,17 @@ class Inbox:
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         channels: frozenset[topics.Channel] | None = None,
+        opener: Opener | None = None,
     ) -> None:
         """``channels``: the topic channels this receiver handles; messages on others are counted in
-        :attr:`foreign` and dropped undecoded (e.g. JSON status that a broker routed by mistake)."""
+        :attr:`foreign` and dropped undecoded (e.g. JSON status that a broker routed by mistake).
+
+        ``opener``: called with the topic and each whole message (after chunk reassembly, before the
+        envelope is decoded); returns the envelope bytes or raises a ``WireError``. This is where a
+        receiver checks signatures (:mod:`broker.signing`); without one, a signed message's envelope
+        is taken unverified."""
         self.channels = channels
+        self.opener = opener
         self.foreign = 0
         self.reassembler = reassembler or Reassembler(max_transfer_bytes=max_payload)
         self.max_payload = max_payload
@@ -50,7 +62,7 @@ class Inbox:
         if not payload:
             return None
         if parsed.chunk_index is None:
-            return parsed, decode_envelope(payload, max_size=self.max_payload)
+            return parsed, decode_envelope(self._open(parsed, payload), max_size=self.max_payload)
         env = decode_envelope(payload, expect=Kind.CHUNK, max_size=self.max_payload)
         if isinstance(env.body, dict) and env.body.get("index") != parsed.chunk_index:
             raise ChunkError(f"chunk body index {env.body.get('index')!r} != topic index {parsed.chunk_index}")
@@ -58,10 +70,16 @@ class Inbox:
         whole = self.reassembler.feed(f"{base.base}|{env.sender}", env.body, sender=publisher(base))
         if whole is None:
             return None
-        inner = decode_envelope(whole, max_size=self.max_payload)
+        inner = decode_envelope(self._open(base, whole), max_size=self.max_payload)
         if inner.kind is Kind.CHUNK:
             raise ChunkError("a chunked transfer may not contain another chunk")
         return base, inner
+
+
+    def _open(self, parsed: topics.Parsed, payload: bytes) -> bytes:
+        if self.opener is not None:
+            return self.opener(parsed, payload)
+        return unsigned(payload)
 
 
 def publisher(parsed: topics.Parsed) -> str:

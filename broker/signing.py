@@ -57,7 +57,8 @@ def key_id(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
-def _raw_public(key: Ed25519PublicKey) -> bytes:
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key (what :func:`key_id` hashes)."""
     from cryptography.hazmat.primitives import serialization
 
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -114,7 +115,7 @@ class Signer:
     def __init__(self, key: Ed25519PrivateKey) -> None:
         self._key = key
         self.public_key = key.public_key()
-        self.kid = key_id(_raw_public(self.public_key))
+        self.kid = key_id(raw_public(self.public_key))
 
     def sign(self, envelope: bytes) -> bytes:
         """The signed message carrying ``envelope`` unchanged."""
@@ -141,6 +142,17 @@ def unwrap(payload: bytes | bytearray | memoryview) -> tuple[str, bytes, bytes]:
     return kid, sig, env
 
 
+def unsigned(payload: bytes) -> bytes:
+    """The envelope bytes of ``payload``, taking a signed message's envelope without verifying it.
+
+    For receivers that were given no key: they still understand a signing sender. Anything that
+    can change a model or a prediction must be opened with a :class:`Verifier` instead.
+    """
+    if is_signed(payload):
+        return unwrap(payload)[2]
+    return payload
+
+
 class Verifier:
     """Opens signed messages from the senders it trusts.
 
@@ -152,7 +164,7 @@ class Verifier:
     """
 
     def __init__(self, keys: Iterable[Ed25519PublicKey], *, required: bool = True) -> None:
-        self._keys: Mapping[str, Ed25519PublicKey] = {key_id(_raw_public(k)): k for k in keys}
+        self._keys: Mapping[str, Ed25519PublicKey] = {key_id(raw_public(k)): k for k in keys}
         self.required = required
 
     @property

@@ -28,6 +28,8 @@ from typing import Any
 from megace_common.configfile import dump_toml, load_layers
 from megace_model.config import EdgeModelConfig, ModalitySpec
 
+from .trust import CloudSigningConfig
+
 ENV_PREFIX = "MEGACE_CLOUD__"
 
 
@@ -128,6 +130,7 @@ class CloudConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    signing: CloudSigningConfig = field(default_factory=CloudSigningConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML-ready), the inverse of :meth:`from_dict`."""
@@ -139,6 +142,7 @@ class CloudConfig:
             "aggregation": asdict(self.aggregation),
             "validation": asdict(self.validation),
             "limits": asdict(self.limits),
+            "signing": asdict(self.signing),
         }
         return out
 
@@ -156,6 +160,7 @@ class CloudConfig:
                     ("aggregation", AggregationConfig),
                     ("validation", ValidationConfig),
                     ("limits", LimitsConfig),
+                    ("signing", CloudSigningConfig),
                 )
             }
             cfg = cls(model=model, **sections, **data)

@@ -100,7 +100,10 @@ class AggregatorCore:
                 timeout_s=lim.chunk_timeout_s,
             ),
             max_payload=lim.max_payload_bytes,
+            opener=config.signing.upload_opener(),
         )
+        self.signer = config.signing.signer()
+        """Signs every global and site feedback (None: unsigned); edges pin its public key."""
         self.buffer = BufferPolicy(k=agg.buffer_k, period_s=agg.buffer_period_s or None, min_updates=agg.min_updates)
         self.buffer.start(self.clock(), pending=self.ledger.pending_count())
         accepted, rejected = self.ledger.counts()
@@ -298,6 +301,7 @@ class AggregatorCore:
                 seq=self.seqs.take(),
                 fingerprint=self.fingerprint,
                 default_rank=self.config.model.lora_r,
+                signer=self.signer,
             )
             self._global_version = self.version
         return self._global_out
@@ -320,7 +324,7 @@ class AggregatorCore:
             rejected = self.sites.unknown_rejections.get(site, [])
             return feedback_message(
                 site, sender=self.config.cloud_id, seq=self.seqs.take(), version=self.version, rank=0,
-                view={}, stats=stats, accepted=[], rejected=rejected,
+                view={}, stats=stats, accepted=[], rejected=rejected, signer=self.signer,
             )
         last = self.glob.meta.get("site_stats", {}).get(site)
         if last is not None:
@@ -338,6 +342,7 @@ class AggregatorCore:
             stats=stats,
             accepted=self.ledger.accepted_seqs(prof.edge, self.config.limits.feedback_history),
             rejected=prof.rejected,
+            signer=self.signer,
         )
 
     def metrics(self) -> dict[str, Any]:

@@ -23,10 +23,12 @@ from broker.errors import (
     UnknownModalityError,
     WireError,
 )
+from broker.signing import SignatureError, UnknownKeyError, UnsignedError
 from broker.wire import AdapterUpdate
 
 from .contribution import Contribution
 from .errors import BadMetadata
+from .trust import ImpersonationError
 
 WIRE_REASONS: dict[type[WireError], str] = {
     ChunkHashError: "chunk_hash",
@@ -39,6 +41,10 @@ WIRE_REASONS: dict[type[WireError], str] = {
     UnknownModalityError: "bad_modality",
     TopicError: "bad_topic",
     DecodeError: "bad_payload",
+    ImpersonationError: "impersonation",
+    UnsignedError: "unsigned",
+    UnknownKeyError: "unknown_key",
+    SignatureError: "bad_signature",
 }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from broker import topics
+from broker.signing import Signer
 from broker.topics import Role
 from broker.wire import GlobalAdapter, Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
 from megace_common.durable import atomic_write
@@ -69,7 +70,9 @@ def global_rank(g: GlobalState, default: int) -> int:
     return max(ranks) if ranks else default
 
 
-def global_message(g: GlobalState, *, sender: str, seq: int, fingerprint: str, default_rank: int) -> Outgoing:
+def global_message(
+    g: GlobalState, *, sender: str, seq: int, fingerprint: str, default_rank: int, signer: Signer | None = None
+) -> Outgoing:
     """The retained global, at scaling 1: ``rank`` is the largest module rank and ``alpha = rank``,
     so an edge that loads the factors as they are gets ``(alpha/rank)·B A = B A`` exactly."""
     rank = global_rank(g, default_rank)
@@ -82,7 +85,8 @@ def global_message(g: GlobalState, *, sender: str, seq: int, fingerprint: str, d
         tensors=to_numpy(g.tensors),
         contributors=list(g.meta.get("contributors", [])),
     ).to_body()
-    return Outgoing(topics.global_down(), encode_envelope(Kind.GLOBAL, sender, seq, body), retain=True, seq=seq)
+    return Outgoing(topics.global_down(), _signed(encode_envelope(Kind.GLOBAL, sender, seq, body), signer),
+                    retain=True, seq=seq)
 
 
 def feedback_message(
@@ -96,6 +100,7 @@ def feedback_message(
     stats: dict[str, float],
     accepted: list[int],
     rejected: list[tuple[int, str]],
+    signer: Signer | None = None,
 ) -> Outgoing:
     """One site's retained feedback; always complete (view included), since it replaces the last one."""
     body = SiteFeedback(
@@ -107,9 +112,12 @@ def feedback_message(
         accepted=accepted,
         rejected=[Rejection(seq=max(int(s), 0), reason=r) for s, r in rejected],
     ).to_body()
-    return Outgoing(
-        topics.site_feedback(site), encode_envelope(Kind.SITE_FEEDBACK, sender, seq, body), retain=True, seq=seq
-    )
+    payload = _signed(encode_envelope(Kind.SITE_FEEDBACK, sender, seq, body), signer)
+    return Outgoing(topics.site_feedback(site), payload, retain=True, seq=seq)
+
+
+def _signed(envelope: bytes, signer: Signer | None) -> bytes:
+    return envelope if signer is None else signer.sign(envelope)
 
 
 def metrics_message(cloud_id: str, values: dict[str, object]) -> Outgoing:

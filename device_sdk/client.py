@@ -33,6 +33,7 @@ from broker import topics
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
 from broker.metrics import Counters
+from broker.signing import Verifier, load_public_key
 from broker.wire import CapabilityProfile, FeatureRecord, Kind, Status, encode_envelope
 from broker.wire.status import OFFLINE, ONLINE
 from device_sdk.downlink import DownlinkHandler, DownlinkReceiver
@@ -79,6 +80,9 @@ class DeviceClient:
         max_packet: The largest MQTT packet to send; bigger payloads are split into chunks (many
             brokers cap packets at 128 KB or 1 MB).
         reconnect_max_delay: The cap, in seconds, of the exponential back-off between reconnects.
+        edge_key: The edge's Ed25519 public key (a PEM file, as ``megace provision`` writes it): with it,
+            every downlink must be signed by that key, and forged or unsigned ones are dropped and
+            counted instead of reaching ``on_downlink``. Without it, downlinks are not checked.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class DeviceClient:
         max_unacked: int = 2000,
         max_packet: int = DEFAULT_MAX_PACKET,
         reconnect_max_delay: float = 5.0,
+        edge_key: str | Path | None = None,
     ) -> None:
         self.site = topics.check_id(site, "site")
         self.device = topics.check_id(device, "device")
@@ -113,7 +118,8 @@ class DeviceClient:
         self._closing = False
         self._inflight: dict[int, _Pending] = {}
         self._last_sent_row: int | None = None
-        self._downlink = DownlinkReceiver(self.device, self.counters, on_downlink)
+        verifier = None if edge_key is None else Verifier([load_public_key(edge_key)])
+        self._downlink = DownlinkReceiver(self.device, self.counters, on_downlink, verifier)
         self._supervisor: threading.Thread | None = None
         self._registration: tuple[str, bytes] | None = None
         self._events: deque[tuple[str, Any]] = deque()

@@ -15,6 +15,7 @@ from broker import topics
 from broker.errors import WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
+from broker.signing import Verifier
 from broker.wire import Kind
 from broker.wire.bodies import decode_body
 
@@ -29,15 +30,20 @@ class DownlinkReceiver:
 
     Args:
         device: The device id (for log lines).
-        counters: Where ``received.<kind>``, rejections by reason and ``callback_errors`` are counted.
+        counters: Where ``received.<kind>``, rejections by reason (``rejected.BadSignatureError``, ...)
+            and ``callback_errors`` are counted.
         handler: The user's callback, or None to only count.
+        verifier: The edge's public key(s): every downlink must carry a valid signature by one, so a
+            forged prediction or config never reaches ``handler``. None accepts unsigned downlinks.
     """
 
-    def __init__(self, device: str, counters: Counters, handler: DownlinkHandler | None) -> None:
+    def __init__(self, device: str, counters: Counters, handler: DownlinkHandler | None,
+                 verifier: Verifier | None = None) -> None:
         self.device = device
         self.counters = counters
         self.handler = handler
-        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}))
+        opener = None if verifier is None else (lambda _parsed, payload: verifier.open(payload))
+        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}), opener=opener)
 
     def accept(self, topic: str, payload: bytes) -> None:
         """Decode one message (chunks are reassembled first); malformed ones are counted, never raised."""

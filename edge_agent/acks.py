@@ -53,7 +53,6 @@ class DurableAcks:
 
     async def run(self, client: aiomqtt.Client) -> None:
         """For one connection: commit, then acknowledge in arrival order, until cancelled."""
-        self._waiting.clear()  # what a previous connection left un-acknowledged is redelivered anyway
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
@@ -71,6 +70,13 @@ class DurableAcks:
                     await asyncio.sleep(self.retry_s)
             for message in batch:
                 ack(client, message)
+
+    def reset(self) -> None:
+        """A connection ended: what it left un-acknowledged, the broker delivers again on the next one.
+
+        Called when a session ends, not when the next starts: its first messages may arrive before
+        :meth:`run` does."""
+        self._waiting.clear()
 
     def mark(self) -> int:
         """A checkpoint snapshot is being taken: later messages go to a new segment (see IngestLog.mark)."""

@@ -22,10 +22,12 @@ from broker.errors import TopicError
 from edge_agent.training.toy_task import toy_config
 from megace_common.configfile import deep_merge, dump_toml, load_layers
 from megace_common.durable import atomic_write
+from megace_common.trust import SigningConfig
 from megace_model.config import EdgeModelConfig
 from megace_model.errors import ConfigError
 
 ENV_PREFIX = "MEGACE_EDGE__"
+_SECTIONS = ("model", "training", "limits", "signing")
 _ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality"})
 """Optional ints: TOML has no null, so 0 stands for "none" (no cap, not this mode)."""
 
@@ -114,6 +116,9 @@ class EdgeConfig:
     model: EdgeModelConfig = field(default_factory=toy_config)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
+    """``key_file``: this edge's Ed25519 key (signs uploads and device downlinks); ``trusted_keys``: the
+    cloud's public key(s), pinned: globals and site feedback must carry a valid signature by one."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -150,12 +155,13 @@ class EdgeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what the TOML holds; ``None`` values are left out)."""
-        top = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "training", "limits")}
+        top = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SECTIONS}
         return {
             **top,
             "model": self.model.to_dict(),
             "training": _none_as_zero(asdict(self.training)),
             "limits": _none_as_zero(asdict(self.limits)),
+            "signing": asdict(self.signing),
         }
 
     def to_toml(self) -> str:
@@ -180,8 +186,9 @@ class EdgeConfig:
                 train_data["steps"] = None  # asking for epochs means "not the default steps"
             training = _section(TrainingConfig, train_data, "training")
             limits = _section(LimitsConfig, data.pop("limits", {}), "limits")
-            top = _section(cls, data, "top level", skip=("model", "training", "limits"), build=False)
-            return cls(**top, model=model, training=training, limits=limits)
+            signing = _section(SigningConfig, data.pop("signing", {}), "signing")
+            top = _section(cls, data, "top level", skip=_SECTIONS, build=False)
+            return cls(**top, model=model, training=training, limits=limits, signing=signing)
         except ConfigError as exc:
             raise EdgeConfigError(f"model: {exc}") from exc
 

@@ -24,6 +24,7 @@ from broker import topics
 from broker.errors import UnknownKindError, WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
+from broker.signing import unsigned
 from broker.wire import (
     CapabilityProfile,
     DeviceFeedback,
@@ -45,6 +46,8 @@ from megace_model.adapters import is_personal, load_personal
 from megace_model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
 
 log = logging.getLogger(__name__)
+
+_FROM_CLOUD = frozenset({topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK})
 
 DOWN_SEQ_BLOCK = 10_000
 """Downlink seqs reserved (persisted) at a time: one small fsync'd write per block."""
@@ -112,9 +115,13 @@ class EdgeCore:
         self.new_samples = 0
         """Labelled samples buffered since the last round (the service resets it when a round starts)."""
         self.modalities_seen: dict[str, int] = {}
+        self.signer = config.signing.signer()
+        """Signs uploads and device downlinks (None: unsigned); see :mod:`broker.signing`."""
+        self._verifier = config.signing.verifier()
         self._inbox = Inbox(
             max_payload=config.limits.max_payload,
             channels=frozenset({topics.Channel.DEVICE_UP, topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK}),
+            opener=self._open,
         )
         self._down_seq = 0
         self._down_reserved = 0
@@ -161,6 +168,13 @@ class EdgeCore:
             log.exception("edge %s: internal error on %s", self.edge_id, topic)
             fx.out.extend(self.reject(exc, self._device_of(topic, parsed), env.seq if env is not None else None))
         return fx
+
+    def _open(self, parsed: topics.Parsed, payload: bytes) -> bytes:
+        """What comes from the cloud must carry a valid signature by a pinned cloud key (when one is set);
+        a forged, unsigned or altered global is refused before it is even decoded."""
+        if self._verifier is not None and parsed.channel in _FROM_CLOUD:
+            return self._verifier.open(payload)
+        return unsigned(payload)
 
     @staticmethod
     def _device_of(topic: str, parsed: topics.Parsed | None) -> str | None:
@@ -334,7 +348,8 @@ class EdgeCore:
             self._down_reserved = self._down_seq + DOWN_SEQ_BLOCK - 1
             self._reserve(self._down_reserved)
         topic = topics.device_down(self.site, device, topics.Downlink(kind.value))
-        return Outgoing(topic, encode_envelope(kind, self.edge_id, self._down_seq, message.to_body()))
+        payload = encode_envelope(kind, self.edge_id, self._down_seq, message.to_body())
+        return Outgoing(topic, payload if self.signer is None else self.signer.sign(payload))
 
 
 def _check_like(reference: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> None:

@@ -229,6 +229,7 @@ class EdgeAgent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.acks.reset()
 
     # =================================================================== receive
     async def _receive(self, client: aiomqtt.Client) -> None:
@@ -313,7 +314,8 @@ class EdgeAgent:
         seq = None if self.config.training.local_only else self.state.upload_seq + 1
         try:
             metrics, payload, shared, personal = await loop.run_in_executor(
-                self._train_pool, uploads.train_round, self.config, self.trainer, seq, self.state.global_version)
+                self._train_pool, uploads.train_round, self.config, self.trainer, seq, self.state.global_version,
+                self.core.signer)
         except InsufficientDataError:
             self.core.new_samples += new
             return

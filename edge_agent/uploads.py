@@ -19,6 +19,7 @@ import torch
 
 from broker.aio import publish
 from broker.metrics import Counters
+from broker.signing import Signer
 from broker.wire import AdapterUpdate, Kind, encode_envelope
 from edge_agent.config import EdgeConfig
 from edge_agent.state import StateStore
@@ -33,9 +34,10 @@ METRIC_KEYS = ("loss", "ce_loss", "contrastive_loss", "train_acc", "heldout_acc"
 
 def upload_payload(
     config: EdgeConfig, trainer: Trainer, metrics: dict[str, Any], shared: dict[str, torch.Tensor],
-    personal: dict[str, torch.Tensor], *, seq: int, global_version: int,
+    personal: dict[str, torch.Tensor], *, seq: int, global_version: int, signer: Signer | None = None,
 ) -> bytes:
-    """The encoded ``adapter`` envelope for one round (fp16 if configured; personal tensors if shared)."""
+    """The encoded ``adapter`` envelope for one round (fp16 if configured; personal tensors if shared),
+    signed with the edge's key when it has one (the cloud binds the key to this edge and site)."""
     t = config.training
     dtype = torch.float16 if t.upload_fp16 else torch.float32
     tensors = {k: v.to(dtype).numpy() for k, v in shared.items()}
@@ -49,7 +51,8 @@ def upload_payload(
         samples=int(metrics["n_train"]), modalities=dict(trainer.buffer.counts()["modalities"]),
         tensors=tensors, metrics=numbers,
     )
-    return encode_envelope(Kind.ADAPTER, config.edge_id, seq, update.to_body())
+    payload = encode_envelope(Kind.ADAPTER, config.edge_id, seq, update.to_body())
+    return payload if signer is None else signer.sign(payload)
 
 
 class Outbox:
@@ -114,7 +117,7 @@ class Outbox:
 
 
 def train_round(
-    config: EdgeConfig, trainer: Trainer, seq: int | None, global_version: int
+    config: EdgeConfig, trainer: Trainer, seq: int | None, global_version: int, signer: Signer | None = None
 ) -> tuple[dict[str, Any], bytes | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Training thread: one local round, then (with a ``seq``) its upload envelope — the bytes that get
     persisted with the checkpoint and sent as they are."""
@@ -123,5 +126,6 @@ def train_round(
     shared, personal = trainer.shared_state(), trainer.personal_state()
     payload = None
     if seq is not None:
-        payload = upload_payload(config, trainer, metrics, shared, personal, seq=seq, global_version=global_version)
+        payload = upload_payload(config, trainer, metrics, shared, personal, seq=seq, global_version=global_version,
+                                 signer=signer)
     return metrics, payload, shared, personal

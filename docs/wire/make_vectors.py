@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import topics
 from broker.chunking import frames
+from broker.signing import Signer, raw_public
 from broker.wire import CapabilityProfile, FeatureRecord, Kind, ModalityProfile, Prediction, encode_envelope
 
 TS = 1_700_000_000_000
+SEED = bytes(range(32))  # the test vector's key: never use a published key for anything else
 
 
 def vectors() -> list[dict]:
@@ -53,6 +56,18 @@ def vectors() -> list[dict]:
                     "label": 1, "probs": {"dtype": "<f4", "shape": [2], "values": [0.25, 0.75]},
                     "model_version": 5},
         "hex": encode_envelope(Kind.PREDICTION, "edge-1", 9, pred.to_body(), ts_ms=TS).hex(),
+    })
+    pred_env = encode_envelope(Kind.PREDICTION, "edge-1", 9, pred.to_body(), ts_ms=TS)
+    signer = Signer(Ed25519PrivateKey.from_private_bytes(SEED))
+    signed_pred = signer.sign(pred_env)
+    out.append({
+        "name": "signed-prediction",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.PREDICTION),
+        "meaning": {"note": "the prediction vector's envelope, signed by the edge: Ed25519 over "
+                            "b'megace-sm-v1\\0' + envelope; kid = sha256(public key)[:8] as hex",
+                    "envelope_hex": pred_env.hex(), "private_seed_hex": SEED.hex(),
+                    "public_hex": raw_public(signer.public_key).hex(), "kid": signer.kid},
+        "hex": signed_pred.hex(),
     })
     big = FeatureRecord("gw-7", 44, {"accel": np.arange(96, dtype="<f4").reshape(32, 3)})
     whole = encode_envelope(Kind.FEATURES, "gw-7", 10, big.to_body(), ts_ms=TS)

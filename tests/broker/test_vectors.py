@@ -92,7 +92,7 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
 
 def test_vectors_cover_the_documented_cases() -> None:
     assert [v["name"] for v in VECTORS] == ["features-accel", "features-two-modalities-no-label", "register",
-                                            "prediction", "chunk-0-of-3"]
+                                            "prediction", "signed-prediction", "chunk-0-of-3"]
     spec = (Path(__file__).parents[2] / "docs" / "wire" / "SPEC.md").read_text()
     worked = next(v for v in VECTORS if v["name"] == "features-accel")
     block = spec.split("```")[1]
@@ -111,3 +111,27 @@ def test_chunk_vector_reassembles(monkeypatch: pytest.MonkeyPatch) -> None:
     got = inbox.accept(vec["topic"].replace("/chunk/0", "/chunk/1"), msgs[1][1])
     assert got is not None and got[1].body == decode_envelope(whole).body
     assert np.array_equal(decode_body(got[1]).modalities["accel"], np.arange(96, dtype="<f4").reshape(32, 3))
+
+
+def test_the_signed_vector_is_reproduced_from_its_key_and_verifies() -> None:
+    """Built from the seed with ``cryptography`` and the msgpack layout of the spec, not with broker.signing."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from broker.signing import Verifier
+
+    vec = next(v for v in VECTORS if v["name"] == "signed-prediction")
+    m = vec["meaning"]
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(m["private_seed_hex"]))
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert public.hex() == m["public_hex"] and hashlib.sha256(public).hexdigest()[:16] == m["kid"]
+    env = bytes.fromhex(m["envelope_hex"])
+    assert m["envelope_hex"] == next(v for v in VECTORS if v["name"] == "prediction")["hex"]
+    sig = key.sign(b"megace-sm-v1\0" + env)
+    assert len(env) < 256
+    expected = (b"\x84\xa2sm\x01\xa3kid\xb0" + m["kid"].encode() + b"\xa3sig\xc4\x40" + sig + b"\xa1e\xc4"
+                + bytes([len(env)]) + env)
+    assert vec["hex"] == expected.hex()
+    assert Verifier([key.public_key()]).open(bytes.fromhex(vec["hex"])) == env
