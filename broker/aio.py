@@ -63,6 +63,34 @@ async def publish(
     """Publish ``payload`` on ``topic``, chunked if larger than ``max_packet``; returns bytes sent."""
     sent = 0
     for t, p in frames(topic, payload, sender=sender, seq=seq, max_packet=max_packet):
-        await client.publish(t, p, qos=qos, retain=retain)
+        await publish_one(client, t, p, qos=qos, retain=retain)
         sent += len(p)
     return sent
+
+
+async def publish_one(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      timeout: float | None = None) -> None:
+    """``client.publish`` that never loses a cancellation.
+
+    aiomqtt waits for the PUBACK with ``asyncio.wait_for``, which in Python 3.11 returns normally when
+    the acknowledgement and a ``cancel()`` arrive together; the service loop calling it would then run
+    on, and the session that cancelled it would wait for it forever. The cancellation is re-raised.
+    """
+    await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds (None: no limit); True if it was set.
+
+    Not ``asyncio.wait_for``: in Python 3.11 it can swallow a cancellation that races the event being
+    set, and a service task cancelled at that moment would loop on forever (a session that never ends).
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

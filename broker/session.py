@@ -10,7 +10,6 @@ acknowledges a message once the service made it durable (``manual_ack``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from typing import Any
 import aiomqtt
 
 from broker.address import BrokerAddress
-from broker.aio import make_client
+from broker.aio import make_client, wait_event
 from broker.metrics import Counters
 
 log = logging.getLogger(__name__)
@@ -208,5 +207,4 @@ class Session:
             if stop is None:
                 await asyncio.sleep(delay)
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await wait_event(stop, delay)

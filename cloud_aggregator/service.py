@@ -21,6 +21,7 @@ import aiomqtt
 
 from broker import topics
 from broker.address import BrokerAddress
+from broker.aio import publish_one
 from broker.chunking import frames
 from broker.metrics import Counters
 from broker.session import Session, payload_bytes
@@ -161,7 +162,7 @@ class CloudAggregator:
             if m.retain:
                 await self._clear_retained(client, m.topic, len(parts) if len(parts) > 1 else 0)
             for topic, payload in parts:
-                await client.publish(topic, payload, qos=1, retain=m.retain)
+                await publish_one(client, topic, payload, qos=1, retain=m.retain)
                 core.sent(len(payload))
 
     async def _clear_retained(self, client: aiomqtt.Client, topic: str, chunks: int) -> None:
