@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import aiomqtt
 
+from broker.aio import wait_event
 from broker.metrics import Counters
 from broker.session import ack
 from edge_agent.ingestlog import IngestLog
@@ -23,41 +28,73 @@ from edge_agent.ingestlog import IngestLog
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Entry:
+    message: aiomqtt.Message
+    index: int
+    ready: bool
+    deadline: float
+
+
 class DurableAcks:
     """Group commit of the ingest log, then the manual acknowledgements it covers.
 
     Args:
         ingest_log: Where state-changing device messages go before they are acknowledged.
+        hold_timeout_s: The longest an inference request's acknowledgement waits for its answer.
         counters: Where ``ingest_logged`` (frames), ``ingest_commits`` (fsync groups) and
             ``ingest_log_failures`` (commits the disk refused; retried, nothing acknowledged meanwhile)
             are counted.
         retry_s: Wait before retrying a refused commit.
     """
 
-    def __init__(self, ingest_log: IngestLog, counters: Counters, *, retry_s: float = 0.5) -> None:
+    def __init__(self, ingest_log: IngestLog, counters: Counters, *, retry_s: float = 0.5,
+                 hold_timeout_s: float = 10.0) -> None:
         self.log = ingest_log
         self.counters = counters
         self.retry_s = retry_s
+        self.hold_timeout_s = hold_timeout_s
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="megace-ingest-log")
-        self._waiting: list[aiomqtt.Message] = []
+        self._waiting: deque[_Entry] = deque()
+        self._received = 0  # entries ever queued (this connection)
+        self._durable = 0  # entries queued before the last completed commit
         self._wake = asyncio.Event()
 
-    def received(self, message: aiomqtt.Message, topic: str, payload: bytes, *, durable: bool) -> None:
-        """Note one handled message (loop thread); ``durable`` ones are logged before any later ack."""
+    def received(self, message: aiomqtt.Message, topic: str, payload: bytes, *, durable: bool,
+                 hold: bool = False) -> Callable[[], None] | None:
+        """Note one handled message (loop thread); ``durable`` ones are logged before any later ack.
+
+        With ``hold`` (an inference request) the acknowledgement also waits for the returned callback,
+        which the service calls once the answer is handed to the broker: an edge killed before that
+        leaves the request unacknowledged, and the broker delivers it again (or ``hold_timeout_s``
+        passes, counted as ``ack_hold_timeouts``)."""
         if durable:
             self.log.append(topic, payload, bool(message.retain))
             self.counters.inc("ingest_logged")
-        if message.qos > 0:
-            self._waiting.append(message)
+        if message.qos == 0:
+            return None
+        entry = _Entry(message, self._received, not hold, time.monotonic() + self.hold_timeout_s)
+        self._received += 1
+        self._waiting.append(entry)
+        self._wake.set()
+        if not hold:
+            return None
+
+        def release() -> None:
+            entry.ready = True
             self._wake.set()
+        return release
 
     async def run(self, client: aiomqtt.Client) -> None:
         """For one connection: commit, then acknowledge in arrival order, until cancelled."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            timeout = None
+            if self._waiting and not self._waiting[0].ready:
+                timeout = max(self._waiting[0].deadline - time.monotonic(), 0.0)
+            await wait_event(self._wake, timeout)
             self._wake.clear()
-            batch, self._waiting = self._waiting, []
+            queued = self._received
             while True:
                 try:
                     if self.log.pending:
@@ -68,8 +105,16 @@ class DurableAcks:
                     self.counters.inc("ingest_log_failures")
                     log.exception("ingest log commit failed; retrying without acknowledging")  # pragma: no mutate
                     await asyncio.sleep(self.retry_s)
-            for message in batch:
-                ack(client, message)
+            self._durable = max(self._durable, queued)
+            now = time.monotonic()
+            while self._waiting and self._waiting[0].index < self._durable:
+                head = self._waiting[0]
+                if not head.ready:
+                    if now < head.deadline:
+                        break  # later messages wait too: MQTT wants acknowledgements in arrival order
+                    self.counters.inc("ack_hold_timeouts")
+                self._waiting.popleft()
+                ack(client, head.message)
 
     def reset(self) -> None:
         """A connection ended: what it left un-acknowledged, the broker delivers again on the next one.
@@ -77,6 +122,7 @@ class DurableAcks:
         Called when a session ends, not when the next starts: its first messages may arrive before
         :meth:`run` does."""
         self._waiting.clear()
+        self._received = self._durable = 0
 
     def mark(self) -> int:
         """A checkpoint snapshot is being taken: later messages go to a new segment (see IngestLog.mark)."""

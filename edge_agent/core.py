@@ -63,6 +63,9 @@ class Outgoing:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    done: Callable[[], None] | None = field(default=None, compare=False)
+    """Called once the broker acknowledged (or the queue dropped) this message: an inference request's
+    own acknowledgement waits for its answer (see :mod:`edge_agent.acks`)."""
 
 
 @dataclass(slots=True)
@@ -72,6 +75,8 @@ class InferRequest:
     sample: dict[str, Any]
     received: float
     seq: int = 0
+    done: Callable[[], None] | None = None
+    """Passed on to the answer's :class:`Outgoing` (the service sets it)."""
 
 
 @dataclass(slots=True)
@@ -93,6 +98,8 @@ class Effects:
     infers: list[InferRequest] = field(default_factory=list)
     train_due: bool = False
     durable: bool = False
+    verdicts: list[tuple[int, str | None]] = field(default_factory=list)
+    """The cloud's verdicts on this edge's uploads: ``(seq, None)`` accepted, ``(seq, reason)`` refused."""
     """The message changed state that a checkpoint holds (a buffered sample, a registration): the service
     logs it before acknowledging it to the broker (:mod:`edge_agent.acks`)."""
 
@@ -205,7 +212,14 @@ class EdgeCore:
     # ------------------------------------------------------------- device uplinks
     def _on_register(self, fx: Effects, device: str, seq: int, body: Any, *, retained: bool) -> None:
         profile = CapabilityProfile.from_body(body)
-        restarted = not retained and any(g.last.get(device, -1) >= seq for g in self.registry.guards.values())
+        known = self.registry.devices.get(device)
+        if profile.epoch and known is not None and known.profile.epoch:
+            # the device says which sequence store it numbers from: only a new one restarts its seqs
+            restarted = profile.epoch != known.profile.epoch
+        else:
+            # no epoch (older firmware): a live registration at or below a seq already seen means the device
+            # lost its store; a redelivered old registration looks the same, hence the epoch
+            restarted = not retained and any(g.last.get(device, -1) >= seq for g in self.registry.guards.values())
         evicted = self.registry.evicted
         entry = self.registry.register(device, profile, fresh=restarted)
         if self.registry.evicted > evicted:
@@ -285,9 +299,9 @@ class EdgeCore:
         if self.config.training.local_only:
             self.counters.inc("global_ignored")
             return
-        for rejection in msg.rejected:
-            self.counters.inc("uploads_refused_by_cloud")
-            log.warning("edge %s: cloud refused upload %d: %s", self.edge_id, rejection.seq, rejection.reason)
+        accepted = set(msg.accepted)
+        fx.verdicts.extend((seq, None) for seq in msg.accepted)
+        fx.verdicts.extend((r.seq, r.reason) for r in msg.rejected if r.seq not in accepted)
         stats = {k: float(v) for k, v in msg.stats.items()}
         if msg.tensors and msg.rank == self.config.model.lora_r:
             fx.applies.append(ApplyJob("view", msg.version, {k: np.array(v) for k, v in msg.tensors.items()}, stats))

@@ -13,6 +13,7 @@ import asyncio
 
 import aiomqtt
 
+from broker.aio import publish_one
 from broker.metrics import Counters
 from edge_agent.core import Outgoing
 
@@ -38,6 +39,8 @@ class DownlinkQueue:
                 self._queue.put_nowait(message)
             except asyncio.QueueFull:
                 self.counters.inc("downlink_dropped")
+                if message.done is not None:
+                    message.done()
 
     def qsize(self) -> int:
         return self._queue.qsize()
@@ -52,8 +55,10 @@ class DownlinkQueue:
 
         async def one(message: Outgoing) -> None:
             try:
-                await client.publish(message.topic, message.payload, qos=1)
+                await publish_one(client, message.topic, message.payload, qos=1)
                 self.counters.inc("bytes_up", len(message.payload))
+                if message.done is not None:
+                    message.done()
             finally:
                 slots.release()
 

@@ -36,6 +36,7 @@ from typing import Any
 import aiomqtt
 
 from broker import topics
+from broker.aio import publish_one, wait_event
 from broker.metrics import Counters
 from broker.session import Session, payload_bytes
 from broker.wire import metrics_payload
@@ -47,6 +48,7 @@ from edge_agent.core import ApplyJob, EdgeCore, Effects
 from edge_agent.downlinks import DownlinkQueue
 from edge_agent.inference import Predictor
 from edge_agent.ingestlog import IngestLog
+from edge_agent.outbox import Outbox
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, edge_metrics, status_payload
 from edge_agent.serving import InferenceServer
@@ -69,11 +71,11 @@ class EdgeAgent:
         """Message handling, registry, state and trainer (network-free); see :mod:`edge_agent.core`."""
         self.store = StateStore(config.state_dir)
         self._metrics_wake = asyncio.Event()
-        self.outbox = uploads.Outbox(
+        self.outbox = Outbox(
             self.counters, self.store, edge_id=self.edge_id, topic=topics.adapter_up(self.site),
             limit=config.limits.max_pending_uploads, max_packet=config.limits.max_packet,
             on_sent=self._metrics_wake.set)
-        """Checkpointed uploads not yet confirmed by the broker; see :class:`edge_agent.uploads.Outbox`."""
+        """Checkpointed uploads awaiting the cloud's verdict; see :class:`edge_agent.outbox.Outbox`."""
         self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue)
         self.acks = DurableAcks(IngestLog(self.store.root / "ingest", fsync=config.ingest_fsync), self.counters)
         """Device messages are acknowledged to the broker only once logged; see :mod:`edge_agent.acks`."""
@@ -172,10 +174,10 @@ class EdgeAgent:
         client = self._client
         if client is not None and self.connected.is_set():
             deadline = time.monotonic() + self.config.limits.shutdown_flush_s
-            while (self.outbox or not self.downlinks.empty()) and time.monotonic() < deadline:
+            while (self.outbox.unsent or not self.downlinks.empty()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                await client.publish(self._metrics_topic, self._metrics_payload(), qos=0)
+                await publish_one(client, self._metrics_topic, self._metrics_payload(), qos=0)
                 await client.publish(self._status_topic, self._status(OFFLINE), qos=1, retain=True, timeout=2.0)
         connection.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -233,14 +235,17 @@ class EdgeAgent:
 
     # =================================================================== receive
     async def _receive(self, client: aiomqtt.Client) -> None:
-        inc, handle, received = self.counters.inc, self.handle, self.acks.received
+        inc, ingest, dispatch, received = self.counters.inc, self.core.ingest, self._dispatch, self.acks.received
         async for message in client.messages:
             payload = payload_bytes(message.payload)
             inc("bytes_down", len(payload))
             inc("messages_in")
             topic = message.topic.value
-            fx = handle(topic, payload, retained=bool(message.retain))
-            received(message, topic, payload, durable=fx.durable)
+            fx = ingest(topic, payload, retained=bool(message.retain))
+            release = received(message, topic, payload, durable=fx.durable, hold=bool(fx.infers))
+            for request in fx.infers:
+                request.done = release
+            dispatch(fx)
 
     def _replay(self) -> None:
         """Re-ingest what was logged after the restored checkpoint (the loop's state as it was at a crash)."""
@@ -255,12 +260,17 @@ class EdgeAgent:
 
     def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Effects:
         """Process one MQTT message (synchronous and cheap; heavy work is handed to executors)."""
-        fx = self.core.ingest(topic, payload, retained=retained)
+        return self._dispatch(self.core.ingest(topic, payload, retained=retained))
+
+    def _dispatch(self, fx: Effects) -> Effects:
+        """Hand what the core asked for to the collaborators: serving, training thread, downlinks, outbox."""
         for request in fx.infers:
             self.serving.submit(request)
         for job in fx.applies:
             self._spawn(self._apply(job))
         self.downlinks.emit(fx.out)
+        for seq, reason in fx.verdicts:
+            self.outbox.settle(seq, reason)
         if fx.train_due:
             self._train_wake.set()
         return fx
@@ -291,13 +301,11 @@ class EdgeAgent:
     # ================================================================= training
     async def _train_loop(self) -> None:
         t = self.config.training
-        with contextlib.suppress(asyncio.TimeoutError):  # give the retained global a chance to arrive first
-            await asyncio.wait_for(self._subscribed_once.wait(), timeout=t.startup_grace_s)
+        await wait_event(self._subscribed_once, t.startup_grace_s)  # let the retained global arrive first
         await asyncio.sleep(min(0.5, t.startup_grace_s))
         check = min(t.interval_s, 1.0)
         while not self._closing:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._train_wake.wait(), timeout=check)
+            await wait_event(self._train_wake, check)
             self._train_wake.clear()
             if self._closing:
                 break
@@ -361,10 +369,9 @@ class EdgeAgent:
     # ================================================================ metrics
     async def _metrics_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._metrics_wake.wait(), timeout=self.config.metrics_interval_s)
+            await wait_event(self._metrics_wake, self.config.metrics_interval_s)
             self._metrics_wake.clear()
-            await client.publish(self._metrics_topic, self._metrics_payload(), qos=0)
+            await publish_one(client, self._metrics_topic, self._metrics_payload(), qos=0)
 
     # ================================================================= reporting
     def metrics(self) -> dict[str, Any]:

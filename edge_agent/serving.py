@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -16,6 +17,15 @@ from edge_agent.core import EdgeCore, InferRequest, Outgoing
 from edge_agent.errors import BusyError
 from edge_agent.inference import Predictor
 from megace_model.errors import EdgeModelError
+
+
+def answered(request: InferRequest, out: list[Outgoing]) -> list[Outgoing]:
+    """``out`` (the answer to ``request``) carrying the request's ``done``; without one, ``done`` now."""
+    if not out:
+        if request.done is not None:
+            request.done()
+        return out
+    return [*out[:-1], replace(out[-1], done=request.done)]
 
 
 class InferenceServer:
@@ -36,7 +46,7 @@ class InferenceServer:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
             busy = BusyError(f"{self.queue.maxsize} inference requests already waiting")
-            self.emit(self.core.reject(busy, request.device, request.seq))
+            self.emit(answered(request, self.core.reject(busy, request.device, request.seq)))
             return
         self.core.counters.inc("infer_requests")
 
@@ -56,10 +66,10 @@ class InferenceServer:
                 results = await loop.run_in_executor(self.pool, predictor.predict, [r.sample for r in batch])
             except EdgeModelError as exc:
                 for request in batch:
-                    self.emit(self.core.reject(exc, request.device, None))
+                    self.emit(answered(request, self.core.reject(exc, request.device, None)))
                 continue
             now = time.perf_counter()
-            self.emit([self.core.prediction(request, label, probs, predictor.version)
+            self.emit([replace(self.core.prediction(request, label, probs, predictor.version), done=request.done)
                        for request, (label, probs) in zip(batch, results, strict=True)])
             self.latency_ms = (now - batch[0].received) * 1000
 

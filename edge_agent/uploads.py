@@ -1,32 +1,21 @@
 """Uploads: the adapter-update envelope a round produces, and the bounded outbox it waits in.
 
 An upload's bytes are built once (on the training thread), persisted with the checkpoint and sent
-as they are; it leaves the :class:`Outbox` only once the broker acknowledged it, and its seq is then
-confirmed in the state store.
+as they are, from the :class:`edge_agent.outbox.Outbox`, until the cloud says what became of it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import aiomqtt
 import torch
 
-from broker.aio import publish
-from broker.metrics import Counters
 from broker.signing import Signer
 from broker.wire import AdapterUpdate, Kind, encode_envelope
 from edge_agent.config import EdgeConfig
-from edge_agent.state import StateStore
 from edge_agent.training.trainer import Trainer
 from megace_common.lora import add_peft_prefix
-
-log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "ce_loss", "contrastive_loss", "train_acc", "heldout_acc", "n_train", "n_heldout", "steps",
                "duration_s")
@@ -53,67 +42,6 @@ def upload_payload(
     )
     payload = encode_envelope(Kind.ADAPTER, config.edge_id, seq, update.to_body())
     return payload if signer is None else signer.sign(payload)
-
-
-class Outbox:
-    """Uploads that are checkpointed and not yet confirmed, oldest first, and the loop that sends them.
-
-    An upload enters only after the checkpoint that holds it committed, so a crash before it is
-    confirmed re-sends the same seq with the same bytes. Bounded: past ``limit`` the oldest are
-    dropped (counted as ``uploads_dropped``), since a newer adapter supersedes an older one.
-
-    Args:
-        counters: Where ``uploads``, ``uploads_dropped`` and ``bytes_up`` are counted.
-        store: The state store whose ``confirm(seq)`` records that an upload left for good.
-        edge_id: The sender id stamped on chunk frames.
-        topic: The cloud upload topic of this edge's site.
-        limit: Uploads that may wait at once.
-        max_packet: The largest MQTT packet to send; bigger uploads go as chunks.
-        on_sent: Called after each confirmed upload (the service wakes its metrics publisher).
-    """
-
-    def __init__(self, counters: Counters, store: StateStore, *, edge_id: str, topic: str, limit: int,
-                 max_packet: int, on_sent: Callable[[], None] = lambda: None) -> None:
-        self.counters = counters
-        self.store = store
-        self.edge_id = edge_id
-        self.topic = topic
-        self.limit = limit
-        self.max_packet = max_packet
-        self.on_sent = on_sent
-        self._items: deque[tuple[int, bytes]] = deque()
-        self._wake = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        return iter(list(self._items))
-
-    def extend(self, uploads: Iterable[tuple[int, bytes]]) -> None:
-        """Add checkpointed uploads in seq order and wake the sender; the oldest past ``limit`` are dropped."""
-        self._items.extend(uploads)
-        while len(self._items) > self.limit:
-            self._items.popleft()
-            self.counters.inc("uploads_dropped")
-        self._wake.set()
-
-    async def send(self, client: aiomqtt.Client) -> None:
-        """Publish in seq order until cancelled; an upload leaves only once the broker acknowledged it."""
-        while True:
-            self._wake.clear()
-            while self._items:
-                seq, payload = self._items[0]
-                sent = await publish(client, self.topic, payload, sender=self.edge_id, seq=seq, qos=1,
-                                     max_packet=self.max_packet)
-                if self._items and self._items[0][0] == seq:
-                    self._items.popleft()
-                self.store.confirm(seq)
-                self.counters.inc("uploads")
-                self.counters.inc("bytes_up", sent)
-                log.info("edge %s uploaded adapter seq %d (%d bytes)", self.edge_id, seq, sent)
-                self.on_sent()
-            await self._wake.wait()
 
 
 def train_round(

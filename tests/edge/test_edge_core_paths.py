@@ -159,14 +159,17 @@ def test_a_global_made_at_another_alpha_has_its_b_factors_rescaled_and_a_untouch
     assert all(np.allclose(v, 0.25) for v in same.tensors.values())
 
 
-def test_site_feedback_counts_refused_uploads_and_schedules_a_view_of_this_rank(core: EdgeCore) -> None:
+def test_site_feedback_gives_upload_verdicts_and_schedules_a_view_of_this_rank(core: EdgeCore) -> None:
     assert core.trainer is not None
     tensors = {k: np.full(tuple(v.shape), 0.02, np.float32) for k, v in core.trainer.shared_state().items()}
-    rejected = [Rejection(seq=2, reason="replayed"), Rejection(seq=3, reason="outlier")]
+    # seq 4 was refused once (budget full), then accepted on a resend: the acceptance is the verdict
+    rejected = [Rejection(seq=2, reason="replayed"), Rejection(seq=3, reason="outlier"),
+                Rejection(seq=4, reason="chunk_limit")]
     body = SiteFeedback(site=core.site, version=6, rank=8, tensors=tensors, stats={"acc": 0.75},
-                        rejected=rejected).to_body()
+                        accepted=[1, 4], rejected=rejected).to_body()
     fx = core.ingest(topics.site_feedback(core.site), encode_envelope(Kind.SITE_FEEDBACK, "cloud", 6, body))
-    assert core.counters["uploads_refused_by_cloud"] == 2 and fx.out == []
+    assert sorted(fx.verdicts, key=lambda v: v[0]) == [(1, None), (2, "replayed"), (3, "outlier"), (4, None)]
+    assert fx.out == []
     (job,) = fx.applies
     assert (job.source, job.version, job.stats) == ("view", 6, {"acc": 0.75})
     assert set(job.tensors) == set(tensors)
@@ -235,3 +238,22 @@ def test_personal_tensors_are_ignored_unless_the_edge_shares_its_personal_part(c
     assert core.apply("global", 1, {**shared, **_personal(core, 0.5)}) is not None
     after = core.trainer.personal_state()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_with_an_epoch_only_a_new_sequence_store_restarts_a_devices_seqs(core: EdgeCore) -> None:
+    """A redelivered (or re-sent) old registration is not a restart; a registration from a new store is."""
+    samples = ToyTask(core.config.model, seed=9).samples(3)
+
+    def reg(seq: int, epoch: int) -> None:
+        profile = toy_profile(DEV)
+        profile.epoch = epoch
+        core.ingest(up(core, DEV, topics.Uplink.REGISTER), encode_envelope(Kind.REGISTER, DEV, seq, profile.to_body()))
+
+    reg(1, epoch=111)
+    features(core, 5, samples[0])  # seq 6
+    reg(1, epoch=111)  # the broker redelivers the old registration, live: same store
+    features(core, 5, samples[0])  # seq 6 again: a duplicate, not a new record
+    assert core.counters["duplicates"] == 1 and core.counters["samples_total"] == 1
+    reg(1, epoch=222)  # a new store (the gateway was wiped): its seqs start over
+    features(core, 0, samples[1])  # seq 1
+    assert core.counters["samples_total"] == 2 and core.counters["duplicates"] == 1

@@ -23,7 +23,7 @@ import pytest
 from broker import topics
 from broker.address import BrokerAddress
 from broker.runners import MosquittoBroker
-from broker.wire import Kind, decode_envelope
+from broker.wire import Kind, SiteFeedback, decode_envelope, encode_envelope
 from edge_agent.config import EdgeConfig
 from edge_agent.training.toy_task import ToyTask
 from tests.support.collector import Collector
@@ -92,6 +92,20 @@ def _uploads(col: Collector, site: str) -> list[tuple[int, bytes]]:
     return [(decode_envelope(p).seq, p) for t, p, _ in list(col.raw) if t == topic]
 
 
+async def _accept_every_upload(col: Collector, site: str) -> None:
+    """Stand in for the cloud's verdicts: each upload seen on the bus is acknowledged in a site feedback
+    (the edge keeps an upload until the cloud answers, not until the broker does)."""
+    answered: set[int] = set()
+    while True:
+        seqs = {s for s, _ in _uploads(col, site)}
+        if seqs - answered:
+            answered |= seqs
+            body = SiteFeedback(site=site, version=0, rank=0, tensors={}, accepted=sorted(answered)).to_body()
+            col.client.publish(topics.site_feedback(site), encode_envelope(Kind.SITE_FEEDBACK, "cloud",
+                                                                           max(answered), body), qos=1)
+        await asyncio.sleep(0.1)
+
+
 def _committed_outbox(state: Path, seq: int) -> Path | None:
     """The outbox file of ``seq`` in the committed generation (CURRENT), if there is one."""
     try:
@@ -125,6 +139,7 @@ async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(
                     topics.metrics(topics.Role.EDGE, config.edge_id)).start()
     proc = _start(config_path, log_path)
     dev = None
+    verdicts = asyncio.create_task(_accept_every_upload(col, config.site))
     try:
         await eventually(lambda: _metrics(col, config.edge_id), 60, "agent process metrics")
         dev = await Device(config.site, uid("dev"), addr, tmp_path).start()
@@ -154,6 +169,7 @@ async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "clean shutdown must exit 0"
     finally:
+        verdicts.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
