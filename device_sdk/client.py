@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,8 @@ class DeviceClient:
         verifier = None if edge_key is None else Verifier([load_public_key(edge_key)])
         self._downlink = DownlinkReceiver(self.device, self.counters, on_downlink, verifier)
         self._supervisor: threading.Thread | None = None
-        self._registration: tuple[str, bytes] | None = None
+        self._registration: tuple[str, dict[str, Any]] | None = None
+        self._registration_seq: int | None = None  # the seq register() returned, until it is published
         self._events: deque[tuple[str, Any]] = deque()
         self._wake = threading.Event()
         self._status_topic = topics.status(topics.Role.DEVICE, self.device)
@@ -186,11 +187,24 @@ class DeviceClient:
             raise ValueError(f"profile is for {profile.device!r}, this client is {self.device!r}")
         topic = topics.device_up(self.site, self.device, topics.Uplink.REGISTER)
         with self._lock:
-            seq = self._next_seq()
-            self._registration = (topic, encode_envelope(Kind.REGISTER, self.device, seq, profile.to_body()))
-            if self._online and self._client is not None:
-                self._client.publish(*self._registration, qos=1, retain=True)
+            self._registration = (topic, replace(profile, epoch=self.store.epoch()).to_body())
+            self._registration_seq = seq = self._next_seq()
+            self._publish_registration()
         return seq
+
+    def _publish_registration(self) -> None:
+        """Publish the registration (retained) if online (caller holds the lock).
+
+        Its seq is used once: every later connect re-sends it under a fresh seq. An edge reads a live
+        registration whose seq is not above what it has seen as a device that lost its sequence store,
+        and forgets its duplicate guard; re-sending the old seq after a reconnect made a record that
+        the broker had not acknowledged count twice."""
+        if self._registration is None or not self._online or self._client is None:
+            return
+        topic, body = self._registration
+        seq = self._registration_seq if self._registration_seq is not None else self._next_seq()
+        self._registration_seq = None
+        self._client.publish(topic, encode_envelope(Kind.REGISTER, self.device, seq, body), qos=1, retain=True)
 
     def publish(self, record: FeatureRecord) -> int:
         """Publish one feature record at QoS 1 (or store it if offline); returns its sequence number."""
@@ -318,9 +332,8 @@ class DeviceClient:
                 for f in topics.subscriptions(topics.device_downlinks(self.site, self.device)):
                     arg.subscribe(f, qos=1)
                 arg.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
-                if self._registration is not None:
-                    arg.publish(*self._registration, qos=1, retain=True)
                 self._online = True
+                self._publish_registration()
                 self._last_sent_row = None
                 self.counters.inc("connects")
             elif what == "disconnected":

@@ -9,6 +9,7 @@ When the bound is hit the policy is explicit and counted: ``drop-oldest`` (defau
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 from enum import StrEnum
 from pathlib import Path
@@ -126,6 +127,18 @@ class DiskQueue:
                 (start + block,),
             )
         return start, start + block
+
+    def epoch(self) -> int:
+        """A random id of this store, made once: registrations carry it, so an edge can tell a device whose
+        seqs started over (a new store) from a re-sent or redelivered registration (same store)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")  # pragma: no mutate
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()  # pragma: no mutate
+            if row:
+                return int(row[0])
+            value = secrets.randbits(63) or 1
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (value,))  # pragma: no mutate
+            return value
 
     def close(self) -> None:
         self._db.close()

@@ -166,7 +166,7 @@ class DeviceRegistry:
             wanted = {n: (s.max_tokens, s.token_dim) for n, s in sorted(self.model.modalities.items())}
             raise RegistrationError(f"no usable modality in {sorted(profile.modalities)}; this edge expects {wanted}")
         kept = CapabilityProfile(profile.device, {m: profile.modalities[m] for m in accepted}, dict(profile.compute),
-                                 profile.sdk_version)  # only what was agreed is stored (and persisted)
+                                 profile.sdk_version, profile.epoch)  # only what was agreed is stored (and persisted)
         now = self.clock()
         entry = self.devices.get(device)
         if entry is None:

@@ -136,14 +136,20 @@ class CapabilityProfile:
     modalities: dict[str, ModalityProfile]
     compute: dict[str, float] = field(default_factory=dict)
     sdk_version: str = ""
+    epoch: int = 0
+    """Identifies the device's sequence store (random, made with it; 0: not sent). A new epoch tells the
+    edge the device's seqs started over; the same epoch redelivered or re-sent never does."""
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "device": self.device,
             "modalities": {check_modality(k): v.to_body() for k, v in self.modalities.items()},
             "compute": {k: float(v) for k, v in self.compute.items()},
             "sdk": self.sdk_version,
         }
+        if self.epoch:
+            body["epoch"] = int(self.epoch)
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> CapabilityProfile:
@@ -156,7 +162,14 @@ class CapabilityProfile:
             modalities={check_modality(k): ModalityProfile.from_body(v) for k, v in mods.items()},
             compute=number_map(get_map(b, "compute", optional=True), "compute"),
             sdk_version=get_str(b, "sdk", optional=True) or "",
+            epoch=_epoch(get_int(b, "epoch", optional=True)),
         )
+
+
+def _epoch(value: int | None) -> int:
+    if value is not None and value >= 2**63:
+        raise DecodeError(f"epoch {value} is out of range (0 <= epoch < 2^63)")
+    return value or 0
 
 
 @dataclass(slots=True)

@@ -583,3 +583,29 @@ def test_sdk_import_stays_light() -> None:
             " if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_reconnect_re_registers_under_a_seq_above_every_seq_used_before(fresh_mosquitto, tmp_path: Path) -> None:
+    """An edge resets a device's duplicate guard when a live registration's seq is not above what it saw
+    (a device that lost its seq store). Re-sending the old seq after a mere reconnect made the edge take a
+    record twice; the registration must come back fresh."""
+    addr = BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port)
+    with Collector(addr, topics.site_device_uplinks("s9")) as col:
+        dev = DeviceClient("s9", "d9", addr, store_path=tmp_path / "q.sqlite", reconnect_max_delay=0.2)
+        try:
+            assert dev.connect(10)
+            first = dev.register(CapabilityProfile("d9", {"accel": ModalityProfile((10, 3))}))
+            seqs = [dev.publish(_record(i, "d9")) for i in range(3)]
+            assert dev.flush(10)
+            fresh_mosquitto.stop()
+            _until(lambda: not dev.online, "the device sees the broker gone")
+            fresh_mosquitto.start()
+            _until(lambda: dev.online and dev.counters["connects"] >= 2, "the device is back")
+            def regs() -> list[int]:
+                return [env.seq for _, env in col.envelopes if env.kind is Kind.REGISTER]
+
+            _until(lambda: any(r > max(seqs) for r in regs()), "a re-registration under a fresh seq")
+            # the collector may also get the broker's retained copy of the first one again: never another old seq
+            assert regs()[0] == first and set(regs()) - {first} and min(set(regs()) - {first}) > max(seqs) > first
+        finally:
+            dev.close(5)
