@@ -61,6 +61,12 @@ def run(
     username: Annotated[str | None, typer.Option(help="broker user name")] = None,
     password: Annotated[str | None, typer.Option(help="broker password", envvar="MEGACE_BROKER_PASSWORD")] = None,
     mosquitto: Annotated[bool, typer.Option(help="start a private Mosquitto instead of the embedded broker")] = False,
+    secure: Annotated[bool, typer.Option(help="secure bus: a private Mosquitto with mutual TLS, one identity per "
+                                         "service and device, per-identity ACLs and required Ed25519 signatures "
+                                         "(default: the anonymous loopback demo)")] = False,
+    state_dir: Annotated[Path | None, typer.Option(help="with --secure: the provisioning folder (CA, identities, "
+                                                   "keys; kept and reused). Default: a temporary one, removed "
+                                                   "after the run")] = None,
     out: Annotated[Path | None, typer.Option(help="report folder (default runs/<timestamp>)")] = None,
 ) -> None:
     """Run the closed loop on this machine and write a report (devices, edges, cloud, broker)."""
@@ -75,11 +81,17 @@ def run(
         raise typer.BadParameter(f"strategy must be one of {STRATEGIES}", param_hint="--strategy")
     if backbone not in ("tiny", "minilm"):
         raise typer.BadParameter("backbone must be tiny or minilm", param_hint="--backbone")
+    if secure and (broker or ca_file or username or password or mosquitto):
+        raise typer.BadParameter("--secure starts its own Mosquitto and issues every credential: it takes no "
+                                 "--broker, --ca-file, --username, --password or --mosquitto", param_hint="--secure")
+    if state_dir and not secure:
+        raise typer.BadParameter("--state-dir is the provisioning folder of --secure", param_hint="--state-dir")
     settings = LoopSettings(
         dataset=dataset, edges=edges, devices_per_edge=devices_per_edge, rounds=rounds, strategy=strategy,
         alpha=alpha, backbone=backbone, ranks=_ranks(ranks), steps_per_round=steps, contrastive_weight=contrastive,
         seed=seed, time_limit_s=time_limit, broker_url=broker, ca_file=str(ca_file) if ca_file else None,
-        username=username, password=password, broker_kind="mosquitto" if mosquitto else "embedded", out=out,
+        username=username, password=password, broker_kind="mosquitto" if mosquitto or secure else "embedded",
+        out=out, secure=secure, state_dir=state_dir,
     )
     console = Console()
     loop = ClosedLoop(settings)
@@ -87,8 +99,17 @@ def run(
     _stop_on_signals()
     console.print(f"[bold]megace run[/]: {dataset}, {edges} edges x {devices_per_edge} devices, ranks {ranks}, "
                   f"strategy {strategy}, {rounds} rounds → {loop.out}")
+    if secure:
+        console.print("[bold green]secure bus[/]: private Mosquitto, no anonymous access; mutual TLS with one "
+                      "certificate per service and device, per-identity ACLs, Ed25519 signatures required "
+                      f"(provisioning folder: {state_dir or 'temporary'})")
+    elif broker:
+        console.print(f"bus: external broker {broker}")
+    else:
+        console.print("[yellow]anonymous loopback demo[/]: no TLS, identities, ACLs or signatures "
+                      "(--secure for the secured set-up)")
     try:
-        with LiveView(console) as view:
+        with LiveView(console, title="megace closed loop (secure)" if secure else "megace closed loop") as view:
             loop.progress = view
             result = loop.run()
     except LoopError as exc:
@@ -99,6 +120,12 @@ def run(
         raise typer.Exit(130) from None
     report = write_report(result, loop.out)
     console.print(summary_table(result))
+    if secure:
+        rej = result.security.get("signature_rejections", {})
+        signed = result.security.get("signed_on_bus", {})
+        console.print(f"secure: TLS, {sum(result.security.get('identities', {}).values())} identities, ACLs, "
+                      f"signatures; signature rejections: {rej.get('total', '?')}; signed on the bus: "
+                      + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in signed.items()))
     console.print(f"{result.stopped_because}; {result.wall_s:.0f} s. Report: [bold]{report}[/]")
     if not result.rounds:
         raise typer.Exit(1)

@@ -63,8 +63,8 @@ def model_section(s: LoopSettings, schema: MultimodalDataset, rank: int) -> dict
 
 
 def edge_config(s: LoopSettings, schema: MultimodalDataset, plan: EdgePlan, broker_url: str,
-                state_dir: Path, round_timeout_s: float) -> dict[str, Any]:
-    """The TOML document of one edge agent (see ``edge_agent.config``)."""
+                state_dir: Path, round_timeout_s: float, signing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TOML document of one edge agent (see ``edge_agent.config``); ``signing``: its ``[signing]`` section."""
     training: dict[str, Any] = {
         "min_new_samples": max(1, plan.samples_per_round),
         # Rounds are driven by data arrival; the interval is only a safety net if a sample is rejected.
@@ -91,13 +91,15 @@ def edge_config(s: LoopSettings, schema: MultimodalDataset, plan: EdgePlan, brok
         "model": model_section(s, schema, plan.rank),
         "training": training,
     }
+    if signing:
+        doc["signing"] = dict(signing)
     doc.update({k: v for k, v in s.extra_edge.items() if k != "training"})
     return doc
 
 
 def cloud_config(s: LoopSettings, schema: MultimodalDataset, n_edges: int, broker_url: str,
-                 state_dir: Path) -> dict[str, Any]:
-    """The TOML document of the cloud aggregator (see ``cloud_aggregator.config``)."""
+                 state_dir: Path, signing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TOML document of the cloud aggregator (see ``cloud_aggregator.config``); ``signing``: its ``[signing]``."""
     aggregation: dict[str, Any] = {
         "strategy": s.strategy,
         "buffer_k": int(n_edges),  # one global version per round of all edges
@@ -114,6 +116,8 @@ def cloud_config(s: LoopSettings, schema: MultimodalDataset, n_edges: int, broke
         "aggregation": aggregation,
         "limits": limits,
     }
+    if signing:
+        doc["signing"] = dict(signing)
     doc.update({k: v for k, v in s.extra_cloud.items() if k not in ("aggregation", "limits")})
     return doc
 

@@ -56,11 +56,13 @@ class SimulatedDevice:
         test: MultimodalDataset,
         address: BrokerAddress,
         store_dir: Path,
+        edge_key: Path | None = None,
     ) -> None:
         self.site, self.name, self.edge = site, name, edge
         self.train, self.test = train, test
+        # edge_key (secure runs): only downlinks signed by this edge's key reach the device
         self.client = DeviceClient(site, name, address, on_downlink=self._on_downlink,
-                                   store_path=store_dir / f"{name}.sqlite")
+                                   store_path=store_dir / f"{name}.sqlite", edge_key=edge_key)
         self._cursor = 0
         # Unique across runs: a persistent session on a shared broker may deliver an earlier run's answers.
         self._request_ids = itertools.count(time.time_ns() // 1000)

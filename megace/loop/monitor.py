@@ -22,6 +22,7 @@ from broker import topics
 from broker.address import BrokerAddress
 from broker.errors import WireError
 from broker.inbox import Inbox
+from broker.signing import is_signed, unsigned
 from broker.wire import AdapterUpdate, Kind, Status, decode_metrics
 from broker.wire.status import ONLINE
 
@@ -58,6 +59,12 @@ class BusView:
     uploads: list[Upload] = field(default_factory=list)
     down_bytes: dict[str, int] = field(default_factory=dict)  # "global" and per site: cloud -> edge bytes
     wire_errors: int = 0
+    signed: dict[str, list[int]] = field(default_factory=dict)  # channel -> [signed, all] whole messages seen
+
+    def signed_share(self, channel: topics.Channel) -> tuple[int, int]:
+        """(signed, all) of the whole messages (chunks reassembled) the monitor read on ``channel``."""
+        got = self.signed.get(channel.value, [0, 0])
+        return got[0], got[1]
 
     def up_bytes(self, edge: str) -> int:
         return sum(u.payload_bytes for u in self.uploads if u.edge == edge)
@@ -75,7 +82,7 @@ class Monitor:
         self.devices = list(devices)  # (site, device) pairs whose inference traffic the tap times
         self.view = BusView()
         self.lock = threading.Condition()
-        self._inbox = Inbox()
+        self._inbox = Inbox(opener=self._open)
         self._subscribed = threading.Event()
         self._tap = tap
         self._adapter_bytes: dict[str, int] = {}  # per site: bytes of the upload being reassembled
@@ -157,6 +164,15 @@ class Monitor:
         except WireError:
             with self.lock:
                 self.view.wire_errors += 1
+
+    def _open(self, parsed: topics.Parsed, payload: bytes) -> bytes:
+        """Note whether a whole message (uploads, inference traffic) came signed; read it without verifying
+        (the monitor is a tap: the receivers verify)."""
+        with self.lock:
+            counts = self.view.signed.setdefault(parsed.channel.value, [0, 0])
+            counts[0] += int(is_signed(payload))
+            counts[1] += 1
+        return unsigned(payload)
 
     def _metrics(self, parsed: topics.Parsed, doc: dict[str, Any], now: float) -> None:
         ident = parsed.ident or ""

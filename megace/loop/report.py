@@ -101,6 +101,24 @@ def _f(x: float | None, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(scale * x)
 
 
+def security_line(result: LoopResult) -> str:
+    """One paragraph: how the bus was secured and what the signatures caught, or that it was the open demo."""
+    sec = result.security or {}
+    if not sec.get("secure"):
+        what = sec.get("demo") or f"{sec.get('broker', 'broker')} (TLS {'on' if sec.get('tls') else 'off'}, " \
+                                    "no per-role identities or signatures)"
+        return f"**Bus: not secured** — {what}."
+    ids = ", ".join(f"{n} {role}" for role, n in sorted((sec.get("identities") or {}).items()))
+    rej = sec.get("signature_rejections") or {}
+    by = ", ".join(f"{k} {v}" for k, v in (rej.get("by") or {}).items() if v)
+    signed = sec.get("signed_on_bus") or {}
+    shares = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in signed.items() if isinstance(v, list | tuple) and len(v) == 2)
+    return (f"**Bus: secured** — {sec.get('broker', 'private Mosquitto')}, no anonymous access; "
+            f"{sec.get('tls', 'TLS')}; one identity each ({ids}) with its own ACL; {sec.get('signatures', '')}. "
+            f"Signature rejections: **{rej.get('total', '-')}**" + (f" ({by})" if by else "")
+            + (f"; signed on the bus: {shares}" if shares else "") + ".")
+
+
 def render_markdown(result: LoopResult) -> str:
     s = result.settings
     lines = [
@@ -109,6 +127,8 @@ def render_markdown(result: LoopResult) -> str:
         f"{len(result.rounds)} rounds in {result.wall_s:.0f} s ({result.stopped_because}). "
         f"Backbone `{s['backbone']}`, Dirichlet alpha {s['alpha']} (label skew {result.label_skew:.2f}), "
         f"{s['devices_per_edge']} devices per edge, seed {s['seed']}.",
+        "",
+        security_line(result),
         "",
         "Accuracy is measured **at the devices**: each device sends its own held-out test samples as inference "
         "requests over MQTT and compares the edge's `Prediction` with the label (personalized accuracy). "
@@ -170,4 +190,4 @@ def write_report(result: LoopResult, out: Path) -> Path:
     return path
 
 
-__all__ = ["latency_legs", "per_round_traffic", "render_markdown", "write_report"]
+__all__ = ["latency_legs", "per_round_traffic", "render_markdown", "security_line", "write_report"]

@@ -106,6 +106,7 @@ class LoopResult:
     wall_s: float = 0.0
     stopped_because: str = ""
     out_dir: str = ""
+    security: dict[str, Any] = field(default_factory=dict)  # how the bus was secured (or that it was not)
 
     @property
     def final(self) -> RoundRecord | None:

@@ -5,6 +5,10 @@ each edge starts a local round once its portion is in (``min_new_samples`` is se
 uploads its shared adapter; the cloud aggregates when all edges have reported (``buffer_k`` = edges)
 and publishes the next global version; once every edge has applied it, every device asks for
 predictions on its own test samples. Accuracy and latency are what the devices observed.
+
+By default the bus is the anonymous loopback demo. ``LoopSettings.secure`` (``megace run --secure``)
+provisions an identity per service, device and the monitor, runs a private Mosquitto with TLS and
+per-identity ACLs, and turns signatures on and required (:mod:`megace.loop.secure`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from megace.loop.children import Children
 from megace.loop.devices import InferenceResult, SimulatedDevice
 from megace.loop.monitor import BusView, Monitor
 from megace.loop.results import EdgeRound, LatencySample, LoopResult, RoundRecord, percentile
+from megace.loop.secure import MONITOR, SecureBus, cloud_identity, device_identity, edge_identity, signature_rejections
 from megace.loop.settings import LoopSettings
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,15 @@ class ClosedLoop:
         self._stack = contextlib.ExitStack()
         self.children: Children | None = None
         self.devices: list[SimulatedDevice] = []
+        self.evaluators: list[SimulatedDevice] = []
         self.monitor: Monitor | None = None
+        self.secure: SecureBus | None = None
+        """``--secure``: the provisioning folder and the private Mosquitto (None: the anonymous demo bus)."""
+        self.address: BrokerAddress | None = None
+        """The monitor's address; in the plain demo everyone's."""
+        if self.s.secure and (self.s.broker_url or self.s.username or self.s.password or self.s.ca_file):
+            raise ValueError("secure runs start their own broker and issue every credential: "
+                             "no broker URL, user name, password or CA file")
 
     # ------------------------------------------------------------------ set-up
     def _data(self) -> tuple[MultimodalDataset, MultimodalDataset, list[EdgeData]]:
@@ -72,8 +85,10 @@ class ClosedLoop:
         edges = partition(train, s.edges, s.alpha, sets, s.seed, test=test, devices_per_edge=s.devices_per_edge)
         return train, test, edges
 
-    def _broker(self) -> BrokerAddress:
+    def _broker(self, parts: list[EdgeData]) -> BrokerAddress:
         s = self.s
+        if s.secure:
+            return self._secure_broker(parts)
         if s.broker_url:
             a = BrokerAddress.from_url(s.broker_url)
             return replace(a, ca_file=s.ca_file or a.ca_file, username=s.username or a.username,
@@ -88,20 +103,59 @@ class ClosedLoop:
             b = self._stack.enter_context(EmbeddedBroker())
         return BrokerAddress(b.host, b.port)
 
+    def _secure_broker(self, parts: list[EdgeData]) -> BrokerAddress:
+        """Provision the CA and every identity (cloud, edges, devices, evaluators, monitor), then start the
+        private Mosquitto with their password and ACL files; returns the monitor's address."""
+        self.progress("status", "provisioning a CA, identities and signing keys…")
+        bus = SecureBus(Path(self.s.state_dir) if self.s.state_dir else None)
+        self.secure = bus
+        self._stack.callback(bus.close)
+        idents = [cloud_identity(), MONITOR]
+        for e in parts:
+            site = configs.site_id(e.edge_id)
+            idents.append(edge_identity(e.edge_id))
+            idents += [device_identity(site, configs.device_id(e.edge_id, d.device_id)) for d in e.devices]
+            idents.append(device_identity(site, f"e{e.edge_id}-eval"))
+        bus.provision(idents)
+        self.progress("status", "starting the secure broker (mutual TLS + TLS/password listeners, ACLs)…")
+        bus.start()
+        return bus.address(MONITOR)
+
+    def _device_address(self, site: str, name: str) -> BrokerAddress:
+        """Where a device connects: its own certificate on the secure broker, else the shared address."""
+        if self.secure is not None:
+            return self.secure.address(device_identity(site, name))
+        assert self.address is not None
+        return self.address
+
+    def _edge_key(self, edge: int) -> Path | None:
+        return self.secure.device_edge_key(edge) if self.secure is not None else None
+
+    def _new_device(self, site: str, name: str, edge: int, train: MultimodalDataset,
+                    test: MultimodalDataset) -> SimulatedDevice:
+        return SimulatedDevice(site, name, edge, train, test, self._device_address(site, name), self.out / "devices",
+                               edge_key=self._edge_key(edge))
+
     def _spawn(self, schema: MultimodalDataset, plans: list[configs.EdgePlan], address: BrokerAddress) -> None:
         s = self.s
+        bus = self.secure
         url = _broker_url(address)
         children = Children(self.out / "logs")
         self.children = children
-        if address.ca_file:  # the services build their TLS context from the default verify paths
+        if address.ca_file and bus is None:  # the services build their TLS context from the default verify paths
             children.env["SSL_CERT_FILE"] = address.ca_file
         self._stack.callback(children.stop)
         cfg_dir = self.out / "config"
         if not s.local_only:
-            doc = configs.cloud_config(s, schema, len(plans), url, self.out / "state" / configs.CLOUD_ID)
+            # secure: each service its own certificate (the URL names the files, never a secret) and keys
+            cloud_url = bus.address(cloud_identity()).url() if bus else url
+            doc = configs.cloud_config(s, schema, len(plans), cloud_url, self.out / "state" / configs.CLOUD_ID,
+                                       signing=bus.cloud_signing(p.index for p in plans) if bus else None)
             children.spawn(configs.CLOUD_ID, "cloud", configs.write_cloud_config(doc, cfg_dir / "cloud.toml"))
         for p in plans:
-            doc = configs.edge_config(s, schema, p, url, self.out / "state" / p.ident, s.round_timeout_s)
+            edge_url = bus.address(edge_identity(p.index)).url() if bus else url
+            doc = configs.edge_config(s, schema, p, edge_url, self.out / "state" / p.ident, s.round_timeout_s,
+                                      signing=bus.edge_signing(p.index) if bus else None)
             children.spawn(p.ident, "edge", configs.write_edge_config(doc, cfg_dir / f"{p.ident}.toml"))
 
     def _retained_topics(self, plans: list[configs.EdgePlan]) -> list[str]:
@@ -202,9 +256,10 @@ class ClosedLoop:
         evaluators = []
         for p in plans:
             ds = test.with_modalities(p.modalities)
-            d = SimulatedDevice(p.site, f"e{p.index}-eval", p.index, ds, ds, address, self.out / "devices")
+            d = self._new_device(p.site, f"e{p.index}-eval", p.index, ds, ds)
             d.start()
             self._stack.callback(d.close)
+            self.evaluators.append(d)
             evaluators.append((p, d))
         for _, d in evaluators:
             d.wait_configured(20.0)
@@ -232,12 +287,13 @@ class ClosedLoop:
             }
             stream = s.stream_rounds or s.rounds
             self.progress("status", "starting the broker…")
-            address = self._broker()
+            address = self.address = self._broker(parts)
+            result.security = self._security_setup(address)
             for e in parts:
                 for d in e.devices:
-                    self.devices.append(SimulatedDevice(
+                    self.devices.append(self._new_device(
                         configs.site_id(e.edge_id), configs.device_id(e.edge_id, d.device_id), e.edge_id,
-                        d.train, d.test, address, self.out / "devices"))
+                        d.train, d.test))
             plans = [
                 configs.EdgePlan(e.edge_id, s.rank_of(e.edge_id), tuple(e.modalities),
                                  sum(d.portion(stream) for d in self.devices if d.edge == e.edge_id))
@@ -289,6 +345,11 @@ class ClosedLoop:
             result.stopped_because = "interrupted"
             raise
         finally:
+            if self.secure is not None and self.monitor is not None:
+                try:
+                    result.security.update(self._security_outcome())
+                except Exception:  # the report must not hide why the loop stopped
+                    log.exception("could not collect the security outcome")
             self.progress("status", "stopping services…")
             self._stack.close()
             result.wall_s = time.monotonic() - wall0
@@ -307,6 +368,31 @@ class ClosedLoop:
                 return True
             self._check_children()
         return False
+
+    # ------------------------------------------------------------------ security
+    def _security_setup(self, address: BrokerAddress) -> dict[str, Any]:
+        if self.secure is not None:
+            return self.secure.describe()
+        if self.s.broker_url:
+            return {"secure": False, "broker": f"external broker {address}", "tls": address.tls,
+                    "username": address.username, "signatures": "off"}
+        return {"secure": False, "broker": f"{self.s.broker_kind} broker on {address}",
+                "demo": "anonymous loopback demo: no TLS, no identities, no ACLs, no signatures "
+                        "(megace run --secure for the secured set-up)"}
+
+    def _security_outcome(self) -> dict[str, Any]:
+        """What the secured run observed: signature rejections per service (0 when healthy) and how many of the
+        messages the monitor read carried a signature."""
+        assert self.monitor is not None
+        with self.monitor.lock:
+            view = self.monitor.view
+            edge_m = {k: dict(v) for k, v in view.edge_metrics.items()}
+            cloud_m = {k: dict(v) for k, v in view.cloud_metrics.items()}
+            signed = {ch.value: view.signed_share(ch) for ch in (topics.Channel.ADAPTER_UP, topics.Channel.DEVICE_DOWN)}
+        devices = {d.name: d.client.counters.snapshot() for d in [*self.devices, *self.evaluators]}
+        return {"signature_rejections": signature_rejections(edge_m, cloud_m, devices),
+                "signed_on_bus": {"uploads": list(signed[topics.Channel.ADAPTER_UP.value]),
+                                  "predictions": list(signed[topics.Channel.DEVICE_DOWN.value])}}
 
 
 def run_loop(settings: LoopSettings, progress: Progress | None = None) -> LoopResult:

@@ -53,6 +53,8 @@ class LoopSettings:
     ca_file: str | None = None
     username: str | None = None
     password: str | None = None
+    secure: bool = False  # a private Mosquitto with TLS, per-role identities, ACLs and signatures (megace.loop.secure)
+    state_dir: Path | None = None  # secure: the provisioning folder (None: a temporary one, removed after the run)
     # output
     out: Path | None = None
     label: str = ""
@@ -76,5 +78,6 @@ class LoopSettings:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["out"] = str(self.out) if self.out else None
+        out["state_dir"] = str(self.state_dir) if self.state_dir else None
         out["password"] = "***" if self.password else None
         return out

@@ -139,6 +139,16 @@ def dashboard(folder: Folder, name: str, no_cert: NoCert = False, no_password: N
 
 
 @app.command()
+def monitor(folder: Folder, name: str, no_cert: NoCert = False, no_password: NoPassword = False,
+            dynsec_url: DynsecUrl = None, reload_pid: ReloadPid = None) -> None:
+    """Issue (or rotate) a read-only monitor: may read everything under megace/v1/ (a tap), publish nothing."""
+    from megace.provision.identity import Identity, Role
+
+    _issue(folder, Identity(Role.MONITOR, name), cert=not no_cert, password=not no_password,
+           signing_key=False, dynsec_url=dynsec_url, reload_pid=reload_pid)
+
+
+@app.command()
 def site(folder: Folder, site: str, edge_id: Annotated[str, typer.Option(help="the site's edge agent")],
          devices: Annotated[str, typer.Option(help="comma-separated device ids")] = "",
          reload_pid: ReloadPid = None) -> None:

@@ -16,6 +16,8 @@ edge       ``megace-edge-<edge_id>``   read its site's uplinks, write its site's
                                        read the global adapter and its site's feedback
 cloud      ``megace-cloud-<cloud_id>`` read adapter uploads, write cloud downlinks, own status/metrics
 dashboard  ``megace-dash-<name>``      read status and metrics
+monitor    ``megace-mon-<name>``       read everything under ``megace/v1/``, write nothing (the
+                                       operator's tap: ``megace run --secure`` times requests with it)
 =========  ==========================  ====================================================
 
 A device id is unique per broker (its client id carries no site). Rules are generated per
@@ -40,6 +42,7 @@ class Role(StrEnum):
     EDGE = "edge"
     CLOUD = "cloud"
     DASHBOARD = "dashboard"
+    MONITOR = "monitor"
     ADMIN = "admin"
 
 
@@ -48,6 +51,7 @@ PREFIX: dict[Role, str] = {
     Role.EDGE: "megace-edge-",
     Role.CLOUD: "megace-cloud-",
     Role.DASHBOARD: "megace-dash-",
+    Role.MONITOR: "megace-mon-",
     Role.ADMIN: "megace-admin-",
 }
 SITED = (Role.DEVICE, Role.EDGE)
@@ -153,4 +157,8 @@ def rules_for(ident: Identity) -> list[Rule]:
         ]
     if ident.role is Role.DASHBOARD:
         return [_read(topics.all_status()), _read(topics.all_metrics())]
+    if ident.role is Role.MONITOR:
+        # read-only tap on the whole tree (uplinks, downlinks, adapters, globals, status, metrics); it can
+        # see every payload but change nothing: signatures, not secrecy, protect what it reads
+        return [_read(f"{R}/#")]
     return []  # admin: only the plugin's $CONTROL topics, granted in the dynsec module
