@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker import topics
 from broker.address import BrokerAddress
-from broker.runners.mosquitto import find_mosquitto
+from broker.runners import find_mosquitto
 from broker.runners.ports import free_port, wait_for_port
 from broker.runners.secure import SecureMosquitto, secure_config
 from broker.signing import BadSignatureError, Signer, Verifier, generate_private_key

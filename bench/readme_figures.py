@@ -33,6 +33,12 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _count(kills: Any) -> int:
+    if isinstance(kills, dict):
+        return sum(int(v) for v in kills.values())
+    return len(kills) if isinstance(kills, list) else int(kills)
+
+
 def _loads(*values: list[float]) -> str:
     """Range of the 1-minute load averages recorded at the starts of the runs."""
     xs = [v[0] for v in values]
@@ -116,8 +122,87 @@ def rows() -> tuple[list[list[str]], str]:
         f"(linear: at most {agg['linear_max_growth']:.0f}x)",
         "`aggregation.json` results[edges=1000].aggregate_s, growth_1000_over_100", agg["command"],
     ])
-    load = _loads(sdk["loadavg_at_start"], edge["machine"]["loadavg_at_start"], agg["machine"]["loadavg_at_start"])
+    sec = _load("security")
+    out.extend(security_rows(sec))
+    out.extend(reliability_rows())
+    load = _loads(sdk["loadavg_at_start"], edge["machine"]["loadavg_at_start"], agg["machine"]["loadavg_at_start"],
+                  sec["loadavg_at_start"])
     return out, load
+
+
+def security_rows(sec: dict[str, Any]) -> list[list[str]]:
+    """Signing cost, TLS publish ratio, and what each poisoning attack does to the global with the guards."""
+    sg, tp = sec["signing"]["messages"], sec["tls_publish"]
+    g, u = sg["global_adapter_fp32"], sg["edge_upload_fp32"]
+    r, m = tp["ratio_over_plain_median"], tp["records_per_s_median"]
+    pairs = "; ".join(f"{a}: " + ", ".join(f"{x:.2f}" for x in v) for a, v in tp["ratio_over_plain_per_repeat"].items())
+    poison = _load("poisoning")
+    fed = {(x["settings"], x["attack"]): x["worst_norm_ratio"] for x in poison["results"] if x["rule"] == "fedavg"}
+    attacks = [a for a in ("first-1e4", "factor-rescale", "samples-1e12", "norm-x15", "replay-fresh-seq")
+               if ("guards", a) in fed]
+    per_attack = "; ".join(f"{a} {fed[('guards', a)]:.2f}x (without: {fed[('legacy', a)]:,.2f}x)" for a in attacks)
+    bounded = all(fed[("guards", a)] <= 1.5 for a in attacks)
+    return [
+        [f"Ed25519 sign / verify, MiniLM r=8 global and edge upload ({u['envelope_bytes'] / 1000:.0f} KB fp32)",
+         f"global {g['sign_ms']:.2f} / {g['verify_ms']:.2f} ms, upload {u['sign_ms']:.2f} / {u['verify_ms']:.2f} ms "
+         f"({u['sign_over_encode']:.0f}x / {u['verify_over_decode']:.0f}x the encode / decode of the same envelope; "
+         f"median of {sec['signing']['repetitions']})",
+         "none set", "`security.json` signing.messages.*.sign_ms, .verify_ms", sec["command"]],
+        [f"SDK publish over TLS vs no TLS (same broker, password + ACL), QoS 1, {tp['payload_bytes']}-byte envelopes",
+         f"password TLS **{r['tls_password']:.2f}x**, mutual TLS **{r['mtls']:.2f}x** (median of {tp['repeats']} "
+         f"interleaved repeats: {pairs}; {m['tls_password']:,} / {m['mtls']:,} vs {m['plain_password']:,} records/s)",
+         "none set", "`security.json` tls_publish.ratio_over_plain_median", sec["command"]],
+        ["one poisoning edge among four: global norm / honest-only global norm (fedavg, worst of 3 rounds)",
+         per_attack, f"<= 1.5x for every attack: {_mark(bounded)}", "`poisoning.json` results[].worst_norm_ratio",
+         poison["command"]],
+    ]
+
+
+def reliability_rows() -> list[list[str]]:
+    """Faults injected and survived, inputs fuzzed, load held; records lost (goal 0)."""
+    out: list[list[str]] = []
+    dur = _load("durability")
+    kills = {k["profile"]: k for k in dur["kills"]}
+    new, old = kills["after-every-change"], kills["every-30s"]
+    out.append([f"broker kill -9 x{new['kills']} under QoS 1 load: acknowledged records lost",
+                f"{new['lost']} of {new['acked']:,} with save-after-every-change (was {old['lost']:,} of "
+                f"{old['acked']:,} with a save every 30 s); sessions lost: {new['subscriber_sessions_lost']}",
+                f"0: {_mark(new['lost'] == 0)} (Mosquitto 2.0 has no write-ahead log: about one record per "
+                "connection per kill remains)", "`durability.json` kills[].lost, .acked", dur["command"]])
+    ek = _load("edge_kill")
+    out.append([f"edge kill -9 x{ek['kills']} while a device streams at QoS 1",
+                f"{ek['lost_count']} lost, {ek['duplicated_count']} duplicated of {ek['acked']:,} acknowledged records",
+                f"0 lost, 0 twice: {_mark(ek['lost_count'] == 0 and ek['duplicated_count'] == 0)}",
+                "`edge_kill.json` lost_count, duplicated_count, acked", ek["command"]])
+    sk = _load("system_kill")
+    parts, clean = [], True
+    for fault, ph in sk["phases"].items():
+        clean = clean and not (ph["records_lost"] or ph["records_duplicated"] or ph["uploads_accepted_twice"]
+                               or ph["versions_forked"] or ph["predictions_unanswered"])
+        parts.append(f"{fault} x{_count(ph['kills'])}: {ph['records_lost']} lost, {ph['records_duplicated']} twice of "
+                     f"{ph['records_acked']:,} records; {ph['uploads_accepted_twice']} uploads applied twice; "
+                     f"{ph['versions_forked']} forks; {ph['predictions_answered']}/{ph['predictions_requested']} "
+                     "predictions answered")
+    out.append(["kill -9 of edge, cloud and broker at random moments, whole system (2 edges, cloud, devices)",
+                "; ".join(parts), f"0 lost, 0 twice, no fork, every prediction answered: {_mark(clean)}",
+                "`system_kill.json` phases.*", sk["command"]])
+    lt = _load("load_test")
+    run = lt["runs"][0]
+    out.append([f"{run['devices']:,} devices x {run['offered_per_s'] / run['devices']:.0f} records/s against one edge",
+                f"{run['lost']} lost, {run['duplicated']} duplicated of {run['acked_by_broker']:,}; ingest "
+                f"{run['edge_ingest_per_s_during_load']:,.0f}/s during the load (offered "
+                f"{run['offered_per_s']:,.0f}/s), backlog drained {run['drain_after_load_s']:.0f} s later; "
+                f"edge RSS peak {max(run['edge_rss_mb'].values()):,.0f} MB",
+                f"0 lost: {_mark(run['lost'] == 0)}; keeps up with the offered rate: "
+                f"{_mark(run['edge_ingest_per_s_during_load'] >= run['offered_per_s'])}",
+                "`load_test.json` runs[0]", lt["command"]])
+    fz = json.loads((ROOT / "reports" / "fuzz" / "fuzz-long-run.json").read_text())
+    out.append(["fuzzing every decoder and both services' message handlers (hypothesis)",
+                f"{fz['inputs_total']:,} inputs, {fz['internal_errors_total']} internal errors "
+                f"({fz['duration_s'] / 60:.0f} min)",
+                f">= 1,000,000 inputs: {_mark(fz['inputs_total'] >= 1_000_000)}; 0 errors: "
+                f"{_mark(fz['internal_errors_total'] == 0)}", "`reports/fuzz/fuzz-long-run.json`", fz["command"]])
+    return out
 
 
 def section() -> str:

@@ -22,20 +22,20 @@ from broker.signing import (
     Verifier,
     is_signed,
     key_id,
-    load_private_key,
     load_public_key,
     raw_public,
     unsigned,
     unwrap,
 )
 from broker.wire import decode_envelope
+from megace_common.trust import SigningConfigError, load_signer
 
 
 class ImpersonationError(SignatureError):
     """A valid signature by one edge's key on an upload that claims another edge or another site."""
 
 
-class CloudSigningError(ValueError):
+class CloudSigningError(SigningConfigError):
     """A configured key is missing or unreadable, or an edge binding is incomplete (raised at start)."""
 
 
@@ -51,12 +51,7 @@ class CloudSigningConfig:
     """Refuse unsigned uploads (on as soon as any edge key is configured)."""
 
     def signer(self) -> Signer | None:
-        if not self.key_file:
-            return None
-        try:
-            return Signer(load_private_key(self.key_file))
-        except (OSError, ValueError) as exc:
-            raise CloudSigningError(f"signing.key_file {self.key_file}: {exc}") from None
+        return load_signer(self.key_file)
 
     def upload_opener(self) -> UploadOpener | None:
         if not self.edges and not self.require:

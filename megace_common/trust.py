@@ -18,6 +18,16 @@ class SigningConfigError(ValueError):
     """A configured key file is missing or is not an Ed25519 key (raised at start, never at run time)."""
 
 
+def load_signer(key_file: str) -> Signer | None:
+    """The signer for ``key_file`` (a PEM Ed25519 private key), None for ""; unreadable: SigningConfigError."""
+    if not key_file:
+        return None
+    try:
+        return Signer(load_private_key(key_file))
+    except (OSError, ValueError) as exc:
+        raise SigningConfigError(f"signing.key_file {key_file}: {exc}") from None
+
+
 @dataclass
 class SigningConfig:
     """Ed25519 keys of one service.
@@ -35,12 +45,7 @@ class SigningConfig:
 
     def signer(self) -> Signer | None:
         """The signer for this service's outgoing messages, or None when no key is configured."""
-        if not self.key_file:
-            return None
-        try:
-            return Signer(load_private_key(self.key_file))
-        except (OSError, ValueError) as exc:
-            raise SigningConfigError(f"signing.key_file {self.key_file}: {exc}") from None
+        return load_signer(self.key_file)
 
     def verifier(self) -> Verifier | None:
         """The verifier for incoming messages, or None when nothing is trusted and nothing required."""

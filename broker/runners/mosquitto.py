@@ -24,15 +24,10 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
 
-from broker.runners.ports import free_port, wait_for_port
+from broker.runners.ports import free_port
+from broker.runners.process import MosquittoProcess
 
 CONFIG_TEMPLATE = """\
 listener {port} {host}
@@ -51,14 +46,6 @@ log_type warning
 """
 
 
-def find_mosquitto() -> str:
-    """Path of the mosquitto binary, or a clear error telling how to install it."""
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if candidate and Path(candidate).exists():
-            return candidate
-    raise FileNotFoundError("mosquitto not found; install it with `apt-get install -y mosquitto` (Debian/Ubuntu)")
-
-
 def _current_user() -> str:
     """Who the broker should stay: as root, Mosquitto would otherwise drop to ``mosquitto``."""
     try:
@@ -67,22 +54,7 @@ def _current_user() -> str:
         return "root" if os.geteuid() == 0 else "mosquitto"
 
 
-def _wait_sigterm_handler(pid: int, timeout: float = 5.0) -> None:
-    """Mosquitto opens its listeners before it installs its signal handlers: a SIGTERM in between
-    kills it without the final save. Wait until /proc says SIGTERM is caught (Linux; elsewhere, no-op)."""
-    status = Path(f"/proc/{pid}/status")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            caught = next(line for line in status.read_text().splitlines() if line.startswith("SigCgt:"))
-        except (OSError, StopIteration):
-            return
-        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
-            return
-        time.sleep(0.005)
-
-
-class MosquittoBroker:
+class MosquittoBroker(MosquittoProcess):
     """A private Mosquitto on ``host:port``; :meth:`stop` + :meth:`start` keep its persistence."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, persistence: bool = True,
@@ -94,11 +66,8 @@ class MosquittoBroker:
         # on_changes: save after ``autosave_interval`` changes; otherwise every ``autosave_interval`` seconds
         self.autosave_interval = autosave_interval
         self.autosave_on_changes = autosave_on_changes
-        self._tmp = tempfile.TemporaryDirectory(prefix="megace-mosquitto-") if state_dir is None else None
-        self.state_dir = Path(self._tmp.name) if self._tmp else Path(state_dir)  # type: ignore[arg-type]
-        self.config_path = self.state_dir / "mosquitto.conf"
+        super().__init__(state_dir, prefix="megace-mosquitto-")
         self.db_path = self.state_dir / "mosquitto.db"  # written on autosave and on SIGTERM
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MosquittoBroker:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -111,55 +80,5 @@ class MosquittoBroker:
                 user=_current_user(),
             )
         )
-        self._proc = subprocess.Popen(
-            [find_mosquitto(), "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        try:
-            wait_for_port(self.host, self.port)
-        except TimeoutError:
-            err = b""
-            if self._proc.poll() is not None and self._proc.stderr:
-                err = self._proc.stderr.read()
-            self.stop()
-            msg = err.decode(errors="replace")
-            raise RuntimeError(f"mosquitto did not start on {self.host}:{self.port}: {msg}") from None
-        if self._proc.stderr:
-            self._proc.stderr.close()  # never read again: a full pipe must not block the broker
-            self._proc.stderr = None
-        _wait_sigterm_handler(self._proc.pid)
+        self._launch(self.host, [self.port], "mosquitto")
         return self
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self, *, kill: bool = False) -> None:
-        """Stop the broker (SIGTERM saves persistence; ``kill=True`` simulates a crash)."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stderr:
-            self._proc.stderr.close()
-        self._proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> MosquittoBroker:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

@@ -13,15 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, Protocol
 
 from broker.address import BrokerAddress
-from broker.runners.mosquitto import find_mosquitto
-from broker.runners.ports import free_port, wait_for_port
+from broker.runners.ports import free_port
+from broker.runners.process import MosquittoProcess
 
 
 class Store(Protocol):
@@ -85,7 +82,7 @@ def secure_config(broker_dir: Path, state_dir: Path, host: str, mtls_port: int, 
     return "\n".join(lines) + "\n"
 
 
-class SecureMosquitto:
+class SecureMosquitto(MosquittoProcess):
     """Mosquitto configured from ``store``; ``address(username)`` says how each identity connects to it."""
 
     def __init__(self, store: Store, *, mode: Literal["static", "dynsec"] = "static", host: str = "127.0.0.1",
@@ -95,16 +92,7 @@ class SecureMosquitto:
         self.host = host
         self.mtls_port = free_port(host)
         self.password_port = free_port(host)
-        self._tmp = tempfile.TemporaryDirectory(prefix="megace-secure-") if state_dir is None else None
-        self.state_dir = Path(self._tmp.name) if self._tmp else Path(state_dir)  # type: ignore[arg-type]
-        self.config_path = self.state_dir / "mosquitto.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise RuntimeError("broker not running")
-        return self._proc.pid
+        super().__init__(state_dir, prefix="megace-secure-")
 
     def start(self) -> SecureMosquitto:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -112,24 +100,13 @@ class SecureMosquitto:
             shutil.copyfile(self.store.broker_dir / "dynamic-security.json", self.state_dir / "dynamic-security.json")
         self.config_path.write_text(secure_config(self.store.broker_dir, self.state_dir, self.host, self.mtls_port,
                                                   self.password_port, self.mode))
-        self._proc = subprocess.Popen([find_mosquitto(), "-c", str(self.config_path)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            wait_for_port(self.host, self.mtls_port)
-            wait_for_port(self.host, self.password_port)
-        except TimeoutError:
-            err = b""
-            if self._proc.poll() is not None and self._proc.stderr:
-                err = self._proc.stderr.read()
-            self.stop()
-            raise RuntimeError(f"secure mosquitto did not start: {err.decode(errors='replace')}") from None
-        if self._proc.stderr:
-            self._proc.stderr.close()  # never read again: a full pipe must not block the broker
-            self._proc.stderr = None
+        self._launch(self.host, [self.mtls_port, self.password_port], "secure mosquitto")
         return self
 
     def reload(self) -> None:
         """SIGHUP: re-read the password, ACL (and CRL) files after ``store.add`` / ``store.revoke``."""
+        if self.pid is None:
+            raise RuntimeError("broker not running")
         os.kill(self.pid, signal.SIGHUP)
 
     def address(self, username: str, *, mtls: bool = True) -> BrokerAddress:
@@ -141,32 +118,3 @@ class SecureMosquitto:
     def admin_address(self) -> BrokerAddress:
         """The dynamic-security admin's address (password listener)."""
         return self.address(self.store.admin_username, mtls=False)
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stderr:
-            self._proc.stderr.close()
-        self._proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> SecureMosquitto:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

@@ -22,8 +22,7 @@ from broker.address import BrokerAddress
 from broker.chunking import frames
 from broker.dedup import SequenceGuard
 from broker.errors import TopicError
-from broker.runners import MosquittoBroker
-from broker.runners.mosquitto import find_mosquitto
+from broker.runners import MosquittoBroker, find_mosquitto
 from broker.runners.ports import free_port, wait_for_port
 from broker.wire import (
     CapabilityProfile,
