@@ -39,6 +39,7 @@ from broker.wire.status import OFFLINE, ONLINE
 from device_sdk.downlink import DownlinkHandler, DownlinkReceiver
 from device_sdk.link import paho_client, set_nodelay
 from device_sdk.store import DiskQueue, Overflow, default_store_path
+from device_sdk.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class DeviceClient:
         self._last_sent_row: int | None = None
         verifier = None if edge_key is None else Verifier([load_public_key(edge_key)])
         self._downlink = DownlinkReceiver(self.device, self.counters, on_downlink, verifier)
-        self._supervisor: threading.Thread | None = None
+        self._supervisor: Supervisor | None = None
         self._registration: tuple[str, dict[str, Any]] | None = None
         self._registration_seq: int | None = None  # the seq register() returned, until it is published
         self._events: deque[tuple[str, Any]] = deque()
@@ -140,8 +141,7 @@ class DeviceClient:
         Returning False is not an error: publishes are stored on disk until the broker is reachable.
         """
         if self._supervisor is None:
-            self._supervisor = threading.Thread(target=self._supervise, name=f"megace-sdk:{self.device}",
-                                                daemon=True)
+            self._supervisor = Supervisor(self)
             self._supervisor.start()
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -364,55 +364,6 @@ class DeviceClient:
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_publish, c.on_message = self._on_publish, self._on_message
         return c
-
-    def _supervise(self) -> None:
-        while not self._closing:
-            try:
-                self._supervise_once()
-            except Exception:  # the supervisor must outlive any single failure
-                self.counters.inc("supervisor_errors")
-                log.exception("device %s: supervisor step failed", self.device)  # pragma: no mutate
-                time.sleep(0.1)
-
-    def _supervise_once(self) -> None:
-        delay = 0.05
-        while not self._closing:
-            with self._lock:
-                self._process_events()
-                online, old = self._online, self._client
-            if online:
-                delay = 0.05
-                with self._lock:
-                    draining = self._drain()
-                    if draining:
-                        self._wait_for_acks(0.01)
-                if not draining:
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                continue
-            if old is not None:
-                old.loop_stop()
-                old.disconnect()
-            client = self._new_client()
-            try:
-                client.connect(self.address.host, self.address.port, keepalive=self.address.keepalive)
-            except OSError:
-                with self._lock:
-                    self._client = None
-                self._wake.wait(delay)
-                delay = min(self.reconnect_max_delay, delay * 2)
-                continue
-            with self._lock:
-                self._client = client
-            client.loop_start()
-            deadline = time.monotonic() + 10.0
-            while not self._closing and time.monotonic() < deadline:
-                self._wake.wait(0.1)
-                self._wake.clear()
-                with self._lock:
-                    self._process_events()
-                    if self._online or self._client is not client:
-                        break
 
     def _drain(self) -> bool:
         """Publish queued rows in order, at most ``max_inflight`` unacknowledged; True while rows remain."""

@@ -1,0 +1,77 @@
+"""The SDK's background thread: keeps one device connected, reconnecting with backoff, and drains its queue.
+
+Kept apart from :class:`~device_sdk.client.DeviceClient` (the facade the firmware calls) as its own
+loop, the way aiokafka keeps its sender beside its producer. It works on the client's state under
+the client's lock, through the client's private helpers: the two are one unit, split for reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from device_sdk.client import DeviceClient
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor(threading.Thread):
+    """``megace-sdk:<device>``, a daemon thread: a process that forgot ``close()`` still exits."""
+
+    def __init__(self, client: DeviceClient) -> None:
+        super().__init__(name=f"megace-sdk:{client.device}", daemon=True)
+        self.client = client
+
+    def run(self) -> None:
+        c = self.client
+        while not c._closing:
+            try:
+                self._supervise_once()
+            except Exception:  # the supervisor must outlive any single failure
+                c.counters.inc("supervisor_errors")
+                log.exception("device %s: supervisor step failed", c.device)  # pragma: no mutate
+                time.sleep(0.1)
+
+    def _supervise_once(self) -> None:
+        c = self.client
+        delay = 0.05
+        while not c._closing:
+            with c._lock:
+                c._process_events()
+                online, old = c._online, c._client
+            if online:
+                delay = 0.05
+                with c._lock:
+                    draining = c._drain()
+                    if draining:
+                        c._wait_for_acks(0.01)
+                if not draining:
+                    c._wake.wait(0.5)
+                    c._wake.clear()
+                continue
+            if old is not None:
+                old.loop_stop()
+                old.disconnect()
+            client = c._new_client()
+            try:
+                client.connect(c.address.host, c.address.port, keepalive=c.address.keepalive)
+            except OSError:
+                with c._lock:
+                    c._client = None
+                c._wake.wait(delay)
+                delay = min(c.reconnect_max_delay, delay * 2)
+                continue
+            with c._lock:
+                c._client = client
+            client.loop_start()
+            deadline = time.monotonic() + 10.0
+            while not c._closing and time.monotonic() < deadline:
+                c._wake.wait(0.1)
+                c._wake.clear()
+                with c._lock:
+                    c._process_events()
+                    if c._online or c._client is not client:
+                        break
