@@ -55,8 +55,8 @@ class Attacker(threading.Thread):
         try:
             while not self.stop.wait(0.2):
                 globs = [decode_body(env) for t, env in list(col.envelopes) if env.kind is Kind.GLOBAL]
-                if not globs or globs[-1].version <= self._seen:
-                    continue
+                if not globs or globs[-1].version == self._seen:
+                    continue  # "==", not "<=": the previous run's retained global may be seen first
                 glob: GlobalAdapter = globs[-1]
                 self._seen = glob.version
                 tensors = {k: (np.asarray(v, np.float32) * (-self.flip if ".lora_B." in k else 1.0)).astype(np.float32)

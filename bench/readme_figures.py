@@ -152,10 +152,26 @@ def security_rows(sec: dict[str, Any]) -> list[list[str]]:
          f"password TLS **{r['tls_password']:.2f}x**, mutual TLS **{r['mtls']:.2f}x** (median of {tp['repeats']} "
          f"interleaved repeats: {pairs}; {m['tls_password']:,} / {m['mtls']:,} vs {m['plain_password']:,} records/s)",
          "none set", "`security.json` tls_publish.ratio_over_plain_median", sec["command"]],
+        _poisoned_loop_row(),
         ["one poisoning edge among four: global norm / honest-only global norm (fedavg, worst of 3 rounds)",
          per_attack, f"<= 1.5x for every attack: {_mark(bounded)}", "`poisoning.json` results[].worst_norm_ratio",
          poison["command"]],
     ]
+
+
+def _poisoned_loop_row() -> list[str]:
+    """The closed loop with one sign-flipping edge among four, default rule vs coordinate-wise median."""
+    arms = {name: _load(name) for name in ("poisoned_loop", "poisoned_loop_median")}
+    text = "; ".join(f"{d['settings']['strategy']}: {d['delta_points_mean']:+.1f} points (per seed "
+                     f"{', '.join(f'{x:+.1f}' for x in d['delta_points_per_seed'])}; clean "
+                     f"{100 * d['clean_mean_acc']:.1f}%)" for d in arms.values())
+    verdicts = ", ".join(f"{d['settings']['strategy']} {_mark(abs(d['delta_points_mean']) <= 2)}"
+                         for d in arms.values())
+    base = arms["poisoned_loop"]["settings"]
+    return [f"closed loop, one edge among four flipping and amplifying B (x-{base['flip']:g}) and claiming "
+            f"10^12 samples: final accuracy change at the honest devices ({base['seeds']} seeds)",
+            text, f"within 2 points: {verdicts}", "`poisoned_loop*.json` delta_points_mean",
+            arms["poisoned_loop"]["command"]]
 
 
 def reliability_rows() -> list[list[str]]:
