@@ -203,13 +203,15 @@ NOTES: dict[str, str] = {
     "and cache start values. Measured with the tests as they stood when the run started; tests added later "
     "kill more (not re-measured). Survivors include config defaults that only a real wait could show "
     "(`chunk_timeout_s`) and audit-text truncation lengths.",
-    "edge": "`edge_agent/service.py` is not mutated: 1,722 mutants, each needing the seconds-long "
-    "agent-over-Mosquitto tests, are out of reach of a 2-core run. Its apply, version-guard, locking and "
-    "prediction-during-training paths are covered by `tests/edge/test_service_*.py`, each checked against a "
-    "planted bug. The message handling now lives in the network-free `edge_agent/core.py` (tested without a "
-    "broker in `tests/edge/test_edge_core.py`): the next target to add. Survivors: "
-    "equivalent string splits and default arguments, an unreachable 'peft rejected keys' branch, the CUDA "
-    "branch (no GPU in CI).",
+    "edge": "Includes the network-free `edge_agent/core.py` (message handling, tested without a broker in "
+    "`tests/edge/test_edge_core*.py`; alone it went from 60.3% to 80.3% with the new core tests). "
+    "`edge_agent/service.py` and its asyncio collaborators (acks, outbox, downlinks) are not mutated: each "
+    "mutant needs the seconds-long agent-over-Mosquitto tests, out of reach of a 2-core run; they are covered "
+    "by `tests/edge/test_service_*.py`, `test_outbox.py`, `test_acks.py` and the kill-9 harnesses. "
+    "Survivors: rate-limited log timing in `EdgeCore.reject`, equivalent string splits and default "
+    "arguments, an unreachable 'peft rejected keys' branch, the CUDA branch (no GPU in CI). Measured while "
+    "other work loaded the machine; the device-sdk, cloud and broker-wire rows predate this session's "
+    "changes to those packages (signatures, epochs, bounds) and were not re-measured.",
 }
 README = ROOT / "README.md"
 README_START, README_END = "<!-- mutation:start -->", "<!-- mutation:end -->"
