@@ -10,18 +10,21 @@ Order, cheapest first, each refusal a typed ``RejectedUpdate`` that changes no s
    another seq (``duplicate_content``): a replay with a fresh seq;
 
 then what passes is neutralised rather than refused: the claimed sample count is clipped to
-``max_samples`` and the factor gauge is fixed (``balance.py``).  The absolute bound defaults to
-``max_norm_ratio`` (10) x ‖W0‖_F of the frozen weights the adapter modifies: an adapter ten times
-larger than the layers it adapts is not fine-tuning.  The closed loop's honest adapters stay below
-0.8 x ‖W0‖ (tiny backbone, 6 rounds), so the default leaves them 12x headroom.
+``max_samples`` (and each modality count to the sample count), the factor gauge is fixed
+(``balance.py``), and each module's step from the current global is clipped (``steps.py``).
+The absolute bound defaults to ``max_norm_ratio`` (10) x ‖W0‖_F of the frozen weights the adapter
+modifies: an adapter ten times larger than the layers it adapts is not fine-tuning.  The closed
+loop's honest adapters stay below 0.8 x ‖W0‖ (tiny backbone, 6 rounds), so the default leaves them 12x headroom.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from .balance import balance
 from .config import CloudConfig
@@ -29,7 +32,11 @@ from .contribution import Contribution
 from .errors import DuplicateContent, UnknownSite
 from .ledger import Ledger
 from .reference import Reference
+from .steps import StepBound
 from .validation import NormGuard, Validator
+
+#: what an edge of this upload's rank, alpha and modalities would load from the current global
+ViewOf = Callable[[Contribution], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,9 @@ class Admitted:
     digest: str
     rebalanced: int = 0
     clipped_samples: bool = False
+    #: each module's step from the current global after clipping, and how many were clipped
+    steps: dict[str, float] = field(default_factory=dict)
+    clipped_steps: int = 0
 
 
 def content_digest(c: Contribution) -> str:
@@ -88,13 +98,27 @@ class Admission:
         if guard is not None:  # a restart must not disarm the statistical band
             for norm in ledger.recent_norms(guard.window):
                 guard.observe(norm)
+        self.steps: StepBound | None = None
+        if val.step_multiplier > 0:
+            self.steps = StepBound(
+                multiplier=val.step_multiplier,
+                cold_bound=val.step_cold_ratio * reference.base_norm or None,
+                min_history=val.min_history,
+                window=val.step_window,
+            )
+            # every module's history is at most step_window long, so that many rows re-arm all of them
+            self.steps.rearm(ledger.recent_steps(val.step_window * max(len(reference.schema.modules), 1)))
 
     def known(self, site: str) -> bool:
         """Provisioned: on the allow-list (when one is configured)."""
         return site in self.sites
 
-    def admit(self, site: str, c: Contribution) -> Admitted:
-        """Raise a ``RejectedUpdate`` or return what to persist; touches no state either way."""
+    def admit(self, site: str, c: Contribution, view_of: ViewOf | None = None) -> Admitted:
+        """Raise a ``RejectedUpdate`` or return what to persist; touches no state either way.
+
+        ``view_of`` gives the current global as the upload's edge would load it; without it (or with
+        step clipping off) steps are neither measured nor clipped.
+        """
         if self.sites and site not in self.sites:
             raise UnknownSite(f"site {site!r} is not provisioned")
         norm = self.validator.validate(c)
@@ -104,9 +128,17 @@ class Admission:
         clipped = 0 < self.max_samples < c.samples
         if clipped:
             c = replace(c, samples=self.max_samples)
+        if any(n > c.samples for n in c.modalities.values()):
+            c = replace(c, modalities={m: min(n, c.samples) for m, n in c.modalities.items()})
         c, changed = balance(c, self.a_rms, self.band)
-        return Admitted(c, norm, digest, changed, clipped)
+        steps: dict[str, float] = {}
+        cut = 0
+        if self.steps is not None and view_of is not None:
+            c, steps, cut = self.steps.clip(c, view_of(c))
+        return Admitted(c, norm, digest, changed, clipped, steps, cut)
 
     def accepted(self, admitted: Admitted) -> None:
-        """Feed the norm guard once the update is durably accepted."""
+        """Feed the norm guard and the step bound once the update is durably accepted."""
         self.validator.accepted(admitted.norm)
+        if self.steps is not None:
+            self.steps.observe(admitted.steps)

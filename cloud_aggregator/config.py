@@ -88,8 +88,18 @@ class ValidationConfig:
     #: each LoRA A row is kept within this factor of the initial global's row scale, compensated in B so that
     #: ΔW is unchanged (0 = off); defeats "A x 10^4, B x 10^-4" against strategies that average A and B apart
     factor_band: float = 4.0
-    #: sample counts above this are clipped (an upload's weight is what it claims; 0 = no clip)
+    #: sample counts above this are clipped (an upload's weight is what it claims; 0 = no clip); so are
+    #: modality counts above the (clipped) sample count
     max_samples: int = 1_000_000
+    #: each module's step from the current global's view is clipped to this many times the median of that
+    #: module's recent accepted steps (0 = off; see ``steps.py``): a flipped or inflated adapter moves the
+    #: global no further than an honest round does
+    step_multiplier: float = 3.0
+    #: before ``min_history`` steps of a module exist, its step is clipped to this many times ||W0||_F of the
+    #: frozen base (0 = unbounded until then)
+    step_cold_ratio: float = 1.0
+    #: accepted steps per module the median is taken over
+    step_window: int = 64
     #: provisioned sites; when set, uploads from any other site are refused ("unknown_site") with no feedback
     sites: list[str] = field(default_factory=list)
 
@@ -187,8 +197,11 @@ class CloudConfig:
         if not 0 < a.max_share <= 1:
             raise CloudConfigError("aggregation.max_share must be in (0, 1]")
         v = self.validation
-        if min(v.max_norm, v.max_norm_ratio, v.factor_band, v.max_samples, lim.reject_logs_per_minute) < 0:
-            raise CloudConfigError("validation bounds and limits.reject_logs_per_minute must be >= 0 (0 = off)")
+        if min(v.max_norm, v.max_norm_ratio, v.factor_band, v.max_samples, lim.reject_logs_per_minute,
+               v.step_multiplier, v.step_cold_ratio) < 0 or v.step_window < 1:
+            raise CloudConfigError(
+                "validation bounds and limits.reject_logs_per_minute must be >= 0 (0 = off), step_window >= 1"
+            )
         if 0 < v.factor_band < 1:
             raise CloudConfigError("validation.factor_band must be >= 1 (or 0 = off)")
 

@@ -166,16 +166,18 @@ class AggregatorCore:
         try:
             if update.site != site:
                 raise BadMetadata(f"body says site {update.site!r}, topic says {site!r}")
-            adm = self.admission.admit(site, to_contribution(update))
+            adm = self.admission.admit(site, to_contribution(update), self._view_of)
             c = adm.contribution
             weight = self.staleness.weight(self.version, c.base_version)
-            self.ledger.accept(c, received_version=self.version, weight=weight, norm=adm.norm, digest=adm.digest)
+            self.ledger.accept(c, received_version=self.version, weight=weight, norm=adm.norm, digest=adm.digest,
+                               steps=adm.steps)
         except RejectedUpdate as exc:
             return self._reject(site, update.seq, exc.reason, exc.detail)
         # durable from here on: now it may be acknowledged
         self.admission.accepted(adm)
         self.neutralised["factor_gauge"] += adm.rebalanced
         self.neutralised["samples_clipped"] += int(adm.clipped_samples)
+        self.neutralised["steps_clipped"] += adm.clipped_steps
         self.accepted += 1
         self.sites.accepted(site, update)
         self.buffer.arrived()
@@ -316,6 +318,11 @@ class AggregatorCore:
                 v = self.strategy.view_for(self.glob, rank=prof.rank, modalities=prof.modalities, alpha=prof.alpha)
             self._views[key] = to_numpy(v)
         return self._views[key]
+
+    def _view_of(self, c: Contribution) -> dict[str, torch.Tensor]:
+        """The current global as an edge of ``c``'s rank, alpha and modalities loads it (steps are judged from it)."""
+        with torch.no_grad():
+            return self.strategy.view_for(self.glob, rank=c.rank, modalities=c.modalities, alpha=c.alpha)
 
     def _feedback(self, site: str) -> Outgoing:
         prof = self.sites.get(site)

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS updates (
     applied_version INTEGER,
     received_at REAL NOT NULL,
     digest TEXT,
+    steps TEXT,
     UNIQUE (edge_id, seq)
 );
 CREATE INDEX IF NOT EXISTS updates_status ON updates (status);
@@ -116,8 +117,9 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")  # pragma: no mutate (SQL)
         self._db.executescript(_SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(updates)")}  # pragma: no mutate (SQL)
-        if "digest" not in cols:  # a ledger from before content dedup
-            self._db.execute("ALTER TABLE updates ADD COLUMN digest TEXT")  # pragma: no mutate (SQL)
+        for col in ("digest", "steps"):  # a ledger from before content dedup / step clipping
+            if col not in cols:
+                self._db.execute(f"ALTER TABLE updates ADD COLUMN {col} TEXT")  # pragma: no mutate (SQL)
         self._db.execute(
             "CREATE INDEX IF NOT EXISTS updates_digest ON updates (edge_id, digest)"  # pragma: no mutate (SQL)
         )
@@ -168,7 +170,7 @@ class Ledger:
     # ---- updates -------------------------------------------------------------------------
     def accept(
         self, c: Contribution, received_version: int, weight: float, norm: float | None = None,
-        digest: str | None = None,
+        digest: str | None = None, steps: dict[str, float] | None = None,
     ) -> int:
         """Persist an accepted update; returns its id.  Acknowledge the edge only after this returns."""
         edge_hash = hashlib.sha256(c.edge_id.encode()).hexdigest()[:16]
@@ -180,8 +182,9 @@ class Ledger:
                 cur = self._db.execute(
                     "INSERT INTO updates (edge_id, seq, base_version, received_version,"  # pragma: no mutate (SQL)
                     " rank, alpha, samples,"  # pragma: no mutate (SQL)
-                    " modalities, fingerprint, weight, norm, path, status, received_at, digest)"  # pragma: no mutate
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?,?)",  # pragma: no mutate (SQL)
+                    " modalities, fingerprint, weight, norm, path, status,"  # pragma: no mutate (SQL)
+                    " received_at, digest, steps)"  # pragma: no mutate (SQL)
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,'pending',?,?,?)",  # pragma: no mutate (SQL)
                     (
                         c.edge_id,
                         c.seq,
@@ -197,6 +200,7 @@ class Ledger:
                         rel,
                         time.time(),
                         digest,
+                        None if steps is None else json.dumps(steps, sort_keys=True),
                     ),
                 )
             except sqlite3.IntegrityError as e:
@@ -244,6 +248,14 @@ class Ledger:
             (int(limit),),
         ).fetchall()
         return [float(r[0]) for r in reversed(rows)]
+
+    def recent_steps(self, limit: int) -> list[dict[str, float]]:
+        """Per-module steps of the last ``limit`` accepted updates, oldest first (re-arms the step bound)."""
+        rows = self._db.execute(
+            "SELECT steps FROM updates WHERE steps IS NOT NULL ORDER BY id DESC LIMIT ?",  # pragma: no mutate (SQL)
+            (int(limit),),
+        ).fetchall()
+        return [{str(k): float(v) for k, v in json.loads(r[0]).items()} for r in reversed(rows)]
 
     def counts(self) -> tuple[int, dict[str, int]]:
         """``(accepted, {reason: rejected})`` over the ledger's whole life (metrics survive restarts)."""
