@@ -8,6 +8,7 @@ and the per-module share cap. Both arms run with the same seeds, one after the o
 broker settings; the figure is the difference in final accuracy at the honest edges' devices.
 
     python bench/bench_poisoned_loop.py [--seeds 3] [--rounds 5] [--flip 3.0] [--strategy modality-aware]
+        [--strategy-options '{"inner": "median"}'] [--validation '{"step_multiplier": 0}']
 """
 
 from __future__ import annotations
@@ -77,13 +78,13 @@ def _modalities(tensors: dict[str, np.ndarray]) -> set[str]:
 
 
 def one_run(addr: BrokerAddress, seed: int, rounds: int, strategy: str, attacked: bool, flip: float,
-            out: Path) -> dict[str, Any]:
+            out: Path, cloud: dict[str, Any] | None = None) -> dict[str, Any]:
     attacker = Attacker(addr, flip) if attacked else None
     if attacker is not None:
         attacker.start()
     try:
         settings = LoopSettings(seed=seed, rounds=rounds, strategy=strategy, broker_url=f"mqtt://{addr.host}:{addr.port}",
-                                out=out, global_eval=False)
+                                out=out, global_eval=False, extra_cloud=cloud or {})
         result = run_loop(settings)
     finally:
         if attacker is not None:
@@ -104,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--flip", type=float, default=3.0, help="B factors of the global times -flip")
     ap.add_argument("--strategy", default="modality-aware")
+    ap.add_argument("--strategy-options", type=json.loads, default={}, help="the cloud's strategy_options (JSON)")
+    ap.add_argument("--validation", type=json.loads, default={}, help="the cloud's [validation] overrides (JSON)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "poisoned_loop.json")
     a = ap.parse_args(argv)
+    cloud = {"aggregation": {"strategy_options": a.strategy_options}, "validation": a.validation}
     runs: list[dict[str, Any]] = []
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="megace-poisoned-") as tmp, MosquittoBroker() as broker:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(a.seeds):
             for attacked in (False, True):  # interleaved: both arms see the same machine load
                 runs.append(one_run(addr, seed, a.rounds, a.strategy, attacked, a.flip,
-                                    Path(tmp) / f"s{seed}-{'attacked' if attacked else 'clean'}"))
+                                    Path(tmp) / f"s{seed}-{'attacked' if attacked else 'clean'}", cloud))
                 print(json.dumps(runs[-1]), flush=True)
     clean = [r["final_mean_acc"] for r in runs if not r["attacked"] and r["final_mean_acc"] is not None]
     hit = [r["final_mean_acc"] for r in runs if r["attacked"] and r["final_mean_acc"] is not None]
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "poisoned_loop", "command": "python bench/bench_poisoned_loop.py " + " ".join(sys.argv[1:]),
         "loadavg_at_start": list(load0), "loadavg_at_end": list(os.getloadavg()), "time": time.time(),
-        "settings": {"seeds": a.seeds, "rounds": a.rounds, "flip": a.flip, "strategy": a.strategy},
+        "settings": {"seeds": a.seeds, "rounds": a.rounds, "flip": a.flip, "strategy": a.strategy,
+                     "strategy_options": a.strategy_options, "validation": a.validation},
         "runs": runs, "clean_mean_acc": statistics.fmean(clean) if clean else None,
         "attacked_mean_acc": statistics.fmean(hit) if hit else None,
         "delta_points_per_seed": [round(100 * d, 2) for d in deltas],

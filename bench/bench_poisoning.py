@@ -10,7 +10,9 @@ plus per-edge noise.  Attacks (``none`` = the attacker behaves honestly):
 * ``norm-x15``: B x 15 (inside the old 20x band);
 * ``samples-1e12``: an honest-looking update claiming 10^12 samples;
 * ``factor-rescale``: A x 10^4, B x 10^-4 (ΔW unchanged);
-* ``replay-fresh-seq``: the round-1 update re-sent every round with a new seq.
+* ``replay-fresh-seq``: the round-1 update re-sent every round with a new seq;
+* ``flip-x3``: the current global as the attacker's rank loads it, B x -3 (an ordinary-sized adapter
+  whose step points the global backwards; caught by step clipping, not by the norm guard).
 
 For each rule (fedavg, hetlora, flexlora, norm-clip around fedavg, trimmed-mean, median) and each
 attack it reports, after every round: ‖ΔW_global‖_F and the honest-only global's (same rule, same
@@ -59,9 +61,10 @@ RULES = {
     "trimmed-mean": ("trimmed-mean", {}),
     "median": ("median", {}),
 }
-ATTACKS = ["none", "first-1e4", "norm-x15", "samples-1e12", "factor-rescale", "replay-fresh-seq"]
+ATTACKS = ["none", "first-1e4", "norm-x15", "samples-1e12", "factor-rescale", "replay-fresh-seq", "flip-x3"]
 LEGACY = {
-    "validation": {"z_max": 6.0, "ratio_max": 100.0, "max_norm_ratio": 0.0, "factor_band": 0.0, "max_samples": 0},
+    "validation": {"z_max": 6.0, "ratio_max": 100.0, "max_norm_ratio": 0.0, "factor_band": 0.0, "max_samples": 0,
+                   "step_multiplier": 0.0},
     "aggregation": {"max_share": 1.0},
 }
 
@@ -83,7 +86,9 @@ def honest(edge: int, rnd: int) -> dict[str, np.ndarray]:
             for n, t in BASE.items()}
 
 
-def attacked(kind: str, rnd: int, first: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+def attacked(
+    kind: str, rnd: int, first: dict[str, np.ndarray], core: AggregatorCore
+) -> tuple[dict[str, np.ndarray], int]:
     t = honest(3, rnd)
     lora_b = {n: ".lora_B." in n for n in t}
     if kind == "first-1e4":
@@ -96,6 +101,11 @@ def attacked(kind: str, rnd: int, first: dict[str, np.ndarray]) -> tuple[dict[st
         return {n: (v * 1e-4 if lora_b[n] else v * 1e4).astype(np.float32) for n, v in t.items()}, SAMPLES
     if kind == "replay-fresh-seq":
         return first, SAMPLES
+    if kind == "flip-x3":
+        view = core.strategy.view_for(core.glob, rank=EDGE_RANK, modalities={"audio": SAMPLES, "image": SAMPLES},
+                                      alpha=2.0 * EDGE_RANK)
+        flipped = {n: (v.numpy() * (-3.0 if ".lora_B." in n else 1.0)).astype(np.float32) for n, v in view.items()}
+        return flipped, SAMPLES
     return t, SAMPLES
 
 
@@ -131,7 +141,7 @@ def run(rule: str, attack: str | None, legacy: bool, rounds: int, root: Path) ->
         per_round: list[np.ndarray] = []
         for rnd in range(1, rounds + 1):
             if attack is not None:  # the attacker goes first: its first upload is the cloud's first
-                tensors, samples = attacked(attack, rnd, first)
+                tensors, samples = attacked(attack, rnd, first, core)
                 upload(core, "evil", rnd, tensors, samples)
             for e in range(3):
                 upload(core, f"h{e}", rnd, honest(e, rnd), SAMPLES)

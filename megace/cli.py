@@ -26,7 +26,9 @@ app = typer.Typer(
 
 app.add_typer(provision_app, name="provision")
 
-STRATEGIES = ["fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware"]
+#: the cloud's rule names (``cloud_aggregator.strategies.STRATEGIES``, which imports torch; a test keeps them equal)
+STRATEGIES = ["fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware", "norm-clip", "trimmed-mean",
+              "median"]
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -46,7 +48,9 @@ def run(
     edges: Annotated[int, typer.Option(min=1, help="edge agents (separate processes)")] = 3,
     devices_per_edge: Annotated[int, typer.Option(min=1, help="simulated devices per edge")] = 2,
     rounds: Annotated[int, typer.Option(min=1, help="stop after this many global versions")] = 5,
-    strategy: Annotated[str, typer.Option(help=f"cloud aggregation rule: {', '.join(STRATEGIES)}")] = "modality-aware",
+    strategy: Annotated[str | None, typer.Option(
+        help=f"cloud aggregation rule: {', '.join(STRATEGIES)} (default: modality-aware; median with --secure, "
+             "whose edges may be hostile: a weighted rule trusts the sample counts they claim)")] = None,
     alpha: Annotated[float, typer.Option(min=0.001, help="Dirichlet label skew across edges (small = non-IID)")] = 0.5,
     backbone: Annotated[str, typer.Option(help="tiny (fast, random frozen BERT) or minilm (bundled "
                                           "all-MiniLM-L6-v2, slower)")] = "tiny",
@@ -77,6 +81,7 @@ def run(
     from megace.loop.runner import ClosedLoop, LoopError
     from megace.loop.settings import LoopSettings
 
+    strategy = strategy or ("median" if secure else "modality-aware")
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"strategy must be one of {STRATEGIES}", param_hint="--strategy")
     if backbone not in ("tiny", "minilm"):

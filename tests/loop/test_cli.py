@@ -45,8 +45,18 @@ def test_python_dash_m_is_the_same_cli() -> None:
     assert "--strategy" in out.stdout
 
 
+def test_run_offers_every_rule_the_cloud_knows() -> None:
+    from cloud_aggregator.strategies import STRATEGIES as REGISTRY
+    from megace.cli import STRATEGIES
+
+    assert sorted(STRATEGIES) == sorted(REGISTRY)
+    result = runner.invoke(app, ["run", "--help"], terminal_width=400)
+    for name in REGISTRY:
+        assert name in result.output, name
+
+
 @pytest.mark.parametrize(("args", "message"), [
-    (["run", "--strategy", "median"], "strategy"),
+    (["run", "--strategy", "krum"], "strategy"),
     (["run", "--backbone", "bert-large"], "backbone"),
     (["run", "--ranks", "8,x"], "ranks"),
     (["run", "--edges", "0"], "edges"),
