@@ -99,7 +99,8 @@ def build_trainer(config: EdgeConfig) -> Trainer:
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     buffer = ReplayBuffer(max_total=lim.replay_max_total, max_per_device=lim.replay_max_per_device,
-                          max_per_modality=lim.replay_max_per_modality)
+                          max_per_modality=lim.replay_max_per_modality, max_bytes=lim.replay_max_bytes,
+                          max_bytes_per_device=lim.replay_max_bytes_per_device)
     device = None if t.device == "auto" else t.device
     return Trainer(config.model, buffer=buffer, lr=t.lr, weight_decay=t.weight_decay,
                    holdout_every=t.holdout_every, device=device)

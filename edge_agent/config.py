@@ -28,7 +28,8 @@ from megace_model.errors import ConfigError
 
 ENV_PREFIX = "MEGACE_EDGE__"
 _SECTIONS = ("model", "training", "limits", "signing")
-_ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality"})
+_ZERO_IS_NONE = frozenset({"steps", "epochs", "replay_max_per_device", "replay_max_per_modality",
+                           "replay_max_bytes_per_device"})
 """Optional ints: TOML has no null, so 0 stands for "none" (no cap, not this mode)."""
 
 
@@ -97,6 +98,16 @@ class LimitsConfig:
     replay_max_total: int = 4096
     replay_max_per_device: int | None = 1024
     replay_max_per_modality: int | None = None
+    replay_max_bytes: int = 256 * 1024 * 1024
+    """Bytes of samples the replay buffer holds (float32 arrays); the oldest are dropped beyond
+    (``dropped.bytes``). Also bounds the checkpoint written at shutdown."""
+    replay_max_bytes_per_device: int | None = 64 * 1024 * 1024
+    """One device's share of those bytes: a device sending its largest allowed arrays cannot crowd out
+    the others (``dropped.device_bytes:<id>``)."""
+    error_downlinks_per_s: float = 2.0
+    """Error reports sent back to one device per second (burst: ``error_downlink_burst``); the rest of a
+    flood of bad input is counted (``errors_suppressed``) and not answered. 0 = no error downlinks."""
+    error_downlink_burst: int = 10
     max_pending_uploads: int = 8
     """Uploads kept for (re)publishing while the broker is unreachable; the oldest is dropped beyond."""
     shutdown_flush_s: float = 5.0
@@ -151,9 +162,11 @@ class EdgeConfig:
             raise EdgeConfigError("training: share_personal and local_only exclude each other")
         lim = self.limits
         for name in ("mqtt_queue", "infer_queue", "infer_batch", "downlink_queue", "max_devices",
-                     "replay_max_total", "max_pending_uploads"):
+                     "replay_max_total", "max_pending_uploads", "replay_max_bytes", "error_downlink_burst"):
             if getattr(lim, name) < 1:
                 raise EdgeConfigError(f"limits.{name} must be >= 1")
+        if lim.error_downlinks_per_s < 0:
+            raise EdgeConfigError("limits.error_downlinks_per_s must be >= 0")
         if self.metrics_interval_s <= 0:
             raise EdgeConfigError("metrics_interval_s must be > 0")
 

@@ -37,11 +37,12 @@ from broker.wire import (
     encode_envelope,
 )
 from edge_agent.config import EdgeConfig
-from edge_agent.errors import IngestError, UnregisteredDeviceError
+from edge_agent.errors import BusyError, IngestError, UnregisteredDeviceError
 from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState
 from edge_agent.training.trainer import Trainer
 from megace_common.lora import b_factor, is_lora_b, lora_scaling, rescale_b, strip_peft_prefix
+from megace_common.ratelimit import TokenBuckets
 from megace_model.adapters import is_personal, load_personal
 from megace_model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
 
@@ -134,6 +135,8 @@ class EdgeCore:
         self._down_reserved = 0
         self._reserve: Callable[[int], None] | None = None
         self._last_log: dict[str, float] = {}
+        self._error_downlinks = TokenBuckets(lim.error_downlinks_per_s, lim.error_downlink_burst,
+                                             max_keys=lim.max_devices)
 
     # ================================================================== intake
     def ingest(self, topic: str, payload: bytes, *, retained: bool = False) -> Effects:
@@ -206,6 +209,10 @@ class EdgeCore:
         entry = self.registry.devices.get(device)
         if entry is not None:
             entry.count("rejected")
+        # a shed inference request is still answered: the device waits for exactly one reply per request
+        if not isinstance(exc, BusyError) and not self._error_downlinks.allow(device):
+            self.counters.inc("errors_suppressed")
+            return []
         code = getattr(exc, "code", "malformed")
         return [self.down(device, Kind.ERROR, ErrorReport(code=code, message=f"{name}: {exc}"[:500], ref=ref))]
 

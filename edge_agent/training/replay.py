@@ -1,9 +1,11 @@
 """Bounded replay buffer of labelled multimodal samples.
 
 Edge boxes have little memory and devices can flood them, so every device and
-every modality has a cap; when a cap is hit the *oldest* matching sample is
-dropped (recent data reflects the current distribution) and the drop is
-counted, so the service can export how much data it is throwing away.
+every modality has a cap on samples, and the buffer and every device a cap on
+bytes (a count alone lets one device fill memory with its largest allowed
+arrays); when a cap is hit the *oldest* matching sample is dropped (recent data
+reflects the current distribution) and the drop is counted, so the service can
+export how much data it is throwing away.
 Thread-safe: the MQTT loop adds while a training thread takes snapshots.
 """
 
@@ -33,13 +35,17 @@ class BufferedSample:
     def presence(self) -> tuple[str, ...]:
         return tuple(sorted(self.modalities))
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.modalities.values())
+
     def as_sample(self) -> dict[str, Any]:
         """The collate format ``{"modalities": ..., "label": ...}``."""
         return {"modalities": self.modalities, "label": self.label}
 
 
 class ReplayBuffer:
-    """FIFO with per-device, per-modality and total caps (``None`` = no cap)."""
+    """FIFO with per-device, per-modality and total caps on samples and bytes (``None`` = no cap)."""
 
     def __init__(
         self,
@@ -47,13 +53,19 @@ class ReplayBuffer:
         max_total: int = 4096,
         max_per_device: int | None = 1024,
         max_per_modality: int | None = None,
+        max_bytes: int | None = None,
+        max_bytes_per_device: int | None = None,
     ) -> None:
-        for cap in (max_total, max_per_device, max_per_modality):
+        for cap in (max_total, max_per_device, max_per_modality, max_bytes, max_bytes_per_device):
             if cap is not None and cap < 1:
                 raise ValueError("caps must be >= 1 or None")
         self.max_total = max_total
         self.max_per_device = max_per_device
         self.max_per_modality = max_per_modality
+        self.max_bytes = max_bytes
+        self.max_bytes_per_device = max_bytes_per_device
+        self._bytes = 0
+        self._device_bytes: Counter[str] = Counter()
         self._items: OrderedDict[int, BufferedSample] = OrderedDict()
         self._by_device: dict[str, deque[int]] = {}
         self._by_modality: dict[str, deque[int]] = {}
@@ -80,6 +92,8 @@ class ReplayBuffer:
                 by_device = self._by_device[device_id] = deque()
             by_device.append(seq)
             self._device_count[device_id] += 1
+            self._bytes += item.nbytes
+            self._device_bytes[device_id] += item.nbytes
             per_modality = self.max_per_modality is not None  # the modality index only serves that cap
             for name in arrays:
                 if per_modality:
@@ -111,6 +125,8 @@ class ReplayBuffer:
                 self._items[item.seq] = item
                 self._by_device.setdefault(item.device_id, deque()).append(item.seq)
                 self._device_count[item.device_id] += 1
+                self._bytes += item.nbytes
+                self._device_bytes[item.device_id] += item.nbytes
                 for name in item.presence:
                     if self.max_per_modality is not None:
                         self._by_modality.setdefault(name, deque()).append(item.seq)
@@ -122,12 +138,17 @@ class ReplayBuffer:
         if self.max_per_device is not None:
             while self._device_count[item.device_id] > self.max_per_device:
                 self._evict_oldest(self._by_device[item.device_id], f"device:{item.device_id}")
+        if self.max_bytes_per_device is not None:
+            while self._device_bytes[item.device_id] > self.max_bytes_per_device:
+                self._evict_oldest(self._by_device[item.device_id], f"device_bytes:{item.device_id}")
         if self.max_per_modality is not None:
             for name in item.presence:
                 while self._modality_count[name] > self.max_per_modality:
                     self._evict_oldest(self._by_modality[name], f"modality:{name}")
         while len(self._items) > self.max_total:
             self._evict(next(iter(self._items)), "total")
+        while self.max_bytes is not None and self._bytes > self.max_bytes:
+            self._evict(next(iter(self._items)), "bytes")
 
     def _evict_oldest(self, queue: deque[int], reason: str) -> None:
         while queue[0] not in self._items:  # lazily skip entries evicted through another index
@@ -137,6 +158,8 @@ class ReplayBuffer:
     def _evict(self, seq: int, reason: str) -> None:
         item = self._items.pop(seq)
         self._device_count[item.device_id] -= 1
+        self._bytes -= item.nbytes
+        self._device_bytes[item.device_id] -= item.nbytes
         for name in item.presence:
             self._modality_count[name] -= 1
         self._dropped[reason] += 1
@@ -153,7 +176,10 @@ class ReplayBuffer:
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Drops by reason (``device:<id>``, ``modality:<m>``, ``total``) plus ``all``."""
+        """Drops by reason plus ``all``.
+
+        Reasons: ``device:<id>``, ``device_bytes:<id>``, ``modality:<m>``, ``total``, ``bytes``.
+        """
         with self._lock:
             return dict(self._dropped)
 
@@ -162,6 +188,7 @@ class ReplayBuffer:
         with self._lock:
             return {
                 "total": len(self._items),
+                "bytes": self._bytes,
                 "devices": {k: v for k, v in self._device_count.items() if v},
                 "modalities": {k: v for k, v in self._modality_count.items() if v},
             }

@@ -6,6 +6,7 @@ and every expectation is read back by decoding what the core returned.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from broker.wire import (
 )
 from edge_agent.checkpoints import build_trainer
 from edge_agent.core import EdgeCore, Effects
+from edge_agent.errors import BusyError
 from edge_agent.training.toy_task import ToyTask
 from megace_model.adapters import shared_state
 from tests.support.edge_testkit import edge_config, record, toy_profile
@@ -97,6 +99,27 @@ def test_a_malformed_payload_is_answered_with_an_error_and_counted_without_chang
     assert report.message.startswith("DecodeError")
     assert core.counters["rejected"] == 1 and core.counters["rejected.DecodeError"] == 1
     assert (core.state.global_version, core.state.upload_seq, len(core.trainer.buffer), core.new_samples) == before
+
+
+def test_a_flood_of_bad_input_gets_a_burst_of_error_downlinks_then_only_counters(core: EdgeCore) -> None:
+    """Before: one error downlink per bad message, so the edge's outbound traffic followed the sender's."""
+    register(core)
+    register(core, "dev-2")
+    lim = core.config.limits
+    t0 = time.monotonic()
+    answered = sum(len(core.ingest(up(core, DEV, topics.Uplink.FEATURES), b"\x93junk").out) for _ in range(200))
+    elapsed = time.monotonic() - t0
+    # the burst, plus what the rate refilled meanwhile (at most one more token per 1/rate seconds)
+    refilled = int(elapsed * lim.error_downlinks_per_s) + 1
+    assert lim.error_downlink_burst <= answered <= lim.error_downlink_burst + refilled
+    assert core.counters["errors_suppressed"] == 200 - answered
+    assert core.counters["rejected.DecodeError"] == 200  # every one is still counted
+    # the cap is per device: another device's first bad message is answered
+    (msg,) = core.ingest(up(core, "dev-2", topics.Uplink.FEATURES), b"\x93junk").out
+    assert msg.topic.endswith("/device/dev-2/down/error")
+    # a shed inference request is always answered, flood or not
+    busy = core.reject(BusyError("full"), DEV, 7)
+    assert len(busy) == 1 and ErrorReport.from_body(decode_envelope(busy[0].payload).body).code == "busy"
 
 
 def test_features_from_an_unregistered_device_are_refused(core: EdgeCore) -> None:

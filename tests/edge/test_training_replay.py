@@ -37,6 +37,36 @@ def test_per_modality_and_total_caps() -> None:
     assert buf.counts()["modalities"] == {"env": 1, "imu": 1, "audio": 2}
 
 
+def test_byte_caps_drop_the_oldest_of_the_device_then_of_the_buffer() -> None:
+    """Counts alone let a device fill memory with its largest arrays: 1,000-float samples are 4,000 bytes."""
+    buf = ReplayBuffer(max_total=100, max_per_device=None, max_bytes=20_000, max_bytes_per_device=12_000)
+    for i in range(4):  # device a: 16,000 bytes offered, 12,000 allowed -> its oldest (label 0) goes
+        buf.add("a", {"imu": np.full(1000, i)}, label=i)
+    assert [s.label for s in buf.snapshot()] == [1, 2, 3]
+    assert buf.dropped == {"device_bytes:a": 1, "all": 1} and buf.counts()["bytes"] == 12_000
+    buf.add("b", {"imu": np.zeros(500)}, label=10)  # 2,000 bytes: 14,000 in all, under both caps
+    buf.add("b", {"imu": np.zeros(1500)}, label=11)  # 6,000 more: 20,000, still fits
+    assert buf.counts()["bytes"] == 20_000 and len(buf) == 5
+    buf.add("b", {"imu": np.zeros(250)}, label=12)  # 1,000 more: the buffer's oldest (a's label 1) goes
+    assert [s.label for s in buf.snapshot()] == [2, 3, 10, 11, 12]
+    assert buf.dropped["bytes"] == 1 and buf.counts()["bytes"] == 17_000
+    assert sum(s.nbytes for s in buf.snapshot()) == 17_000
+
+
+def test_byte_caps_hold_after_a_restore() -> None:
+    items = [BufferedSample(seq=i, device_id="a", modalities={"imu": np.zeros(1000, np.float32)}, label=0)
+             for i in range(5)]
+    buf = ReplayBuffer(max_total=100, max_per_device=None, max_bytes_per_device=8_000)
+    buf.restore(items)
+    assert [s.seq for s in buf.snapshot()] == [3, 4] and buf.counts()["bytes"] == 8_000
+
+
+@pytest.mark.parametrize("cap", ["max_bytes", "max_bytes_per_device"])
+def test_a_byte_cap_below_one_is_refused(cap: str) -> None:
+    with pytest.raises(ValueError, match="caps"):
+        ReplayBuffer(**{cap: 0})
+
+
 def test_buffer_stores_copies() -> None:
     buf = ReplayBuffer()
     arr = np.ones(3, dtype=np.float64)
@@ -77,7 +107,8 @@ def test_restore_keeps_each_samples_seq_and_numbering_continues_after_the_newest
     buf = ReplayBuffer(max_total=10, max_per_device=None)
     buf.restore([_item(7, "b", 1), _item(3, "a", 0), _item(5, "a", 2, imu=1.0)])
     assert [(s.seq, s.device_id, s.label) for s in buf.snapshot()] == [(3, "a", 0), (5, "a", 2), (7, "b", 1)]
-    assert buf.counts() == {"total": 3, "devices": {"a": 2, "b": 1}, "modalities": {"env": 2, "imu": 1}}
+    # two 2-float env arrays and one 2-float imu array: 3 x 8 bytes
+    assert buf.counts() == {"total": 3, "bytes": 24, "devices": {"a": 2, "b": 1}, "modalities": {"env": 2, "imu": 1}}
     assert buf.add("c", {"env": np.zeros(2)}, 0).seq == 8
     with pytest.raises(ValueError, match=r"^restore needs an empty buffer$"):
         buf.restore([_item(1, "a")])
@@ -126,7 +157,7 @@ def test_counts_forget_devices_and_modalities_once_all_their_samples_are_gone() 
     buf.add("old", {"audio": np.zeros(1)}, 0)
     buf.add("new", {"env": np.zeros(1)}, 0)
     buf.add("new", {"env": np.zeros(1)}, 1)
-    assert buf.counts() == {"total": 2, "devices": {"new": 2}, "modalities": {"env": 2}}
+    assert buf.counts() == {"total": 2, "bytes": 8, "devices": {"new": 2}, "modalities": {"env": 2}}
     assert buf.dropped == {"total": 1, "all": 1}
 
 
