@@ -138,7 +138,7 @@ def security_rows(sec: dict[str, Any]) -> list[list[str]]:
     pairs = "; ".join(f"{a}: " + ", ".join(f"{x:.2f}" for x in v) for a, v in tp["ratio_over_plain_per_repeat"].items())
     poison = _load("poisoning")
     fed = {(x["settings"], x["attack"]): x["worst_norm_ratio"] for x in poison["results"] if x["rule"] == "fedavg"}
-    attacks = [a for a in ("first-1e4", "factor-rescale", "samples-1e12", "norm-x15", "replay-fresh-seq")
+    attacks = [a for a in ("first-1e4", "factor-rescale", "samples-1e12", "norm-x15", "replay-fresh-seq", "flip-x3")
                if ("guards", a) in fed]
     per_attack = "; ".join(f"{a} {fed[('guards', a)]:.2f}x (without: {fed[('legacy', a)]:,.2f}x)" for a in attacks)
     bounded = all(fed[("guards", a)] <= 1.5 for a in attacks)
@@ -160,18 +160,25 @@ def security_rows(sec: dict[str, Any]) -> list[list[str]]:
 
 
 def _poisoned_loop_row() -> list[str]:
-    """The closed loop with one sign-flipping edge among four, default rule vs coordinate-wise median."""
-    arms = {name: _load(name) for name in ("poisoned_loop", "poisoned_loop_median")}
-    text = "; ".join(f"{d['settings']['strategy']}: {d['delta_points_mean']:+.1f} points (per seed "
+    """The closed loop with one sign-flipping edge among four: the default rule, median (``--secure``'s), and
+    modality-aware around median."""
+    arms = {name: _load(name) for name in ("poisoned_loop", "poisoned_loop_median", "poisoned_loop_ma_median")}
+
+    def label(d: dict[str, Any]) -> str:
+        inner = d["settings"].get("strategy_options", {}).get("inner")
+        name = d["settings"]["strategy"] + (f"({inner})" if inner else "")
+        return name + (" [--secure default]" if name == "median" else "")
+
+    text = "; ".join(f"{label(d)}: {d['delta_points_mean']:+.1f} points (per seed "
                      f"{', '.join(f'{x:+.1f}' for x in d['delta_points_per_seed'])}; clean "
                      f"{100 * d['clean_mean_acc']:.1f}%)" for d in arms.values())
-    verdicts = ", ".join(f"{d['settings']['strategy']} {_mark(abs(d['delta_points_mean']) <= 2)}"
-                         for d in arms.values())
+    verdicts = ", ".join(f"{label(d)} {_mark(abs(d['delta_points_mean']) <= 2)}" for d in arms.values())
     base = arms["poisoned_loop"]["settings"]
     return [f"closed loop, one edge among four flipping and amplifying B (x-{base['flip']:g}) and claiming "
-            f"10^12 samples: final accuracy change at the honest devices ({base['seeds']} seeds)",
+            f"10^12 samples: final accuracy change at the honest devices ({base['seeds']} seeds; every guard on, "
+            "step clipping included)",
             text, f"within 2 points: {verdicts}", "`poisoned_loop*.json` delta_points_mean",
-            arms["poisoned_loop"]["command"]]
+            arms["poisoned_loop"]["command"] + " [--strategy median | --strategy-options '{\"inner\": \"median\"}']"]
 
 
 def reliability_rows() -> list[list[str]]:
@@ -213,11 +220,19 @@ def reliability_rows() -> list[list[str]]:
                 f"{_mark(run['edge_ingest_per_s_during_load'] >= run['offered_per_s'])}",
                 "`load_test.json` runs[0]", lt["command"]])
     fz = json.loads((ROOT / "reports" / "fuzz" / "fuzz-long-run.json").read_text())
-    out.append(["fuzzing every decoder and both services' message handlers (hypothesis)",
+    out.append(["fuzzing every decoder and both services' message handlers (hypothesis, structured inputs)",
                 f"{fz['inputs_total']:,} inputs, {fz['internal_errors_total']} internal errors "
-                f"({fz['duration_s'] / 60:.0f} min)",
-                f">= 1,000,000 inputs: {_mark(fz['inputs_total'] >= 1_000_000)}; 0 errors: "
-                f"{_mark(fz['internal_errors_total'] == 0)}", "`reports/fuzz/fuzz-long-run.json`", fz["command"]])
+                f"({fz['duration_s'] / 60:.0f} min)", f"0 errors: {_mark(fz['internal_errors_total'] == 0)}",
+                "`reports/fuzz/fuzz-long-run.json`", fz["command"]])
+    at = json.loads((ROOT / "reports" / "fuzz" / "fuzz-atheris.json").read_text())
+    both = fz["inputs_total"] + at["inputs_total"]
+    out.append(["fuzzing the same targets coverage-guided (atheris/libFuzzer, seeded from the hypothesis strategies)",
+                f"{at['inputs_total']:,} inputs ({at['reached_total']:,} reached a target as a well-formed script, "
+                f"body or document), {at['internal_errors_total']} internal errors ({at['duration_s'] / 60:.0f} min); "
+                f"with the hypothesis run: {both:,}",
+                f">= 1,000,000 inputs: {_mark(both >= 1_000_000)}; 0 errors: "
+                f"{_mark(at['internal_errors_total'] == 0 and not at['targets_unfinished'])}",
+                "`reports/fuzz/fuzz-atheris.json`", at["command"]])
     return out
 
 

@@ -5,8 +5,13 @@ A failure here is shrunk by hypothesis to a small input that a decoder or handle
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +23,7 @@ from tests.fuzz.strategies import envelope_map, pack
 from tests.fuzz.targets import DECODER_TARGETS, PropertyViolation, Target
 from tests.fuzz.targets import run_envelope as _run_envelope
 
+ROOT = Path(__file__).resolve().parents[2]
 FAST = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
@@ -75,3 +81,21 @@ def test_a_planted_untyped_error_is_caught_by_the_property() -> None:
     """The harness itself: a decoder raising anything but a WireError must count as a violation."""
     with pytest.raises(PropertyViolation, match="decode_envelope: TypeError"):
         _run_envelope(object())  # type: ignore[arg-type]  # len(object()) -> TypeError inside decode_envelope
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                    reason="atheris ships wheels for Linux x86-64 only (pyproject's dev extra says so)")
+def test_the_coverage_guided_run_feeds_every_input_to_its_target(tmp_path: Path) -> None:
+    """A short ``tools/fuzz_atheris.py`` run: each target gets exactly the inputs asked for, a good share of the
+    structured ones unpack into scripts that reach the handler, and nothing is violated."""
+    out = tmp_path / "atheris.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fuzz_atheris.py"), "--targets", "envelope,edge",
+                           "--runs", "3000", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["inputs_total"] == 6000 and result["internal_errors_total"] == 0
+    edge, env = result["targets"]["edge"], result["targets"]["envelope"]
+    assert env["reached"] == env["inputs"] == 3000  # a payload needs no unpacking
+    assert edge["inputs"] == 3000 and edge["reached"] >= edge["seeds"] > 100  # at least the seed scripts arrived
+    assert edge["finished"] and edge["corpus_units"] >= edge["seeds"]
