@@ -26,13 +26,17 @@ def make_client(
     max_queued_incoming: int = 10_000,
     clean_session: bool = True,
     queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
+    max_inflight: int | None = None,
 ) -> aiomqtt.Client:
     """An aiomqtt client that speaks MQTT 3.1.1 (works on every broker megace supports).
 
     ``queue_type`` is aiomqtt's incoming queue class (built with ``maxsize=max_queued_incoming``);
-    :class:`broker.session.CountingQueue` counts what a full queue drops.
+    :class:`broker.session.CountingQueue` counts what a full queue drops.  ``max_inflight`` is how many
+    QoS > 0 publishes may await their acknowledgement at once (paho's default is 20); the caller that
+    sets it bounds its own concurrent publishes to it, so none wait inside paho, and aiomqtt's "pending
+    publish calls" warning is raised to just above it (it warns at 10 by default, below paho's own limit).
     """
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         address.host,
         address.port,
         identifier=identifier,
@@ -46,7 +50,15 @@ def make_client(
         max_queued_incoming_messages=max_queued_incoming,
         queue_type=queue_type,
         socket_options=NODELAY,
+        max_inflight_messages=max_inflight,
     )
+    if max_inflight is not None:
+        client.pending_calls_threshold = max_inflight + PUBLISH_HEADROOM
+    return client
+
+
+#: publishes beside a bounded publisher's window (status, metrics, an upload chunk) before aiomqtt warns
+PUBLISH_HEADROOM = 8
 
 
 async def publish(

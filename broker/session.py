@@ -116,6 +116,9 @@ class Session:
             the service calls :func:`ack` for it (after it made the message durable); until then a
             persistent session gets it again after a reconnect. The broker's in-flight window
             (``max_inflight_messages``) bounds how many may wait unacknowledged.
+        max_inflight: QoS 1 publishes this client may have awaiting PUBACK at once (None: paho's 20).
+            A service that bounds its own concurrent publishes sets it to that bound, so bursts wait
+            in the service's queue, where they are counted and dropped when it is full, not in paho.
 
     After a healthy session the backoff starts over: the next attempt is immediate and a further
     outage waits ``base_delay`` first again.
@@ -138,6 +141,7 @@ class Session:
         name: str = "",
         stable_after: float = 1.0,
         manual_ack: bool = False,
+        max_inflight: int | None = None,
     ) -> None:
         if base_delay < 0 or max_delay < base_delay or not 0.0 <= jitter <= 1.0:
             raise ValueError("need 0 <= base_delay <= max_delay and 0 <= jitter <= 1")
@@ -153,6 +157,7 @@ class Session:
         self.name = name or identifier
         self.stable_after = stable_after
         self.manual_ack = manual_ack
+        self.max_inflight = max_inflight
         self._serve = serve
         self._on_error = on_error
         self._queue_type = CountingQueue.counting_into(self.counters)
@@ -166,6 +171,7 @@ class Session:
             max_queued_incoming=self.max_queued_incoming,
             clean_session=self.clean_session,
             queue_type=self._queue_type,
+            max_inflight=self.max_inflight,
         )
         if self.manual_ack:
             # aiomqtt 2.5 has no manual-ack option yet (empicano/aiomqtt#345); paho, underneath, does.

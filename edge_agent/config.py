@@ -80,6 +80,9 @@ class LimitsConfig:
     infer_batch: int = 32
     downlink_queue: int = 2048
     """Replies waiting for the broker (configs, errors, predictions, feedback); overflow is counted."""
+    downlink_window: int = 32
+    """Downlinks awaiting their PUBACK at once; the MQTT client's in-flight limit is set to match, so a
+    burst waits in the downlink queue (bounded, counted) instead of piling up inside paho."""
     max_payload: int = 64 * 1024 * 1024
     """Largest reassembled incoming payload (global adapters are the big ones)."""
     max_array_bytes: int = 4 * 1024 * 1024
@@ -162,7 +165,8 @@ class EdgeConfig:
             raise EdgeConfigError("training: share_personal and local_only exclude each other")
         lim = self.limits
         for name in ("mqtt_queue", "infer_queue", "infer_batch", "downlink_queue", "max_devices",
-                     "replay_max_total", "max_pending_uploads", "replay_max_bytes", "error_downlink_burst"):
+                     "replay_max_total", "max_pending_uploads", "replay_max_bytes", "error_downlink_burst",
+                     "downlink_window"):
             if getattr(lim, name) < 1:
                 raise EdgeConfigError(f"limits.{name} must be >= 1")
         if lim.error_downlinks_per_s < 0:

@@ -76,7 +76,8 @@ class EdgeAgent:
             limit=config.limits.max_pending_uploads, max_packet=config.limits.max_packet,
             on_sent=self._metrics_wake.set)
         """Checkpointed uploads awaiting the cloud's verdict; see :class:`edge_agent.outbox.Outbox`."""
-        self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue)
+        self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue,
+                                       window=config.limits.downlink_window)
         self.acks = DurableAcks(IngestLog(self.store.root / "ingest", fsync=config.ingest_fsync), self.counters)
         """Device messages are acknowledged to the broker only once logged; see :mod:`edge_agent.acks`."""
         self.last_round: dict[str, Any] = {}
@@ -203,6 +204,7 @@ class EdgeAgent:
             self.config.address, self._session, identifier=f"megace-edge-{self.edge_id}", counters=self.counters,
             will=will, clean_session=not self.config.persistent_session,
             max_queued_incoming=self.config.limits.mqtt_queue, name=f"edge {self.edge_id}", manual_ack=True,
+            max_inflight=self.config.limits.downlink_window,
         )
         await session.run()
 
