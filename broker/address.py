@@ -14,9 +14,10 @@ import logging
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlparse
+
+from broker.compat import slotted_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-@dataclass(frozen=True, slots=True, repr=False)
+@slotted_dataclass(frozen=True, repr=False)
 class BrokerAddress:
     host: str = "127.0.0.1"
     port: int = 1883

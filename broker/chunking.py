@@ -14,10 +14,11 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from broker import topics
+from broker.compat import slotted_dataclass
 from broker.errors import ChunkError, ChunkHashError, ChunkLimitError, OversizeError
 from broker.wire.envelope import DEFAULT_MAX_PAYLOAD, Kind, encode_envelope
 from broker.wire.fields import body_map, get_int
@@ -63,7 +64,7 @@ def frames(
     return out
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class _Transfer:
     transfer: bytes
     count: int

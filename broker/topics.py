@@ -18,9 +18,8 @@ A payload too large for one packet travels as chunks on ``{topic}/chunk/{index}`
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from enum import StrEnum
 
+from broker.compat import StrEnum, slotted_dataclass
 from broker.errors import TopicError
 
 ROOT = "megace/v1"
@@ -137,7 +136,7 @@ def subscriptions(topic_filter: str) -> list[str]:
     return [topic_filter, f"{topic_filter}/chunk/+"]
 
 
-@dataclass(frozen=True, slots=True)
+@slotted_dataclass(frozen=True)
 class Parsed:
     """A topic taken apart. ``what`` is the last meaningful level (e.g. ``features``)."""
 
@@ -210,21 +209,26 @@ def _parse(topic: str) -> Parsed:
 
 
 def _parse_levels(lv: list[str], chunk_index: int | None) -> Parsed:
-    match lv:
-        case ["site", site, "device", device, "up", what]:
+    """The layouts of the module docstring, by length and fixed levels (no ``match``: gateways run 3.9)."""
+    n = len(lv)
+    head = lv[0] if lv else None
+    if head == "site" and n == 6 and lv[2] == "device":
+        site, device, direction, what = lv[1], lv[3], lv[4], lv[5]
+        if direction == "up":
             return Parsed(Channel.DEVICE_UP, check_id(site), check_id(device), what=Uplink(what).value,
                           chunk_index=chunk_index)
-        case ["site", site, "device", device, "down", what]:
+        if direction == "down":
             return Parsed(Channel.DEVICE_DOWN, check_id(site), check_id(device), what=Downlink(what).value,
                           chunk_index=chunk_index)
-        case ["cloud", "up", site, "adapter"]:
-            return Parsed(Channel.ADAPTER_UP, check_id(site), what="adapter", chunk_index=chunk_index)
-        case ["cloud", "down", "global"]:
+    elif head == "cloud":
+        if n == 4 and lv[1] == "up" and lv[3] == "adapter":
+            return Parsed(Channel.ADAPTER_UP, check_id(lv[2]), what="adapter", chunk_index=chunk_index)
+        if n == 3 and lv[1:] == ["down", "global"]:
             return Parsed(Channel.GLOBAL_DOWN, what="global", chunk_index=chunk_index)
-        case ["cloud", "down", "site", site, "feedback"]:
-            return Parsed(Channel.SITE_FEEDBACK, check_id(site), what="feedback", chunk_index=chunk_index)
-        case ["status", role, ident]:
-            return Parsed(Channel.STATUS, role=Role(role), ident=check_id(ident), chunk_index=chunk_index)
-        case ["metrics", role, ident]:
-            return Parsed(Channel.METRICS, role=Role(role), ident=check_id(ident), chunk_index=chunk_index)
+        if n == 5 and lv[1] == "down" and lv[2] == "site" and lv[4] == "feedback":
+            return Parsed(Channel.SITE_FEEDBACK, check_id(lv[3]), what="feedback", chunk_index=chunk_index)
+    elif head == "status" and n == 3:
+        return Parsed(Channel.STATUS, role=Role(lv[1]), ident=check_id(lv[2]), chunk_index=chunk_index)
+    elif head == "metrics" and n == 3:
+        return Parsed(Channel.METRICS, role=Role(lv[1]), ident=check_id(lv[2]), chunk_index=chunk_index)
     raise TopicError("unknown layout")

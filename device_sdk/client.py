@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import paho.mqtt.client as mqtt
 from broker import topics
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
+from broker.compat import slotted_dataclass
 from broker.metrics import Counters
 from broker.signing import Verifier, load_public_key
 from broker.wire import CapabilityProfile, FeatureRecord, Kind, Status, encode_envelope
@@ -43,7 +44,7 @@ from device_sdk.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class _Pending:
     seq: int
     topic: str

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
-from enum import StrEnum
 from pathlib import Path
+
+from broker.compat import StrEnum
 
 
 def default_store_path(device: str) -> Path:

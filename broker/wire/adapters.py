@@ -8,11 +8,12 @@ Tensors are keyed by peft state-dict names (``...lora_A.weight`` is ``(r, in)``,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import numpy as np
 
+from broker.compat import slotted_dataclass
 from broker.errors import DecodeError
 from broker.wire.arrays import decode_array, encode_array
 from broker.wire.fields import body_map, count_map, get_float, get_int, get_list, get_map, get_str, number_map
@@ -41,7 +42,7 @@ def decode_tensors(obj: Any, *, max_array_bytes: int | None = None) -> dict[str,
     return out
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class AdapterUpdate:
     """An edge's shared adapter after a local round, plus what the cloud needs to weigh it."""
 
@@ -90,7 +91,7 @@ class AdapterUpdate:
         )
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class GlobalAdapter:
     """The cloud's merged adapter, broadcast retained so a restarted edge gets it at once."""
 
@@ -130,7 +131,7 @@ class GlobalAdapter:
         )
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class Rejection:
     """An upload the cloud refused, and why."""
 
@@ -141,7 +142,7 @@ class Rejection:
         return {"seq": int(self.seq), "reason": self.reason}
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class SiteFeedback:
     """What one site needs to personalize: its rank-truncated view of the global and its statistics."""
 

@@ -7,11 +7,12 @@ the same sample always travel together, so the edge never has to join streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import numpy as np
 
+from broker.compat import slotted_dataclass
 from broker.errors import DecodeError, UnknownModalityError
 from broker.wire.arrays import DTYPES, MAX_EXTENT, MAX_NDIM, decode_array, encode_array
 from broker.wire.fields import (
@@ -26,7 +27,7 @@ from broker.wire.fields import (
 )
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class FeatureRecord:
     """One multimodal sample as a device publishes it (also the body of an inference request)."""
 
@@ -85,7 +86,7 @@ class FeatureRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@slotted_dataclass(frozen=True)
 class ModalityProfile:
     """What a device can produce for one modality."""
 
@@ -128,7 +129,7 @@ def _is_shape(shape: Any) -> bool:
     return extent <= MAX_EXTENT
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class CapabilityProfile:
     """A device's registration: modalities it can sense and the compute it has."""
 
@@ -172,7 +173,7 @@ def _epoch(value: int | None) -> int:
     return value or 0
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class DeviceConfig:
     """The edge's answer to a registration: what to send, how often, in which shape."""
 
@@ -206,7 +207,7 @@ class DeviceConfig:
         )
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class Prediction:
     """The edge's answer to an inference request (``sample`` echoes the request's)."""
 
@@ -237,7 +238,7 @@ class Prediction:
         )
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class DeviceFeedback:
     """Top-down feedback relayed to a device: the model version it is served by and how it does."""
 
@@ -262,7 +263,7 @@ class DeviceFeedback:
         )
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class ErrorReport:
     """Why a message from a device was rejected (``ref`` is the rejected envelope's seq)."""
 

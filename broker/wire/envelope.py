@@ -7,13 +7,12 @@ keys in that order, so encoding is deterministic and test vectors are stable.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import msgpack
 
 from broker import WIRE_VERSION
+from broker.compat import StrEnum, slotted_dataclass
 from broker.errors import DecodeError, OversizeError, SchemaVersionError, UnknownKindError
 
 DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
@@ -41,7 +40,7 @@ def content_type(kind: Kind) -> str:
     return f"application/vnd.megace.{Kind(kind).value}+msgpack"
 
 
-@dataclass(frozen=True, slots=True)
+@slotted_dataclass(frozen=True)
 class Envelope:
     """A decoded envelope; ``body`` is still the plain msgpack structure."""
 

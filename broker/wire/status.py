@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from typing import Any
 
 from broker import WIRE_VERSION
+from broker.compat import slotted_dataclass
 from broker.errors import DecodeError, SchemaVersionError
 
 ONLINE = "online"
 OFFLINE = "offline"
 
 
-@dataclass(slots=True)
+@slotted_dataclass()
 class Status:
     role: str
     id: str

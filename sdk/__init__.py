@@ -1,0 +1,1 @@
+"""Packaging of the device SDK for gateways (``megace-device-sdk``): see ``pyproject.toml`` here."""
