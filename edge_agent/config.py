@@ -63,6 +63,11 @@ class TrainingConfig:
     """``torch.set_num_threads`` for the process; 0 leaves torch's default."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda[:n]``."""
+    inference_process: bool = False
+    """Serve predictions from a child process (``edge_agent/inference_process.py``): its own interpreter and
+    ``inference_threads`` torch threads, so a prediction does not wait for the training thread's hold on
+    Python's interpreter lock. Costs a second copy of the base model and a few seconds at start."""
+    inference_threads: int = 1
 
 
 @dataclass
@@ -161,6 +166,8 @@ class EdgeConfig:
             raise EdgeConfigError("training: give steps or epochs, not both")
         if t.min_new_samples < 1 or t.batch_size < 1 or t.interval_s <= 0:
             raise EdgeConfigError("training: min_new_samples, batch_size >= 1 and interval_s > 0")
+        if t.inference_threads < 1:
+            raise EdgeConfigError("training.inference_threads must be >= 1")
         if t.share_personal and t.local_only:
             raise EdgeConfigError("training: share_personal and local_only exclude each other")
         lim = self.limits

@@ -15,7 +15,8 @@ Concurrency model (one asyncio loop, two explicit executors):
 * training executor (one thread): rounds, global-adapter application, checkpoints and the
   peft export. Everything that writes the trainer runs there, in order, so a global never
   lands in the middle of a round and a checkpoint never sees half of one;
-* inference executor (one thread): batched forwards on the :class:`Predictor` copy, so a
+* inference executor (one thread): batched forwards on the :class:`Predictor` copy (or, with
+  ``training.inference_process``, on a copy in a child process), so a
   prediction never waits for a training step and never blocks ingest.
 
 Bounded everywhere: aiomqtt's incoming queue (``limits.mqtt_queue``, drops are counted),
@@ -47,11 +48,12 @@ from edge_agent.config import EdgeConfig
 from edge_agent.core import ApplyJob, EdgeCore, Effects
 from edge_agent.downlinks import DownlinkQueue
 from edge_agent.inference import Predictor
+from edge_agent.inference_process import ProcessPredictor
 from edge_agent.ingestlog import IngestLog
 from edge_agent.outbox import Outbox
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, edge_metrics, status_payload
-from edge_agent.serving import InferenceServer
+from edge_agent.serving import InferenceServer, make_predictor
 from edge_agent.state import AgentState, StateStore
 from edge_agent.training.trainer import Trainer
 from megace_model.errors import AdapterMismatchError, InsufficientDataError
@@ -112,7 +114,7 @@ class EdgeAgent:
         self.core.state = value
 
     @property
-    def predictor(self) -> Predictor | None:
+    def predictor(self) -> Predictor | ProcessPredictor | None:
         return self.serving.predictor
 
     @property
@@ -159,6 +161,7 @@ class EdgeAgent:
             self._train_pool.shutdown(wait=True)
             self.acks.close()
             infer_pool.shutdown(wait=True)
+            self.serving.close()
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Finish the running round, checkpoint, flush uploads, announce offline, disconnect."""
@@ -192,8 +195,7 @@ class EdgeAgent:
         self.trainer = checkpoints.build_trainer(self.config)
         pending: list[tuple[int, bytes]] = []
         self.last_round = checkpoints.restore(self.store, self.core, self.counters, pending)
-        self.serving.predictor = Predictor(self.trainer.model, self.config.model, self.trainer.device)
-        self.serving.predictor.version = max(self.state.global_version, 0)
+        self.serving.predictor = make_predictor(self.trainer, self.config, max(self.state.global_version, 0))
         return pending
 
     # ================================================================ connection

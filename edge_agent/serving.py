@@ -13,10 +13,25 @@ from dataclasses import replace
 
 import torch
 
+from edge_agent.config import EdgeConfig
 from edge_agent.core import EdgeCore, InferRequest, Outgoing
 from edge_agent.errors import BusyError
 from edge_agent.inference import Predictor
+from edge_agent.inference_process import ProcessPredictor
+from edge_agent.training.trainer import Trainer
+from megace_model.adapters import personal_state, shared_state
 from megace_model.errors import EdgeModelError
+
+
+def make_predictor(trainer: Trainer, config: EdgeConfig, version: int) -> Predictor | ProcessPredictor:
+    """The serving copy the configuration asks for: a thread copy sharing the frozen base, or a process."""
+    if not config.training.inference_process:
+        predictor = Predictor(trainer.model, config.model, trainer.device)
+        predictor.version = version
+        return predictor
+    return ProcessPredictor(config.model, trainer.device, threads=config.training.inference_threads,
+                            shared=shared_state(trainer.model), personal=personal_state(trainer.model),
+                            version=version)
 
 
 def answered(request: InferRequest, out: list[Outgoing]) -> list[Outgoing]:
@@ -36,7 +51,7 @@ class InferenceServer:
         self.emit = emit
         self.batch = batch
         self.queue: asyncio.Queue[InferRequest] = asyncio.Queue(maxsize=queue)
-        self.predictor: Predictor | None = None
+        self.predictor: Predictor | ProcessPredictor | None = None
         self.latency_ms = 0.0
         self.pool: ThreadPoolExecutor | None = None
 
@@ -72,6 +87,11 @@ class InferenceServer:
             self.emit([replace(self.core.prediction(request, label, probs, predictor.version), done=request.done)
                        for request, (label, probs) in zip(batch, results, strict=True)])
             self.latency_ms = (now - batch[0].received) * 1000
+
+    def close(self) -> None:
+        """Stop the inference process, if there is one (the thread copy needs nothing)."""
+        if isinstance(self.predictor, ProcessPredictor):
+            self.predictor.close()
 
     async def sync(self, shared: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor],
                    version: int) -> None:
