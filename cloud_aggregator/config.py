@@ -64,6 +64,10 @@ class AggregationConfig:
     #: no single contribution may weigh more than this share of a module's aggregate (1 = no cap); excess
     #: weight is handed to the others, so 10^12 claimed samples buy at most half of the round
     max_share: float = 0.5
+    #: which site feedback carries the site's view as tensors: "needed" (only a view that is not a cut of the
+    #: retained global, which the edge cuts itself; acknowledgements never) or "always" (every feedback, as before
+    #: view cuts: 7N+1 adapter copies per round instead of 3N+1; for edges that predate them). See feedback.py
+    feedback_tensors: str = "needed"
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,8 @@ class CloudConfig:
             raise CloudConfigError("limits.torch_threads, metrics_period_s and feedback_history must be positive")
         if not 0 < a.max_share <= 1:
             raise CloudConfigError("aggregation.max_share must be in (0, 1]")
+        if a.feedback_tensors not in ("needed", "always"):
+            raise CloudConfigError("aggregation.feedback_tensors must be \"needed\" or \"always\"")
         v = self.validation
         if min(v.max_norm, v.max_norm_ratio, v.factor_band, v.max_samples, lim.reject_logs_per_minute,
                v.step_multiplier, v.step_cold_ratio) < 0 or v.step_window < 1:

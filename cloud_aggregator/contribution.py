@@ -19,9 +19,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from megace_common.lora import lora_a, lora_b, lora_scaling, split_lora
+
+
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """CPU numpy arrays of ``tensors`` (no copy where they already are contiguous CPU tensors)."""
+    return {n: t.detach().to("cpu").contiguous().numpy() for n, t in tensors.items()}
 
 
 @dataclass
@@ -68,6 +74,10 @@ class GlobalState:
         if a is not None:
             return int(a.shape[0])
         return int(self.tensors[lora_b(module)].shape[1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The tensors as numpy arrays sharing their memory: what the global message carries, views are cut from."""
+        return to_numpy(self.tensors)
 
     def delta(self, module: str) -> torch.Tensor:
         """Dense effective ΔW of one module (for tests and diagnostics)."""

@@ -1,11 +1,11 @@
 """The aggregator's state machine, synchronous and network-free.
 
 Per upload: reassemble → decode → admit (validate, dedup, neutralise; ``admission.py``) → staleness
-weight → persist (ledger) → acknowledge (the site's feedback lists the seq) → buffer.  A refusal
-is counted and (rate-limited) logged, and changes nothing else: no ledger row, no version, no seq,
+weight → persist (ledger) → acknowledge (the site's feedback lists the seq, with no tensors: ``feedback.py``)
+→ buffer.  A refusal is counted and (rate-limited) logged, and changes nothing else: no ledger row, no version, no seq,
 and a feedback only to a site the cloud knows (one with an accepted upload, or provisioned), so
 garbage on made-up topics cannot create retained messages.  Per aggregation: pending updates → strategy →
-server optimizer → commit (ledger) → broadcast (global + every site's feedback).  Every method
+server optimizer → commit (ledger) → broadcast (global + every site's feedback, giving its view).  Every method
 returns the ``Outgoing`` messages to publish, in order; nothing is published before the state
 it announces is on disk, which is what makes a crash at any point recoverable.
 
@@ -15,7 +15,6 @@ Not thread-safe on purpose: the service calls it from one single-worker executor
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,9 +37,10 @@ from .config import CloudConfig
 from .contribution import Contribution, GlobalState
 from .drift import relative_drift
 from .errors import BadMetadata, RejectedUpdate
+from .feedback import SiteFeedbacks
 from .intake import to_contribution, wire_reason
 from .ledger import Ledger
-from .messages import Outgoing, SeqReserve, feedback_message, global_message, metrics_message, to_numpy
+from .messages import Outgoing, SeqReserve, global_message, metrics_message
 from .mixing import mix, step_sizes
 from .ratelog import RateLimitedLog
 from .reference import open_reference
@@ -104,6 +104,7 @@ class AggregatorCore:
         )
         self.signer = config.signing.signer()
         """Signs every global and site feedback (None: unsigned); edges pin its public key."""
+        self.feedback = SiteFeedbacks(config, self.strategy, self.sites, self.ledger, self.seqs, self.signer)
         self.buffer = BufferPolicy(k=agg.buffer_k, period_s=agg.buffer_period_s or None, min_updates=agg.min_updates)
         self.buffer.start(self.clock(), pending=self.ledger.pending_count())
         accepted, rejected = self.ledger.counts()
@@ -117,8 +118,6 @@ class AggregatorCore:
         self.reject_log = RateLimitedLog(log, per_window=lim.reject_logs_per_minute, clock=clock)
         self.last_aggregation_ms = float(self.glob.meta.get("aggregation_ms", 0.0))
         # cache sentinels (pragma: equivalent mutants: any start value is recomputed on first use)
-        self._views: dict[tuple[int, float, frozenset[str]], dict[str, np.ndarray]] = {}  # pragma: no mutate
-        self._views_version = -1  # pragma: no mutate
         self._global_out: Outgoing | None = None  # pragma: no mutate
         self._global_version = -1  # pragma: no mutate
         log.info("cloud %s resumes at version %d (%d pending) with strategy %s",  # pragma: no mutate (log text)
@@ -133,9 +132,9 @@ class AggregatorCore:
 
     # ---- start-up / reconnect ----------------------------------------------------------------
     def announce(self) -> list[Outgoing]:
-        """Re-publish the retained global and every known site's feedback (after a (re)connect or crash)."""
+        """Re-publish the retained global and every known site's view of it (after a (re)connect or crash)."""
         out = [self._global_message()]
-        out += [self._feedback(site) for site in sorted(self.sites.profiles)]
+        out += [self.feedback.view(site, self.glob) for site in sorted(self.sites.profiles)]
         out += self.maybe_aggregate()  # a restart may find a full buffer
         return out
 
@@ -183,7 +182,7 @@ class AggregatorCore:
         self.buffer.arrived()
         log.debug("accepted %s#%d for site %s (base %d)",  # pragma: no mutate (log text)
                   c.edge_id, c.seq, site, c.base_version)  # pragma: no mutate (log text)
-        return [self._feedback(site), *self.maybe_aggregate()]
+        return [self.feedback.ack(site, self.glob), *self.maybe_aggregate()]
 
     def _wire_refusal(self, topic: str, payload: bytes, exc: WireError) -> list[Outgoing]:
         """A message that never became an envelope we could read: attribute it to a site if we can."""
@@ -208,7 +207,7 @@ class AggregatorCore:
         if site not in self.sites.profiles and not self.admission.known(site):
             return []
         self.sites.rejected(site, seq, reason)
-        return [self._feedback(site)]
+        return [self.feedback.ack(site, self.glob)]
 
     # ---- aggregation -----------------------------------------------------------------------------
     def maybe_aggregate(self) -> list[Outgoing]:
@@ -259,7 +258,7 @@ class AggregatorCore:
             self.ledger.prune(self.config.limits.keep_globals)
         log.info("version %d from %d updates (%.1f ms)", new.version, len(pend), ms)  # pragma: no mutate (log text)
         out = [self._global_message()]
-        out += [self._feedback(site) for site in sorted(self.sites.profiles)]
+        out += [self.feedback.view(site, self.glob) for site in sorted(self.sites.profiles)]
         out.append(self.metrics_message())
         return out
 
@@ -310,47 +309,12 @@ class AggregatorCore:
 
     def view(self, prof: SiteProfile) -> dict[str, np.ndarray]:
         """The site's rank-, alpha- and modality-specific view of the current global (cached per version)."""
-        if self._views_version != self.version:
-            self._views, self._views_version = {}, self.version
-        key = prof.view_key()
-        if key not in self._views:
-            with torch.no_grad():
-                v = self.strategy.view_for(self.glob, rank=prof.rank, modalities=prof.modalities, alpha=prof.alpha)
-            self._views[key] = to_numpy(v)
-        return self._views[key]
+        return self.feedback.tensors(self.glob, prof)
 
     def _view_of(self, c: Contribution) -> dict[str, torch.Tensor]:
         """The current global as an edge of ``c``'s rank, alpha and modalities loads it (steps are judged from it)."""
         with torch.no_grad():
             return self.strategy.view_for(self.glob, rank=c.rank, modalities=c.modalities, alpha=c.alpha)
-
-    def _feedback(self, site: str) -> Outgoing:
-        prof = self.sites.get(site)
-        stats: dict[str, float] = {"version": float(self.version)}
-        if prof is None:  # never accepted: no rank to cut a view for, only the refusals
-            rejected = self.sites.unknown_rejections.get(site, [])
-            return feedback_message(
-                site, sender=self.config.cloud_id, seq=self.seqs.take(), version=self.version, rank=0,
-                view={}, stats=stats, accepted=[], rejected=rejected, signer=self.signer,
-            )
-        last = self.glob.meta.get("site_stats", {}).get(site)
-        if last is not None:
-            stats.update({k: float(v) for k, v in last.items() if math.isfinite(float(v))})
-        else:
-            stats.update(weight=0.0, updates=0.0)
-        stats["last_seq"] = float(prof.last_seq)
-        return feedback_message(
-            site,
-            sender=self.config.cloud_id,
-            seq=self.seqs.take(),
-            version=self.version,
-            rank=prof.rank,
-            view=self.view(prof),
-            stats=stats,
-            accepted=self.ledger.accepted_seqs(prof.edge, self.config.limits.feedback_history),
-            rejected=prof.rejected,
-            signer=self.signer,
-        )
 
     def metrics(self) -> dict[str, Any]:
         meta = self.glob.meta

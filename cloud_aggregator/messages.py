@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from broker import topics
 from broker.signing import Signer
 from broker.topics import Role
 from broker.wire import GlobalAdapter, Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
+from broker.wire.bodies import FeedbackView
 from megace_common.durable import atomic_write
 
 from .contribution import GlobalState
@@ -61,10 +61,6 @@ class SeqReserve:
         return self.next
 
 
-def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: t.detach().to("cpu").contiguous().numpy() for n, t in tensors.items()}
-
-
 def global_rank(g: GlobalState, default: int) -> int:
     ranks = [g.rank_of(m) for m in g.modules()]
     return max(ranks) if ranks else default
@@ -82,7 +78,7 @@ def global_message(
         strategy=g.strategy,
         rank=rank,
         alpha=float(rank),
-        tensors=to_numpy(g.tensors),
+        tensors=g.arrays(),
         contributors=list(g.meta.get("contributors", [])),
     ).to_body()
     return Outgoing(topics.global_down(), _signed(encode_envelope(Kind.GLOBAL, sender, seq, body), signer),
@@ -96,24 +92,27 @@ def feedback_message(
     seq: int,
     version: int,
     rank: int,
-    view: dict[str, np.ndarray],
+    view: FeedbackView,
+    tensors: dict[str, np.ndarray],
     stats: dict[str, float],
     accepted: list[int],
     rejected: list[tuple[int, str]],
+    retain: bool,
     signer: Signer | None = None,
 ) -> Outgoing:
-    """One site's retained feedback; always complete (view included), since it replaces the last one."""
+    """One site's feedback; ``view`` says how the site gets its view of ``version`` (``tensors`` only with
+    ``tensors``).  Retained when it gives the view, since it then replaces the last one (``feedback.py``)."""
     body = SiteFeedback(
         site=site,
         version=version,
         rank=rank,
-        tensors=view,
+        tensors=tensors,
         stats=stats,
         accepted=accepted,
         rejected=[Rejection(seq=max(int(s), 0), reason=r) for s, r in rejected],
     ).to_body()
-    payload = _signed(encode_envelope(Kind.SITE_FEEDBACK, sender, seq, body), signer)
-    return Outgoing(topics.site_feedback(site), payload, retain=True, seq=seq)
+    payload = _signed(encode_envelope(Kind.SITE_FEEDBACK, sender, seq, view.add_to(body)), signer)
+    return Outgoing(topics.site_feedback(site), payload, retain=retain, seq=seq)
 
 
 def _signed(envelope: bytes, signer: Signer | None) -> bytes:

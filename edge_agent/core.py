@@ -11,7 +11,6 @@ training thread through :meth:`EdgeCore.apply`), the inference requests to serve
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,12 +35,14 @@ from broker.wire import (
     SiteFeedback,
     encode_envelope,
 )
+from broker.wire.bodies import FeedbackView
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import BusyError, IngestError, UnregisteredDeviceError
 from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState
 from edge_agent.training.trainer import Trainer
-from megace_common.lora import b_factor, is_lora_b, lora_scaling, rescale_b, strip_peft_prefix
+from edge_agent.views import ApplyJob, GlobalViews
+from megace_common.lora import strip_peft_prefix
 from megace_common.ratelimit import TokenBuckets
 from megace_model.adapters import is_personal, load_personal
 from megace_model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
@@ -81,16 +82,6 @@ class InferRequest:
 
 
 @dataclass(slots=True)
-class ApplyJob:
-    """A global (``source="global"``) or the site's view of it (``"view"``) to install via :meth:`EdgeCore.apply`."""
-
-    source: str
-    version: int
-    tensors: dict[str, np.ndarray]
-    stats: dict[str, float]
-
-
-@dataclass(slots=True)
 class Effects:
     """What one message asks for: downlinks to send and work to schedule."""
 
@@ -120,6 +111,8 @@ class EdgeCore:
             max_modality_elements=lim.max_modality_elements, max_sequence_factor=lim.max_sequence_factor,
         )
         self.trainer = trainer
+        self.views = GlobalViews(config.model.lora_r, config.model.lora_alpha, self.counters)
+        """Which global or site view to install (cut here when the cloud names a cut); see :mod:`edge_agent.views`."""
         self.new_samples = 0
         """Labelled samples buffered since the last round (the service resets it when a round starts)."""
         self.modalities_seen: dict[str, int] = {}
@@ -168,7 +161,7 @@ class EdgeCore:
             elif channel is topics.Channel.SITE_FEEDBACK:
                 if env.kind is not Kind.SITE_FEEDBACK:
                     raise UnknownKindError(f"feedback topic carries a {env.kind.value!r} envelope")
-                self._on_site_feedback(fx, SiteFeedback.from_body(env.body))
+                self._on_site_feedback(fx, SiteFeedback.from_body(env.body), FeedbackView.of(env.body))
             else:
                 self.counters.inc("ignored")
         except (WireError, IngestError, EdgeModelError) as exc:
@@ -285,21 +278,9 @@ class EdgeCore:
         if msg.base_model != self.trainer.fingerprint:
             raise BaseMismatchError(f"global v{msg.version} was made for base {msg.base_model[:12]}..., "
                                     f"this edge runs {self.trainer.fingerprint[:12]}...")
-        if msg.version <= self.state.global_version:
-            self.counters.inc("global_stale")
-            return
-        if msg.rank != self.config.model.lora_r:
-            self.counters.inc("global_other_rank")  # this edge waits for its site's rank-truncated view
-            return
-        tensors = {k: np.array(v) for k, v in msg.tensors.items()}  # wire arrays are read-only views
-        sent = lora_scaling(msg.alpha, msg.rank)
-        own = lora_scaling(self.config.model.lora_alpha, self.config.model.lora_r)
-        if not math.isclose(b_factor(sent, own), 1.0):
-            tensors = {k: (rescale_b(v.astype(np.float32), sent, own) if is_lora_b(k) else v)
-                       for k, v in tensors.items()}
-        fx.applies.append(ApplyJob("global", msg.version, tensors, {}))
+        fx.applies.extend(self.views.on_global(msg, self.state.global_version))
 
-    def _on_site_feedback(self, fx: Effects, msg: SiteFeedback) -> None:
+    def _on_site_feedback(self, fx: Effects, msg: SiteFeedback, view: FeedbackView) -> None:
         if msg.site != self.site:
             self.counters.inc("ignored")
             return
@@ -310,10 +291,11 @@ class EdgeCore:
         fx.verdicts.extend((seq, None) for seq in msg.accepted)
         fx.verdicts.extend((r.seq, r.reason) for r in msg.rejected if r.seq not in accepted)
         stats = {k: float(v) for k, v in msg.stats.items()}
-        if msg.tensors and msg.rank == self.config.model.lora_r:
-            fx.applies.append(ApplyJob("view", msg.version, {k: np.array(v) for k, v in msg.tensors.items()}, stats))
-        else:
+        jobs = self.views.on_feedback(msg, view, stats, self.state.global_version, self.state.global_source)
+        if jobs is None:
             fx.out.extend(self.relay_feedback(msg.version, stats, "feedback"))
+        else:
+            fx.applies.extend(jobs)
 
     def apply(
         self, source: str, version: int, tensors: dict[str, np.ndarray]

@@ -15,7 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from megace_common.lora import lora_a, lora_b, lora_scaling, modality_of, rescale_b, split_lora
+from megace_common.lora import lora_a, lora_b, lora_scaling, rescale_b
+from megace_common.views import ViewCut, cut_view, keeps_modality
 
 from ..contribution import Contribution, GlobalState, parse
 
@@ -111,21 +112,6 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def fit_rank(
-    a: torch.Tensor | None, b: torch.Tensor | None, rank: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """First ``rank`` components, zero-padded if the global has fewer (the edge expects exact shapes)."""
-    if a is not None:
-        a = a[:rank]
-        if a.shape[0] < rank:
-            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-    if b is not None:
-        b = b[:, :rank]
-        if b.shape[1] < rank:
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
-    return a, b
-
-
 class Strategy(ABC):
     """One aggregation rule.
 
@@ -155,13 +141,25 @@ class Strategy(ABC):
     def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Global ``(A, B)`` at scaling 1 for one module."""
 
-    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """An edge's rank-``rank`` factors at scaling 1 (default: the first ``rank`` components)."""
-        return fit_rank(g.tensors.get(lora_a(module)), g.tensors.get(lora_b(module)), rank)
+    def view_modalities(self, modalities: dict[str, int] | None) -> frozenset[str] | None:
+        """The modalities whose tensors an edge with these sample counts receives (default: None, every one)."""
+        return None
 
     def wants(self, name: str, modalities: dict[str, int] | None) -> bool:
         """Whether an edge with ``modalities`` receives tensor/module ``name``."""
-        return True
+        return keeps_modality(name, self.view_modalities(modalities))
+
+    def own_views(self, g: GlobalState) -> set[str]:
+        """Modules whose view this rule computes itself (:meth:`view_module`) rather than cutting the global.
+
+        None by default: a view is then :func:`megace_common.views.cut_view` of the global as published, which
+        an edge performs itself when its feedback names the cut instead of carrying the tensors.
+        """
+        return set()
+
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An edge's rank-``rank`` factors at scaling 1 for a module :meth:`own_views` lists."""
+        raise NotImplementedError(f"{self.name} cuts every module's view from the global")
 
     def cap_share(self, max_share: float) -> None:
         """Set ``max_share`` here and on a wrapped rule (``inner``), so whichever one builds a stack caps it."""
@@ -266,6 +264,18 @@ class Strategy(ABC):
             max_share=self.max_share,
         )
 
+    def view_cut(self, rank: int, modalities: dict[str, int] | None = None, alpha: float | None = None) -> ViewCut:
+        """How the global is cut for an edge of LoRA rank ``rank``, ``alpha`` (default: alpha = rank) and modalities."""
+        own = lora_scaling(alpha, rank) if alpha is not None else 1.0
+        return ViewCut(rank, own, self.view_modalities(modalities), self.shares_a, self.shares_b)
+
+    def cut_for(
+        self, g: GlobalState, rank: int, modalities: dict[str, int] | None = None, alpha: float | None = None
+    ) -> ViewCut | None:
+        """The cut that gives this edge's whole view of ``g``, or None where it receives a module viewed otherwise."""
+        cut = self.view_cut(rank, modalities, alpha)
+        return None if any(cut.keeps(m) for m in self.own_views(g)) else cut
+
     def view_for(
         self,
         global_state: GlobalState,
@@ -277,23 +287,16 @@ class Strategy(ABC):
 
         ``B`` is divided by the edge's ``alpha/rank`` so its own scaling reproduces the global ΔW.
         """
-        own = lora_scaling(alpha, rank) if alpha is not None else 1.0
-        out: dict[str, torch.Tensor] = {}
-        for name, t in global_state.tensors.items():
-            if split_lora(name) is None and self.wants(name, modalities):
-                out[name] = t
-        for m in global_state.modules():
-            if not self.wants(m, modalities):
+        cut = self.view_cut(rank, modalities, alpha)
+        out = {n: torch.from_numpy(t) for n, t in cut_view(global_state.arrays(), cut).items()}
+        for m in sorted(self.own_views(global_state)):
+            out.pop(lora_a(m), None)
+            out.pop(lora_b(m), None)
+            if not cut.keeps(m):
                 continue
             a, b = self.view_module(global_state, m, rank)
             if a is not None and self.shares_a:
                 out[lora_a(m)] = a.contiguous()
             if b is not None and self.shares_b:
-                out[lora_b(m)] = rescale_b(b, 1.0, own).contiguous()  # the global is at scaling 1
+                out[lora_b(m)] = rescale_b(b, 1.0, cut.scaling).contiguous()  # the global is at scaling 1
         return out
-
-
-def edge_has(modalities: dict[str, int] | None, name: str) -> bool:
-    """True if ``name`` is modality-agnostic or the edge has seen samples of its modality."""
-    mod = modality_of(name)
-    return mod is None or modalities is None or modalities.get(mod, 0) > 0

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import torch
 
 from megace_common.lora import lora_a, lora_b
+from megace_common.views import fit_rank
 
 from ..contribution import Contribution, GlobalState
-from .base import ModuleStack, Strategy, fit_rank
+from .base import ModuleStack, Strategy
 from .lowrank import balanced_factors, svd_of_product
 
 
@@ -61,11 +62,15 @@ class FLoRA(Strategy):
             self._sorted.add(stack.module)
         return a.contiguous(), b.contiguous()
 
+    def own_views(self, g: GlobalState) -> set[str]:
+        """Stacked modules: an edge's rank-r view is the best rank-r fit of ``B_g A_g`` (an SVD), not a slice."""
+        compacted = set(g.meta.get("svd_sorted", ()))
+        return {m for m in g.modules() if m not in compacted}
+
     def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if module in g.meta.get("svd_sorted", ()):
-            return super().view_module(g, module, rank)
         cache = g.cache.setdefault("flora_svd", {})  # pragma: no mutate (any private key works)
         if module not in cache:
             cache[module] = balanced_factors(*svd_of_product(g.tensors[lora_b(module)], g.tensors[lora_a(module)]))
         a, b = cache[module]
-        return fit_rank(a, b, rank)
+        return (torch.from_numpy(fit_rank(a.detach().numpy(), "A", rank)),
+                torch.from_numpy(fit_rank(b.detach().numpy(), "B", rank)))

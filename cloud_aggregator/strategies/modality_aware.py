@@ -13,7 +13,7 @@ import torch
 from megace_common.lora import modality_of
 
 from ..contribution import Contribution, GlobalState
-from .base import ModuleStack, Strategy, edge_has
+from .base import ModuleStack, Strategy
 
 
 class ModalityAware(Strategy):
@@ -44,8 +44,12 @@ class ModalityAware(Strategy):
     def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.inner.combine_extra(stack, weights)
 
+    def view_modalities(self, modalities: dict[str, int] | None) -> frozenset[str] | None:
+        """The modalities the edge has samples of (its modality modules are the only ones it receives)."""
+        return None if modalities is None else frozenset(m for m, n in modalities.items() if n > 0)
+
+    def own_views(self, g: GlobalState) -> set[str]:
+        return self.inner.own_views(g)
+
     def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.inner.view_module(g, module, rank)
-
-    def wants(self, name: str, modalities: dict[str, int] | None) -> bool:
-        return edge_has(modalities, name)

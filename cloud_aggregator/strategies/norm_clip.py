@@ -58,8 +58,11 @@ class NormClip(Strategy):
     def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.inner.combine_extra(stack, weights)
 
+    def view_modalities(self, modalities: dict[str, int] | None) -> frozenset[str] | None:
+        return self.inner.view_modalities(modalities)
+
+    def own_views(self, g: GlobalState) -> set[str]:
+        return self.inner.own_views(g)
+
     def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self.inner.view_module(g, module, rank)
-
-    def wants(self, name: str, modalities: dict[str, int] | None) -> bool:
-        return self.inner.wants(name, modalities)

@@ -21,7 +21,7 @@ from broker.address import BrokerAddress
 from broker.chunking import frames
 from broker.topics import Role
 from broker.wire import GlobalAdapter, Kind, SiteFeedback, decode_envelope, decode_metrics, encode_envelope
-from broker.wire.bodies import decode_body
+from broker.wire.bodies import FeedbackView, decode_body
 from cloud_aggregator.core import AggregatorCore
 from cloud_aggregator.messages import Outgoing
 from megace_model.adapters import build_edge_model, shared_state
@@ -75,6 +75,11 @@ def only(out: list[Outgoing], cls: type) -> list:  # type: ignore[type-arg]
 def feedback_of(out: list[Outgoing], site: str) -> SiteFeedback:
     """The site's last feedback in ``out`` (the one that stays retained)."""
     return [b for b in only(out, SiteFeedback) if b.site == site][-1]
+
+
+def view_of(out: list[Outgoing], site: str) -> FeedbackView:
+    """How the site's last feedback in ``out`` gives its view."""
+    return [FeedbackView.of(decode_envelope(o.payload).body) for o in out if o.topic == topics.site_feedback(site)][-1]
 
 
 def send(core: AggregatorCore, u: Upload) -> list[Outgoing]:
@@ -188,7 +193,13 @@ def test_core_flow_acks_refusals_restart_and_the_fedbuff_step(tmp_path: Path):
         # b's view: no audio module (it has no audio samples), rank 2, B divided by b's alpha / r = 2
         want_view = {n: ref.fit_rank(t, ref.split(n)[1], 2) / (2.0 if ".lora_B." in n else 1.0)
                      for n, t in want_v2.items() if ref.modality(n) != "audio"}
-        assert_tensors(as_f64(fb_b.tensors), want_view)
+        # (before: the tensors themselves) it is a cut of the global b receives anyway, so the feedback only
+        # names the cut, and that cut of the v2 as published (numpy, here) is the view
+        view = view_of(out, "b")
+        assert fb_b.tensors == {} and view == FeedbackView("global", ("image",), "AB")
+        assert_tensors({n: ref.fit_rank(t.astype(np.float64), ref.split(n)[1], fb_b.rank) / (2.0 if ".lora_B." in n
+                                                                                            else 1.0)
+                        for n, t in v2.tensors.items() if ref.modality(n) in (None, *view.modalities)}, want_view)
         assert feedback_of(out, "a").stats["weight"] == pytest.approx(32 / 62)
 
         [metrics] = [b for t, b in decoded(out) if t == topics.metrics(Role.CLOUD, cfg.cloud_id)]
@@ -380,6 +391,7 @@ def test_fedsa_core_accepts_a_alone_and_never_sends_b(tmp_path: Path):
         [v1] = only(out, GlobalAdapter)
         assert_tensors(as_f64(v1.tensors), ref.aggregate("fedsa", None, [u.up for u in ups]))
         assert not any(".lora_B." in n for n in feedback_of(out, "p").tensors)
+        assert view_of(out, "p").factors == "A"  # the edge cuts only A from the global: its B stays its own
     finally:
         core.close()
 

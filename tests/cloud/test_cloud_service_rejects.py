@@ -14,7 +14,7 @@ from broker.aio import make_client
 from broker.chunking import frames
 from broker.topics import Role
 from broker.wire import Kind, SiteFeedback, decode_metrics, encode_envelope
-from broker.wire.bodies import decode_body
+from broker.wire.bodies import FeedbackView, decode_body
 from cloud_aggregator.ledger import Ledger
 from cloud_aggregator.service import running
 from megace_model.adapters import build_edge_model, shared_state
@@ -117,7 +117,11 @@ async def test_each_bad_upload_is_rejected_with_its_reason(tmp_path: Path, fresh
                 assert fb[-1].accepted == [] and fb[-1].tensors == {}  # never accepted: no view
             g_fb = await eventually(lambda: [f for f in feedback("g") if len(f.rejected) == 2], 20, what="g's")
             assert [(r.seq, r.reason) for r in g_fb[-1].rejected] == [(4, "duplicate"), (5, "replayed")]
-            assert g_fb[-1].accepted == [1, 2, 3, 4, 6] and g_fb[-1].rank == RANK and g_fb[-1].tensors
+            assert g_fb[-1].accepted == [1, 2, 3, 4, 6] and g_fb[-1].rank == RANK
+            # an acknowledgement names the cut of the global g has (before: it carried the whole view again)
+            g_view = [FeedbackView.of(e.body) for t, e in col.envelopes if t == topics.site_feedback("g")
+                      and len(decode_body(e).rejected) == 2][-1]
+            assert g_fb[-1].tensors == {} and g_view.mode == "global"
 
             # still serving: an honest update after all that makes the next version
             await send("g", upload("g", 7, base=core.version))

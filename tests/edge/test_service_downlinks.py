@@ -24,7 +24,8 @@ async def test_a_burst_of_predictions_is_answered_without_piling_up_in_the_mqtt_
     mosquitto_addr, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    config = edge_config(tmp_path / "state", mosquitto_addr, {"limits": {"downlink_window": 16}})
+    # an inference queue above the burst: every request is answered with a prediction, none shed as busy
+    config = edge_config(tmp_path / "state", mosquitto_addr, {"limits": {"downlink_window": 16, "infer_queue": 1024}})
     task = ToyTask(config.model, seed=5)
     samples = task.samples(REQUESTS)
     async with running(config) as agent:

@@ -3,7 +3,9 @@
 It builds the real seeded tiny edge model at its own LoRA rank, "trains" (perturbs its shared
 adapter), uploads over MQTT with ``broker.aio.publish`` (chunked), waits for the cloud's
 acknowledgement (its seq in the site feedback's ``accepted`` list; resends otherwise), then
-loads the rank-truncated view the cloud sends back into its model with ``load_shared``.
+loads its rank-truncated view into its model with ``load_shared``: the tensors the cloud sends, or, where the
+feedback names a cut of the global (``view = "global"``), that cut of the global it received, made with
+``megace_common.views.cut_view`` as a real edge does.
 A slow edge keeps uploading on the base version it started from.
 
     python -m tests.support.sim_edge '{"host": ..., "port": ..., "site": "a", "rank": 8, ...}'
@@ -33,7 +35,8 @@ from broker.aio import make_client, publish
 from broker.errors import WireError
 from broker.inbox import Inbox
 from broker.wire import GlobalAdapter, SiteFeedback
-from broker.wire.bodies import decode_body
+from broker.wire.bodies import VIEW_GLOBAL, VIEW_TENSORS, FeedbackView, decode_body
+from megace_common.views import ViewCut, cut_view
 from megace_model.adapters import build_edge_model, load_shared, shared_state
 from megace_model.fingerprint import base_fingerprint
 from tests.support.cloud_bus import model_config, perturbed, update_payload
@@ -42,7 +45,9 @@ from tests.support.cloud_bus import model_config, perturbed, update_payload
 class EdgeState:
     def __init__(self) -> None:
         self.globals: list[int] = []
+        self.global_by_version: dict[int, GlobalAdapter] = {}
         self.feedback: list[SiteFeedback] = []
+        self.views: list[FeedbackView] = []  # how each feedback gives its view, in the same order
         self.changed = asyncio.Event()
 
     async def wait(self, pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -74,8 +79,10 @@ async def _read(client, state: EdgeState, inbox: Inbox) -> None:  # type: ignore
         body = decode_body(got[1])
         if isinstance(body, GlobalAdapter):
             state.globals.append(body.version)
+            state.global_by_version[body.version] = body
         elif isinstance(body, SiteFeedback):
             state.feedback.append(body)
+            state.views.append(FeedbackView.of(got[1].body))
         state.changed.set()
 
 
@@ -122,14 +129,17 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
             else:
                 raise AssertionError(f"{site}#{seq} never acknowledged")
 
-            # the view of a version that includes this upload (slow edges: any newer one)
-            def included(seq: int = seq) -> SiteFeedback | None:
-                return next(
-                    (f for f in reversed(state.feedback) if f.stats.get("seq", -1) >= seq and f.tensors), None
-                )
+            # the view of a version that includes this upload (slow edges: any newer one), once it can be had
+            def included(seq: int = seq) -> tuple[SiteFeedback, dict[str, np.ndarray]] | None:
+                for f, view in zip(reversed(state.feedback), reversed(state.views), strict=True):
+                    if f.stats.get("seq", -1) >= seq:
+                        tensors = view_tensors(state, f, view, cfg.lora_alpha / rank)
+                        if tensors is not None:
+                            return f, tensors
+                return None
 
-            fb = await state.wait(included, 30, f"view including {seq}")
-            apply_view(model, fb, rank, lacking, report)
+            fb, view_arrays = await state.wait(included, 30, f"view including {seq}")
+            apply_view(model, fb, view_arrays, rank, lacking, report)
             report["stats"].append(dict(fb.stats, version=fb.version))
             if not args.get("wait_version"):
                 base = fb.version  # a fast edge trains on what it just received
@@ -138,21 +148,34 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def apply_view(model, fb: SiteFeedback, rank: int, lacking: set[str], report: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+def view_tensors(state: EdgeState, fb: SiteFeedback, view: FeedbackView,
+                 scaling: float) -> dict[str, np.ndarray] | None:
+    """The view ``fb`` gives: its tensors, or its cut of the global of its version (None until that arrives)."""
+    if view.mode == VIEW_TENSORS:
+        return dict(fb.tensors)
+    g = state.global_by_version.get(fb.version)
+    if view.mode != VIEW_GLOBAL or g is None:
+        return None
+    cut = ViewCut.from_wire(view, rank=fb.rank, scaling=scaling)
+    return cut_view(g.tensors, cut, sent_scaling=g.alpha / g.rank)
+
+
+def apply_view(model, fb: SiteFeedback, tensors: dict[str, np.ndarray], rank: int, lacking: set[str],  # type: ignore[no-untyped-def]
+               report: dict[str, Any]) -> None:
     """Shapes must match this edge's rank, modules of modalities it lacks must be absent, and the
     model must hold exactly the view afterwards."""
     assert fb.rank == rank, (fb.rank, rank)
-    for name, arr in fb.tensors.items():
+    for name, arr in tensors.items():
         if ".lora_A." in name:
             assert arr.shape[0] == rank, (name, arr.shape)
         if ".lora_B." in name:
             assert arr.shape[1] == rank, (name, arr.shape)
         assert not any(f"modality_proj.{m}." in name for m in lacking), name
-    load_shared(model, fb.tensors, strict=False)
+    load_shared(model, tensors, strict=False)
     now = shared_state(model)
-    for name, arr in fb.tensors.items():
+    for name, arr in tensors.items():
         assert torch.allclose(now[name], torch.from_numpy(np.array(arr)), atol=1e-6), name
-    report["applied"].append({"version": fb.version, "tensors": len(fb.tensors)})
+    report["applied"].append({"version": fb.version, "tensors": len(tensors)})
 
 
 if __name__ == "__main__":
