@@ -109,6 +109,18 @@ def rows() -> tuple[list[list[str]], str]:
         f"<= 0.5% (ML-ECS: 0.65%): {_mark(ad['met'])}",
         "`edge.json` adapter_size.results[].shared_pct, .upload_bytes_fp16", edge["command"],
     ])
+    rb = _load("round_bytes")
+    cells = "; ".join(
+        f"{r['strategy']} ranks {'/'.join(str(x) for x in sorted(set(r['ranks']), reverse=True))} N={r['n']}: "
+        f"{r['before']['adapter_copies_per_round']:.1f} -> **{r['after']['adapter_copies_per_round']:.1f}** "
+        f"(goal {r['goal_copies']})" for r in rb["results"])
+    out.append([
+        "adapter copies on the wire per aggregation round (pub/sub count: upload 2, global 1+N, feedback 2), "
+        "before -> after views became cuts", cells,
+        f"<= 3N+1: {_mark(all(r['met'] for r in rb['results']))}; edges end with identical weights: "
+        f"{_mark(all(r['edges_identical'] for r in rb['results']))}",
+        "`round_bytes.json` results[].after.adapter_copies_per_round", rb["command"].strip(),
+    ])
     at = {r["strategy"]: r for r in agg["results"] if r["edges"] == 1000}
     fastest_first = sorted(at.items(), key=lambda kv: kv[1]["aggregate_s"])
     times = ", ".join(f"{k} {_ms(v['aggregate_s'])}" for k, v in fastest_first)
