@@ -27,6 +27,7 @@ from broker.signing import unsigned
 from broker.wire import (
     CapabilityProfile,
     DeviceFeedback,
+    Envelope,
     ErrorReport,
     FeatureRecord,
     GlobalAdapter,
@@ -36,8 +37,9 @@ from broker.wire import (
     encode_envelope,
 )
 from broker.wire.bodies import FeedbackView
+from broker.wire.envelope import check_content_type
 from edge_agent.config import EdgeConfig
-from edge_agent.errors import BusyError, IngestError, UnregisteredDeviceError
+from edge_agent.errors import BusyError, IngestError, SenderMismatchError, UnregisteredDeviceError, error_code
 from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState
 from edge_agent.training.trainer import Trainer
@@ -149,11 +151,11 @@ class EdgeCore:
                     raise UnknownKindError(f"{parsed.what} topic carries a {env.kind.value!r} envelope")
                 device = parsed.device or ""
                 if expected is Kind.FEATURES:
-                    self._on_features(fx, device, env.seq, env.body)
+                    self._on_features(fx, device, env)
                 elif expected is Kind.INFER:
-                    self._on_infer(fx, device, env.seq, env.body)
+                    self._on_infer(fx, device, env)
                 else:
-                    self._on_register(fx, device, env.seq, env.body, retained=retained)
+                    self._on_register(fx, device, env, retained=retained)
             elif channel is topics.Channel.GLOBAL_DOWN:
                 if env.kind is not Kind.GLOBAL:
                     raise UnknownKindError(f"global topic carries a {env.kind.value!r} envelope")
@@ -206,12 +208,25 @@ class EdgeCore:
         if not isinstance(exc, BusyError) and not self._error_downlinks.allow(device):
             self.counters.inc("errors_suppressed")
             return []
-        code = getattr(exc, "code", "malformed")
+        code = error_code(exc).value
         return [self.down(device, Kind.ERROR, ErrorReport(code=code, message=f"{name}: {exc}"[:500], ref=ref))]
 
     # ------------------------------------------------------------- device uplinks
-    def _on_register(self, fx: Effects, device: str, seq: int, body: Any, *, retained: bool) -> None:
-        profile = CapabilityProfile.from_body(body)
+    @staticmethod
+    def _check_uplink(device: str, env: Envelope) -> None:
+        """The envelope speaks for the device its topic names, with the content type its kind names (SPEC §3).
+
+        The topic is what a broker's ACL ties to the device's credentials; ``s`` is self-declared, so a
+        mismatch is refused before anything (guards, registry, buffer) is touched.
+        """
+        if env.sender != device:
+            raise SenderMismatchError(f"envelope sender {env.sender!r} is not {device!r}, the device of its topic")
+        check_content_type(env)
+
+    def _on_register(self, fx: Effects, device: str, env: Envelope, *, retained: bool) -> None:
+        self._check_uplink(device, env)
+        seq = env.seq
+        profile = CapabilityProfile.from_body(env.body)
         known = self.registry.devices.get(device)
         if profile.epoch and known is not None and known.profile.epoch:
             # the device says which sequence store it numbers from: only a new one restarts its seqs
@@ -228,7 +243,9 @@ class EdgeCore:
         fx.durable = True
         fx.out.append(self.down(device, Kind.CONFIG, entry.config(model_version=max(self.state.global_version, 0))))
 
-    def _on_features(self, fx: Effects, device: str, seq: int, body: Any) -> None:
+    def _on_features(self, fx: Effects, device: str, env: Envelope) -> None:
+        self._check_uplink(device, env)
+        seq, body = env.seq, env.body
         registry = self.registry
         entry = registry.devices.get(device)
         if entry is None:
@@ -258,7 +275,9 @@ class EdgeCore:
         if self.new_samples >= self.config.training.min_new_samples:
             fx.train_due = True
 
-    def _on_infer(self, fx: Effects, device: str, seq: int, body: Any) -> None:
+    def _on_infer(self, fx: Effects, device: str, env: Envelope) -> None:
+        self._check_uplink(device, env)
+        seq, body = env.seq, env.body
         if device not in self.registry:
             raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
         if self.registry.is_duplicate("infer", device, seq):

@@ -5,7 +5,9 @@ with the token width it expects, are requested back in the ``DeviceConfig``. Eve
 record is then checked against that agreement before it can reach the model.
 Registrations are retained on the broker and re-delivered on every (re)subscribe,
 so they are never de-duplicated by sequence number; features and inference requests
-are, per device and per stream (exactly-once over QoS 1).
+are, per device and per stream (exactly-once over QoS 1). Features are floats: a modality the
+model uses must be registered with a float dtype (``<f2``, ``<f4``, ``<f8``), and a record of
+it may use any of the three (the model reads float32; ``docs/wire/SPEC.md`` §3, "Registration").
 
 Everything a sender controls is bounded: the elements a registration may announce per modality
 (tied to the model's ``max_tokens`` and a configured maximum), the size of the stored profile, and the
@@ -23,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from broker.dedup import SequenceGuard
-from broker.wire import CapabilityProfile, DeviceConfig, FeatureRecord
+from broker.wire import CapabilityProfile, DeviceConfig, ErrorCode, FeatureRecord
 from edge_agent.errors import (
     BadLabelError,
     NonFiniteFeaturesError,
     ProfileMismatchError,
+    RegistrationDtypeError,
     RegistrationError,
     UnregisteredDeviceError,
 )
@@ -37,12 +40,14 @@ STREAMS = ("features", "infer")
 MAX_PROFILE_ENTRIES = 64
 """Most modalities or compute entries one registration may list (profiles are kept and persisted)."""
 MAX_SDK_VERSION = 64
+FLOAT_DTYPES = frozenset({"<f2", "<f4", "<f8"})
+"""The wire dtypes a feature modality may be registered and sent with (the model reads float32)."""
 
 
 class RegistrationLimitError(RegistrationError):
     """A registration announces more than this edge accepts from one device (elements, entries)."""
 
-    code = "registration_limit"
+    code = ErrorCode.REGISTRATION_LIMIT
 
 
 @dataclass
@@ -117,7 +122,7 @@ class DeviceRegistry:
         out: dict[str, tuple[int, ...]] = {}
         for name, mod in profile.modalities.items():
             spec = self.model.modalities.get(name)
-            if spec is None or mod.shape[-1] != spec.token_dim or len(mod.shape) > 2:
+            if spec is None or mod.shape[-1] != spec.token_dim or len(mod.shape) > 2 or mod.dtype not in FLOAT_DTYPES:
                 continue
             out[name] = tuple(mod.shape)
         return out
@@ -149,6 +154,18 @@ class DeviceRegistry:
                     f"and {self.max_modality_elements} elements")
         return None
 
+    def dtype_error(self, profile: CapabilityProfile) -> RegistrationDtypeError | None:
+        """Why ``profile`` cannot be served as it stands: a modality the model uses, registered as non-float.
+
+        Such registrations were once agreed to, and then every record of the modality was refused as not
+        float; modalities the model does not use are not judged (another edge may use them).
+        """
+        for name, mod in sorted(profile.modalities.items()):
+            if name in self.model.modalities and mod.dtype not in FLOAT_DTYPES:
+                return RegistrationDtypeError(f"modality {name!r} is registered as {mod.dtype}; this edge takes "
+                                              f"features as one of {sorted(FLOAT_DTYPES)}")
+        return None
+
     def register(self, device: str, profile: CapabilityProfile, *, fresh: bool = False) -> DeviceEntry:
         """Add or update a device; ``fresh`` (a live, non-retained registration) resets its de-dup state.
 
@@ -158,7 +175,7 @@ class DeviceRegistry:
         """
         if profile.device != device:
             raise RegistrationError(f"profile is for {profile.device!r} but arrived on {device!r}'s topic")
-        error = self.limit_error(profile)
+        error = self.limit_error(profile) or self.dtype_error(profile)
         if error is not None:
             raise error
         accepted = self.agreement(profile)
@@ -258,7 +275,7 @@ class DeviceRegistry:
         for item in data.get("devices", []):
             profile = CapabilityProfile.from_body(item["profile"])
             accepted = self.agreement(profile)
-            if not accepted or self.limit_error(profile) is not None:
+            if not accepted or self.limit_error(profile) is not None or self.dtype_error(profile) is not None:
                 continue
             self.devices[item["device"]] = DeviceEntry(
                 device=item["device"], profile=profile, accepted=accepted,

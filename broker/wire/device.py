@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.compat import slotted_dataclass
+from broker.compat import StrEnum, slotted_dataclass
 from broker.errors import DecodeError, UnknownModalityError
 from broker.wire.arrays import DTYPES, MAX_EXTENT, MAX_NDIM, decode_array, encode_array
 from broker.wire.fields import (
@@ -263,9 +263,65 @@ class DeviceFeedback:
         )
 
 
+class ErrorCode(StrEnum):
+    """Every ``code`` an ``error`` downlink may carry: the one list the edge and the spec's table come from.
+
+    A device acts on the code (fix its encoder, register again, retry later); the ``message`` is for people.
+    ``tests/broker/test_spec_codes.py`` checks that ``docs/wire/SPEC.md`` lists exactly :data:`ERROR_CODES`.
+    """
+
+    MALFORMED = "malformed"
+    SENDER_MISMATCH = "sender_mismatch"
+    UNREGISTERED = "unregistered"
+    REGISTRATION = "registration"
+    REGISTRATION_LIMIT = "registration_limit"
+    REGISTRATION_DTYPE = "registration_dtype"
+    PROFILE_MISMATCH = "profile_mismatch"
+    NON_FINITE = "non_finite"
+    BAD_LABEL = "bad_label"
+    BUSY = "busy"
+    INTERNAL = "internal"
+
+
+ERROR_CODES: dict[ErrorCode, str] = {
+    ErrorCode.MALFORMED: "not a valid message of this spec: msgpack, envelope (`v`, `k`, `ct`), body fields, "
+                         "arrays, modality names, chunks",
+    ErrorCode.SENDER_MISMATCH: "the envelope's `s` is not the device the topic names",
+    ErrorCode.UNREGISTERED: "features or infer from a device the edge has no registration of: register again",
+    ErrorCode.REGISTRATION: "a registration the edge cannot serve: no modality it can use, `device` not the "
+                            "topic's, registry full",
+    ErrorCode.REGISTRATION_LIMIT: "a registration announcing more than the edge accepts (tokens, elements, entries)",
+    ErrorCode.REGISTRATION_DTYPE: "a registration giving a modality the edge uses a dtype that is not a float",
+    ErrorCode.PROFILE_MISMATCH: "a record that does not fit the agreement: modality not in `config`, shape, "
+                                "non-float dtype, `device` not the topic's",
+    ErrorCode.NON_FINITE: "a record with NaN or infinite values, or values beyond float32's range",
+    ErrorCode.BAD_LABEL: "a `label` outside the model's classes",
+    ErrorCode.BUSY: "an inference request shed because the edge's queue is full: retry later under a new `n`",
+    ErrorCode.INTERNAL: "the edge failed on this message (a bug on its side)",
+}
+"""What each code means, as ``docs/wire/SPEC.md`` §3 tables it."""
+
+
+class FeedbackMessage(StrEnum):
+    """The ``message`` of a ``feedback`` downlink: what the edge did with the round the metrics describe."""
+
+    GLOBAL = "global"
+    VIEW = "view"
+    FEEDBACK = "feedback"
+
+
+FEEDBACK_MESSAGES: dict[FeedbackMessage, str] = {
+    FeedbackMessage.GLOBAL: "the edge now serves the global model of `global_version` (at its own rank)",
+    FeedbackMessage.VIEW: "the edge now serves its site's view of `global_version` (cut or fitted for it)",
+    FeedbackMessage.FEEDBACK: "the cloud's statistics of `global_version`; the model serving you did not change",
+}
+"""What each feedback ``message`` means, as ``docs/wire/SPEC.md`` §3 tables it."""
+
+
 @slotted_dataclass()
 class ErrorReport:
-    """Why a message from a device was rejected (``ref`` is the rejected envelope's seq)."""
+    """Why a message from a device was rejected: ``code`` is an :class:`ErrorCode` value, ``ref`` the seq (``n``)
+    of the rejected envelope (absent when none could be read)."""
 
     code: str
     message: str

@@ -122,5 +122,20 @@ def decode_envelope(
     return Envelope(kind=kind, sender=sender, seq=seq, ts_ms=ts, content_type=ct, body=obj["b"])
 
 
+_CONTENT_TYPES: dict[Kind, str] = {k: content_type(k) for k in Kind}
+
+
+def check_content_type(env: Envelope) -> None:
+    """Refuse an envelope whose ``ct`` is not the one its kind names.
+
+    ``k`` alone decides how a body is read; a ``ct`` that disagrees is a sender bug today and would be misread
+    if a later version gives ``ct`` a meaning (a content encoding), so receivers that enforce it (the edge, on
+    device uplinks) refuse it rather than guess. ``decode_envelope`` itself does not check it.
+    """
+    if env.content_type != _CONTENT_TYPES[env.kind]:
+        raise DecodeError(f"content type {env.content_type!r} does not match kind {env.kind.value!r} "
+                          f"(expected {_CONTENT_TYPES[env.kind]!r})")
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)

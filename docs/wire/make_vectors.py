@@ -11,7 +11,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker import topics
 from broker.chunking import frames
 from broker.signing import Signer, raw_public
-from broker.wire import CapabilityProfile, FeatureRecord, Kind, ModalityProfile, Prediction, encode_envelope
+from broker.wire import (
+    CapabilityProfile,
+    DeviceConfig,
+    DeviceFeedback,
+    ErrorCode,
+    ErrorReport,
+    FeatureRecord,
+    FeedbackMessage,
+    Kind,
+    ModalityProfile,
+    Prediction,
+    encode_envelope,
+)
 
 TS = 1_700_000_000_000
 SEED = bytes(range(32))  # the test vector's key: never use a published key for anything else
@@ -48,6 +60,34 @@ def vectors() -> list[dict]:
                     "compute": {"ram_mb": 256.0}, "sdk": "0.1.0", "retain": True},
         "hex": encode_envelope(Kind.REGISTER, "gw-7", 0, prof.to_body(), ts_ms=TS).hex(),
     })
+    cfg = DeviceConfig(["accel"], {"accel": 50.0}, {"accel": (10, 30)}, model_version=5)
+    out.append({
+        "name": "config",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.CONFIG),
+        "meaning": {"kind": "config", "sender": "edge-1", "seq": 8, "ts_ms": TS, "modalities": ["accel"],
+                    "rate_hz": {"accel": 50.0}, "shapes": {"accel": [10, 30]}, "model_version": 5,
+                    "note": "the answer to the register vector: accel agreed as 10 tokens of width 30"},
+        "hex": encode_envelope(Kind.CONFIG, "edge-1", 8, cfg.to_body(), ts_ms=TS).hex(),
+    })
+    err = ErrorReport(ErrorCode.PROFILE_MISMATCH.value, "ProfileMismatchError: modality 'gyro' is not in the agreement",
+                      ref=7)
+    out.append({
+        "name": "error",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.ERROR),
+        "meaning": {"kind": "error", "sender": "edge-1", "seq": 10, "ts_ms": TS, "code": "profile_mismatch",
+                    "message": "ProfileMismatchError: modality 'gyro' is not in the agreement", "ref": 7,
+                    "note": "ref is the n of the refused envelope, not its sample"},
+        "hex": encode_envelope(Kind.ERROR, "edge-1", 10, err.to_body(), ts_ms=TS).hex(),
+    })
+    fb = DeviceFeedback(5, {"accuracy": 0.75, "samples": 120.0}, FeedbackMessage.VIEW.value)
+    out.append({
+        "name": "feedback",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.FEEDBACK),
+        "meaning": {"kind": "feedback", "sender": "edge-1", "seq": 11, "ts_ms": TS, "global_version": 5,
+                    "metrics": {"accuracy": 0.75, "samples": 120.0}, "message": "view",
+                    "note": "metrics are float64, counts included (120.0, not 120)"},
+        "hex": encode_envelope(Kind.FEEDBACK, "edge-1", 11, fb.to_body(), ts_ms=TS).hex(),
+    })
     pred = Prediction("gw-7", 42, 1, np.array([0.25, 0.75], dtype="<f4"), model_version=5)
     out.append({
         "name": "prediction",
@@ -75,9 +115,10 @@ def vectors() -> list[dict]:
         "name": "chunk-0-of-3",
         "topic": topics.chunk(topics.device_up("site-a", "gw-7", topics.Uplink.FEATURES), 0),
         "meaning": {"note": "first of the 3 chunks (max_packet=512, 256 data bytes each) that carry whole_hex, a "
-                            "features record of 32x3 float32 0..95; "
+                            "features record of 32x3 float32 0..95; every chunk's envelope carries the sender "
+                            "and n of the envelope it carries (here 10), kind chunk; "
                             "transfer id is 16 random bytes (here fixed to 00..0f for the vector)",
-                    "whole_hex": whole.hex()},
+                    "sender": "gw-7", "seq": 10, "whole_hex": whole.hex()},
         "hex": _fixed_chunk(whole),
     })
     return out

@@ -14,6 +14,9 @@ from broker.chunking import frames
 from broker.inbox import Inbox
 from broker.wire import (
     CapabilityProfile,
+    DeviceConfig,
+    DeviceFeedback,
+    ErrorReport,
     FeatureRecord,
     Kind,
     ModalityProfile,
@@ -40,6 +43,13 @@ def _build(m: dict[str, Any]) -> Any:
         return CapabilityProfile(m["device"], mods, m["compute"], m["sdk"])
     if m["kind"] == "prediction":
         return Prediction(m["device"], m["sample"], m["label"], _array(m["probs"]), m["model_version"])
+    if m["kind"] == "config":
+        return DeviceConfig(m["modalities"], m["rate_hz"], {k: tuple(v) for k, v in m["shapes"].items()},
+                            m["model_version"])
+    if m["kind"] == "error":
+        return ErrorReport(m["code"], m["message"], m.get("ref"))
+    if m["kind"] == "feedback":
+        return DeviceFeedback(m["global_version"], m["metrics"], m["message"])
     raise AssertionError(m["kind"])
 
 
@@ -65,7 +75,7 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
                                                                             m["ts_ms"])
     assert env.content_type == f"application/vnd.megace.{m['kind']}+msgpack"
     parsed = topics.parse(vector["topic"])
-    assert parsed.what == m["kind"] and parsed.device == m["device"] and parsed.chunk_index is None
+    assert parsed.what == m["kind"] and parsed.device == "gw-7" and parsed.chunk_index is None
     msg = decode_body(env)
     if m["kind"] == "features":
         assert isinstance(msg, FeatureRecord)
@@ -86,13 +96,25 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
         assert (msg.device, msg.sample, msg.label, msg.model_version) == (m["device"], m["sample"], m["label"],
                                                                           m["model_version"])
         _assert_array(msg.probs, m["probs"])
+    elif m["kind"] == "config":
+        assert isinstance(msg, DeviceConfig)
+        assert (msg.modalities, msg.rate_hz, msg.model_version) == (m["modalities"], m["rate_hz"], m["model_version"])
+        assert {k: list(v) for k, v in msg.shapes.items()} == m["shapes"]
+    elif m["kind"] == "error":
+        assert isinstance(msg, ErrorReport)
+        assert (msg.code, msg.message, msg.ref) == (m["code"], m["message"], m.get("ref"))
+    elif m["kind"] == "feedback":
+        assert isinstance(msg, DeviceFeedback)
+        assert (msg.global_version, msg.metrics, msg.message) == (m["global_version"], m["metrics"], m["message"])
+        assert all(type(v) is float for v in msg.metrics.values())
     else:
         raise AssertionError(f"vector {vector['name']} has a kind this test does not know: {m['kind']}")
 
 
 def test_vectors_cover_the_documented_cases() -> None:
     assert [v["name"] for v in VECTORS] == ["features-accel", "features-two-modalities-no-label", "register",
-                                            "prediction", "signed-prediction", "chunk-0-of-3"]
+                                            "config", "error", "feedback", "prediction", "signed-prediction",
+                                            "chunk-0-of-3"]
     spec = (Path(__file__).parents[2] / "docs" / "wire" / "SPEC.md").read_text()
     worked = next(v for v in VECTORS if v["name"] == "features-accel")
     block = spec.split("```")[1]
@@ -105,6 +127,12 @@ def test_chunk_vector_reassembles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.urandom", lambda n: bytes(range(n)))
     msgs = frames("t", whole, sender="gw-7", seq=10, max_packet=512, ts_ms=1_700_000_000_000)
     assert len(msgs) == 3 and msgs[0][1].hex() == vec["hex"]
+    # a chunk's envelope carries the sender and n of the envelope it carries (SPEC §4): one n, not one per chunk
+    chunk_env, inner = decode_envelope(bytes.fromhex(vec["hex"])), decode_envelope(whole)
+    assert (chunk_env.kind, chunk_env.sender, chunk_env.seq) == (Kind.CHUNK, vec["meaning"]["sender"],
+                                                                vec["meaning"]["seq"])
+    assert (inner.sender, inner.seq) == (vec["meaning"]["sender"], vec["meaning"]["seq"])
+    assert all(decode_envelope(p).seq == vec["meaning"]["seq"] for _, p in msgs)
     inbox = Inbox()
     assert inbox.accept(vec["topic"], bytes.fromhex(vec["hex"])) is None
     assert inbox.accept(vec["topic"].replace("/chunk/0", "/chunk/2"), msgs[2][1]) is None
