@@ -73,7 +73,8 @@ TARGETS: dict[str, Target] = {
         Target("cloud-maths", ("cloud_aggregator/strategies/*", "cloud_aggregator/mixing.py",
                                "cloud_aggregator/staleness.py"), ("tests/cloud",), 0.90, forkserver=True,
                deselect=CLOUD_SUBPROCESS_TESTS),
-        Target("cloud", ("cloud_aggregator/core.py", "cloud_aggregator/validation.py", "cloud_aggregator/ledger.py"),
+        Target("cloud", ("cloud_aggregator/core.py", "cloud_aggregator/validation.py", "cloud_aggregator/ledger.py",
+                         "cloud_aggregator/admission.py", "cloud_aggregator/steps.py", "cloud_aggregator/feedback.py"),
                ("tests/cloud",), 0.80, forkserver=True, deselect=CLOUD_SUBPROCESS_TESTS),
         # the edge's network-free core (message handling), ingest gate, replay buffer, training and adapter
         # application, under their fast unit tests. edge_agent/service.py (connect, run, shut down) needs the

@@ -216,3 +216,38 @@ def test_modality_counts_above_the_samples_are_clipped(tmp_path: Path) -> None:
         assert [p.contribution.modalities for p in core.ledger.pending()] == [{"audio": 8, "image": 3}]
     finally:
         core.close()
+
+
+def test_the_shrink_is_the_longest_halving_that_fits_when_both_factors_move() -> None:
+    """When A and B both move, the step is not linear in λ (λ(δB A_v + B_v δA) + λ² δB δA): the first guess
+    λ0 = bound/step can overshoot, and the clip halves λ until the step fits.  For each random upload:
+    the result lies on the segment v + λ(x - v), its dense step fits the bound, and λ is the longest of
+    λ0, λ0/2, λ0/4, ... that fits (so twice it does not, unless it is λ0 itself)."""
+    rng = np.random.default_rng(7)
+    halved = 0
+    for _ in range(40):
+        va, vb = rng.standard_normal((4, 10)).astype(np.float32), rng.standard_normal((6, 4)).astype(np.float32)
+        # A = (1+alpha) A_v, B = (1+beta) B_v with alpha*beta = -rho*(alpha+beta): the quadratic term nearly
+        # cancels the linear one at lambda = 1, so the step at lambda0 is far above the bound
+        # (step(lambda) = lambda * (1 - rho*lambda) * (alpha+beta) * |B_v A_v|)
+        alpha, rho = float(rng.uniform(1, 5)), float(rng.uniform(0.7, 0.95))
+        beta = -rho * alpha / (alpha + rho)
+        a, b = ((1 + alpha) * va).astype(np.float32), ((1 + beta) * vb).astype(np.float32)
+        bound = StepBound(multiplier=1.0, min_history=1)
+        bound.observe({MOD: dense_step(a, b, va, vb, 1.0) * float(rng.uniform(0.05, 0.9))})
+        limit = bound.limits({MOD: 1.0})[MOD]
+        got, steps, cut = bound.clip(contribution(a, b, rank=4, alpha=4.0), {A: torch.tensor(va), B: torch.tensor(vb)})
+        assert cut == 1
+        a2, b2 = got.tensors[A].numpy().astype(np.float64), got.tensors[B].numpy().astype(np.float64)
+        lam = float(np.sum((b2 - vb) * (b - vb)) / np.sum((b - vb).astype(np.float64) ** 2))  # projection on x - v
+        np.testing.assert_allclose(b2, vb + lam * (b - vb), atol=1e-5)
+        np.testing.assert_allclose(a2, va + lam * (a - va), atol=1e-5)
+        assert dense_step(a2, b2, va, vb, 1.0) <= limit * (1 + 1e-6) and steps[MOD] <= limit * (1 + 1e-6)
+        lam0 = limit / dense_step(a, b, va, vb, 1.0)
+        if lam < lam0 * (1 - 1e-6):
+            halved += 1
+            twice = 2 * lam
+            over = dense_step(va + twice * (a - va), vb + twice * (b - vb), va, vb, 1.0)
+            assert over > limit, (lam, lam0)
+            assert np.isclose(np.log2(lam0 / lam), round(np.log2(lam0 / lam)), atol=1e-4)  # λ0 / 2^k
+    assert halved >= 5  # the case the loop exists for really occurred
