@@ -107,15 +107,12 @@ class StepBound:
             if limit is None or step <= limit:
                 continue
             names = [n for n in (lora_a(key), lora_b(key), key) if n in tensors]
-            lam = limit / step
-            for _ in range(_MAX_HALVINGS):
+            # the longest of λ0, λ0/2, λ0/4, ... that fits; λ = 0 (the view itself) always does
+            for lam in [limit / step / 2**k for k in range(_MAX_HALVINGS)] + [0.0]:
                 trial = {n: _toward(tensors[n], view.get(n), lam) for n in names}
-                got = self.steps(replace(c, tensors=trial), view).get(key, 0.0)
+                got = self.steps(replace(c, tensors=trial), view)[key]
                 if got <= limit * (1 + 1e-9):
                     break
-                lam /= 2
-            else:
-                lam, trial, got = 0.0, {n: _toward(tensors[n], view.get(n), 0.0) for n in names}, 0.0
             tensors.update(trial)
             steps[key] = got
             cut += 1

@@ -53,6 +53,10 @@ def test_the_step_is_the_dense_change_from_the_view() -> None:
     got = StepBound().steps(contribution(a, b, rank=4, alpha=12.0), view)
     assert got[MOD] == pytest.approx(dense_step(a.astype(np.float32), b.astype(np.float32),
                                                 va.astype(np.float32), vb.astype(np.float32), 3.0), rel=1e-6)
+    # tiny steps too (a norm below 1 is not rounded up anywhere)
+    small = StepBound().steps(contribution(a * 1e-3, b * 1e-3, rank=4, alpha=12.0), view)[MOD]
+    assert small == pytest.approx(dense_step((a * 1e-3).astype(np.float32), (b * 1e-3).astype(np.float32),
+                                             va.astype(np.float32), vb.astype(np.float32), 3.0), rel=1e-5)
     # a module the view lacks is a step from nothing: the whole update
     assert StepBound().steps(contribution(a, b, rank=4, alpha=4.0), {})[MOD] == pytest.approx(
         float(np.linalg.norm(b.astype(np.float32).astype(np.float64) @ a.astype(np.float32).astype(np.float64))),
@@ -251,3 +255,31 @@ def test_the_shrink_is_the_longest_halving_that_fits_when_both_factors_move() ->
             assert over > limit, (lam, lam0)
             assert np.isclose(np.log2(lam0 / lam), round(np.log2(lam0 / lam)), atol=1e-4)  # λ0 / 2^k
     assert halved >= 5  # the case the loop exists for really occurred
+
+
+def test_a_non_lora_tensor_steps_by_its_plain_distance_and_keeps_its_dtype() -> None:
+    """Personal heads shared by the baselines are plain tensors: their step is ‖t - t_v‖, and a clipped
+    float16 upload stays float16."""
+    rng = np.random.default_rng(11)
+    head, vhead = rng.standard_normal((3, 5)).astype(np.float16), rng.standard_normal((3, 5)).astype(np.float16)
+    c = Contribution(edge_id="e", seq=1, base_version=0, rank=4, alpha=4.0, samples=8,
+                     tensors={"head.weight": torch.tensor(head)})
+    view = {"head.weight": torch.tensor(vhead)}
+    want = float(np.linalg.norm(head.astype(np.float64) - vhead.astype(np.float64)))
+    assert StepBound().steps(c, view) == {"head.weight": pytest.approx(want, rel=1e-6)}
+    assert StepBound().steps(c, {}) == {"head.weight": pytest.approx(float(np.linalg.norm(head.astype(np.float64))))}
+    bound = StepBound(multiplier=1.0, min_history=1)
+    bound.observe({"head.weight": want / 4})
+    got, steps, cut = bound.clip(c, view)
+    out = got.tensors["head.weight"]
+    assert cut == 1 and out.dtype == torch.float16
+    np.testing.assert_allclose(out.numpy().astype(np.float64),
+                               vhead.astype(np.float64) + 0.25 * (head.astype(np.float64) - vhead), atol=2e-3)
+    assert steps["head.weight"] <= want / 4 * (1 + 1e-3)
+
+
+def test_the_median_is_over_the_last_window_steps_only() -> None:
+    bound = StepBound(multiplier=1.0, min_history=1, window=3)
+    for step in (100.0, 100.0, 100.0, 1.0, 2.0, 3.0):
+        bound.observe({MOD: step})
+    assert bound.limits({MOD: 50.0}) == {MOD: 2.0}  # the three 100s have left the window
