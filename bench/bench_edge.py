@@ -287,9 +287,27 @@ def bench_ingest(addr: BrokerAddress, tmp: Path, n: int, repeats: int = 3) -> di
 
 
 # ---------------------------------------------------------------------------- (b) round trip
-def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30) -> dict[str, Any]:
-    cfg = config_for(addr, tmp / "rtt", "bench-rtt", persistent_session=False)
+def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30, *,
+                     training: bool = False, process: bool = False) -> dict[str, Any]:
+    """Device -> edge -> prediction, idle or while the edge's trainer runs optimizer steps back to back.
+
+    ``training``: a thread calls the agent's own ``Trainer.train_round`` in a loop for the whole
+    measurement, as the service's training thread does in a round (same process, same torch threads).
+    ``process``: the agent serves from its inference process (``training.inference_process``).
+    """
+    cfg = config_for(addr, tmp / f"rtt-{int(training)}{int(process)}", "bench-rtt", persistent_session=False,
+                     training={"inference_process": process})
     runner = AgentThread(cfg).start()
+    busy = threading.Event()
+    trained = [0]
+
+    def train() -> None:
+        trainer = runner.agent.trainer
+        for s in ToyTask(cfg.model, seed=13).samples(256):
+            trainer.buffer.add("trainer-feed", s["modalities"], int(s["label"]))
+        while busy.is_set():
+            trainer.train_round(steps=5, batch_size=32)
+            trained[0] += 5
     cond = threading.Condition()
     answers: dict[int, float] = {}
     configured = threading.Event()
@@ -312,6 +330,11 @@ def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30) -
         task = ToyTask(cfg.model, seed=12)
         samples = task.samples(64)
         latencies = []
+        trainer_thread = threading.Thread(target=train, daemon=True)
+        if training:
+            busy.set()
+            trainer_thread.start()
+            time.sleep(0.5)  # the first steps are running
         for i in range(n + warmup):
             s = samples[i % len(samples)]
             t0 = time.perf_counter()
@@ -322,12 +345,18 @@ def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30) -
                 t1 = answers[i]
             if i >= warmup:
                 latencies.append((t1 - t0) * 1000)
+        busy.clear()
+        if training:
+            trainer_thread.join(60)
         forward = forward_ms(runner.agent, samples, n, warmup)
     finally:
+        busy.clear()
         dev.close()
         runner.close()
     p50, p99 = statistics.median(latencies), quantile(latencies, 0.99)
-    return {"requests": n, "model": "tiny", "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+    return {"requests": n, "model": "tiny", "while_training": training, "inference_process": process,
+            "training_steps_during": trained[0],
+            "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
             "max_ms": round(max(latencies), 3), "goal": "p99 < 20 ms", "met": p99 < 20,
             "forward_p50_ms": round(statistics.median(forward), 3), "forward_p99_ms": round(quantile(forward, 0.99), 3),
             "forward_note": "the agent's predictor on one sample (collate, forward, softmax), called directly"}
@@ -459,6 +488,10 @@ def main() -> int:
         result["ingest"] = bench_ingest(addr, tmp, args.records)
         print("(b) round trip ...", flush=True)
         result["round_trip"] = bench_round_trip(addr, tmp, args.requests)
+        print("(b') round trip while training: inference thread, then inference process ...", flush=True)
+        result["round_trip_training"] = bench_round_trip(addr, tmp, args.requests, training=True)
+        result["round_trip_training_process"] = bench_round_trip(addr, tmp, args.requests, training=True,
+                                                                 process=True)
     print("(c) training step ...", flush=True)
     result["training_step"] = bench_training(args.steps_tiny, args.steps_minilm)
     print("(d) adapter size ...", flush=True)
@@ -472,6 +505,9 @@ def main() -> int:
           f"  {a['met']} (ratio {a['ratio']})")
     print(f"{'(b) infer round trip p50 / p99 (ms)':<44}{b['p50_ms']:>10} / {b['p99_ms']:>9}  {b['met']}")
     print(f"{'(b) predictor forward p50 / p99 (ms)':<44}{b['forward_p50_ms']:>10} / {b['forward_p99_ms']:>9}")
+    for key, label in (("round_trip_training", "thread"), ("round_trip_training_process", "process")):
+        bt = result[key]
+        print(f"{f'(b) ... training, {label} p50 / p99 (ms)':<44}{bt['p50_ms']:>10} / {bt['p99_ms']:>9}  {bt['met']}")
     for r in c["results"]:
         label = f"(c) step {r['backbone']} bare / agent (ms)"
         print(f"{label:<44}{r['bare_peft_ms_per_step']:>10} / {r['agent_trainer_ms_per_step']:>9}"
