@@ -203,7 +203,12 @@ NOTES: dict[str, str] = {
     "cloud": "`# pragma: no mutate` on 40 SQL string lines of `ledger.py` (case-insensitive SQL), four log lines "
     "and cache start values. Measured with the tests as they stood when the run started; tests added later "
     "kill more (not re-measured). Survivors include config defaults that only a real wait could show "
-    "(`chunk_timeout_s`) and audit-text truncation lengths.",
+    "(`chunk_timeout_s`) and audit-text truncation lengths. The target now also takes `admission.py`, "
+    "`steps.py` and `feedback.py`; the row above predates that and is owed a re-run. `steps.py` alone "
+    "(`./dev.sh mutate cloud --only cloud_aggregator/steps.py`): 92.9% (156 of 168; 77.6% before the "
+    "halving, non-LoRA and window tests); survivors are tolerance-boundary variants (`<=` vs `<`, "
+    "`x (1+1e-9)` vs `/ (1+1e-9)`), the always-fitting `lambda = 0` last candidate, and `cut = 1` (killed "
+    "since by a two-module test).",
     "edge": "Includes the network-free `edge_agent/core.py` (message handling, tested without a broker in "
     "`tests/edge/test_edge_core*.py`; alone it went from 60.3% to 80.3% with the new core tests). "
     "`edge_agent/service.py` and its asyncio collaborators (acks, outbox, downlinks) are not mutated: each "

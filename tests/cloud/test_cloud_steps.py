@@ -100,6 +100,12 @@ def test_no_history_means_the_cold_bound_and_none_means_unbounded() -> None:
     # modules without history share the cold bound: two steps of 4 (5.66 together) are cut to 5 together
     assert StepBound(cold_bound=5.0).limits({"m1": 4.0, "m2": 4.0}) == {"m1": pytest.approx(5 / 2**0.5),
                                                                        "m2": pytest.approx(5 / 2**0.5)}
+    mod2 = "base_model.model.enc.v"
+    two = Contribution(edge_id="e", seq=1, base_version=0, rank=4, alpha=4.0, samples=8, tensors={
+        A: torch.tensor(a), B: torch.tensor(100 * b),
+        f"{mod2}.lora_A.weight": torch.tensor(a), f"{mod2}.lora_B.weight": torch.tensor(100 * b)})
+    got, steps, cut = StepBound(cold_bound=5.0).clip(two, {})
+    assert cut == 2 and (steps[MOD] ** 2 + steps[mod2] ** 2) ** 0.5 <= 5.0 * (1 + 1e-6)  # both cut, 5 together
     warm = StepBound(cold_bound=5.0, min_history=1, multiplier=3.0)
     warm.observe({"m1": 1.0})
     assert warm.limits({"m1": 4.0, "m2": 4.0}) == {"m1": pytest.approx(3.0)}  # m2 alone is within the cold bound
