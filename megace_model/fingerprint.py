@@ -36,7 +36,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 def _backbone_identity(config: EdgeModelConfig) -> str:
     if config.backbone == "tiny":
         return "tiny-bert-128x2"
-    from megace_model.backbone import minilm_path
+    from megace_model.weights import minilm_path  # not backbone: that imports transformers
 
     weights = minilm_path() / "model.safetensors"
     stat = weights.stat()
