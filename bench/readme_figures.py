@@ -131,6 +131,17 @@ def rows() -> tuple[list[list[str]], str]:
         f"{_mark(all(r['edges_identical'] for r in rb['results']))}",
         "`round_bytes.json` results[].after.adapter_copies_per_round", rb["command"].strip(),
     ])
+    cr = _load("cloud_rss")
+    b, a = cr["runs"]["before"], cr["runs"]["after"]
+    out.append([
+        "cloud aggregator RSS, MiniLM r=8, 3 sites x 3 rounds (peak of the service process), before -> after "
+        "version 0 moved to a builder process",
+        f"fresh state {b['fresh']['peak_mib']:.0f} -> **{a['fresh']['peak_mib']:.0f} MiB** (builder child meanwhile: "
+        f"{a['fresh']['peak_tree_mib']:.0f} MiB together); restart {b['restart']['peak_mib']:.0f} -> "
+        f"**{a['restart']['peak_mib']:.0f} MiB**; `import torch` alone {a['torch_import_mib']:.0f} MiB",
+        f"<= 210 MiB: {_mark(a['met'])} (needs the service's maths without torch)",
+        "`cloud_rss.json` runs.{before,after}.{fresh,restart}.peak_mib", a["command"],
+    ])
     at = {r["strategy"]: r for r in agg["results"] if r["edges"] == 1000}
     fastest_first = sorted(at.items(), key=lambda kv: kv[1]["aggregate_s"])
     times = ", ".join(f"{k} {_ms(v['aggregate_s'])}" for k, v in fastest_first)
