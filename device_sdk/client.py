@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ from broker.chunking import DEFAULT_MAX_PACKET, frames
 from broker.compat import slotted_dataclass
 from broker.metrics import Counters
 from broker.signing import Verifier, load_public_key
-from broker.wire import CapabilityProfile, FeatureRecord, Kind, Status, encode_envelope
+from broker.wire import CapabilityProfile, FeatureBatch, FeatureRecord, Kind, Status, encode_envelope
 from broker.wire.status import OFFLINE, ONLINE
+from device_sdk.batcher import Batcher
 from device_sdk.downlink import DownlinkHandler, DownlinkReceiver
 from device_sdk.link import paho_client, set_nodelay
 from device_sdk.store import DiskQueue, Overflow, default_store_path
@@ -82,6 +84,11 @@ class DeviceClient:
         max_packet: The largest MQTT packet to send; bigger payloads are split into chunks (many
             brokers cap packets at 128 KB or 1 MB).
         reconnect_max_delay: The cap, in seconds, of the exponential back-off between reconnects.
+        linger_ms: With a value above 0, :meth:`publish` batches: records wait up to this long and travel
+            together as one ``features_batch`` message (stacked arrays), up to ``batch_max`` records or
+            ``batch_bytes`` bytes of arrays (see :mod:`device_sdk.batcher`). 0 (default): one message per record.
+        batch_max: Records per batch (1 to 4096), for lingering and :meth:`publish_many`.
+        batch_bytes: Array bytes per batch; default ``max_packet`` minus 4 KiB, so a batch is never chunked.
         edge_key: The edge's Ed25519 public key (a PEM file, as ``megace provision`` writes it): with it,
             every downlink must be signed by that key, and forged or unsigned ones are dropped and
             counted instead of reaching ``on_downlink``. Without it, downlinks are not checked.
@@ -102,6 +109,9 @@ class DeviceClient:
         max_packet: int = DEFAULT_MAX_PACKET,
         reconnect_max_delay: float = 5.0,
         edge_key: str | Path | None = None,
+        linger_ms: float = 0.0,
+        batch_max: int = 512,
+        batch_bytes: int | None = None,
     ) -> None:
         self.site = topics.check_id(site, "site")
         self.device = topics.check_id(device, "device")
@@ -129,6 +139,9 @@ class DeviceClient:
         self._wake = threading.Event()
         self._status_topic = topics.status(topics.Role.DEVICE, self.device)
         self._features_topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
+        self.linger_ms = linger_ms
+        self._batcher = Batcher(self._send_batch, self._next_seq, linger_ms=linger_ms, batch_max=batch_max,
+                                batch_bytes=batch_bytes if batch_bytes is not None else max_packet - 4096)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -155,6 +168,8 @@ class DeviceClient:
 
     def close(self, timeout: float = 10.0) -> bool:
         """Flush what can be flushed within ``timeout``, announce offline, disconnect. True if nothing is left."""
+        with self._lock:
+            self._batcher.flush()  # offline, an open batch goes to the store like any record
         drained = self.flush(timeout) if self._online else len(self.store) == 0
         with self._lock:
             self._closing = True
@@ -208,17 +223,50 @@ class DeviceClient:
         self._client.publish(topic, encode_envelope(Kind.REGISTER, self.device, seq, body), qos=1, retain=True)
 
     def publish(self, record: FeatureRecord) -> int:
-        """Publish one feature record at QoS 1 (or store it if offline); returns its sequence number."""
-        return self._send(Kind.FEATURES, self._features_topic, record.to_body())
+        """Publish one feature record at QoS 1 (or store it if offline); returns the seq of its envelope.
+
+        With ``linger_ms > 0`` the record joins the open batch (a record with ``quality`` goes alone)."""
+        if self.linger_ms <= 0 or record.quality:
+            with self._lock:
+                self._batcher.flush()  # records leave in publish order
+                return self._send(Kind.FEATURES, self._features_topic, record.to_body())
+        with self._lock:
+            seq = self._batcher.add(record)
+            if len(self._batcher) == 1:
+                self._wake.set()  # the supervisor times the linger of the batch just opened
+            return seq
+
+    def publish_many(self, records: Iterable[FeatureRecord]) -> list[int]:
+        """Publish records a gateway already holds as ``features_batch`` messages now (no linger).
+
+        Records join any open batch; consecutive records of one layout share a message, up to ``batch_max``
+        records or ``batch_bytes`` bytes. Returns each record's envelope seq, in order."""
+        seqs = []
+        with self._lock:
+            for record in records:
+                if record.quality:
+                    self._batcher.flush()
+                    seqs.append(self._send(Kind.FEATURES, self._features_topic, record.to_body()))
+                else:
+                    seqs.append(self._batcher.add(record))
+            self._batcher.flush()
+        return seqs
+
+    def _send_batch(self, batch: FeatureBatch, seq: int) -> None:
+        self._send(Kind.FEATURES_BATCH, self._features_topic, batch.to_body(), seq=seq)
+        self.counters.inc("sent.batched_records", batch.count)
 
     def request_inference(self, record: FeatureRecord) -> int:
         """Ask the edge for a prediction; it arrives on the downlink as a ``Prediction``."""
-        return self._send(Kind.INFER, topics.device_up(self.site, self.device, topics.Uplink.INFER), record.to_body())
+        with self._lock:
+            return self._send(Kind.INFER, topics.device_up(self.site, self.device, topics.Uplink.INFER),
+                              record.to_body())
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every record so far is acknowledged by the broker; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._lock:
+            self._batcher.flush()
             while True:
                 self._process_events()
                 if not self._inflight and len(self.store) == 0:
@@ -242,26 +290,27 @@ class DeviceClient:
         self._seq += 1
         return seq
 
-    def _send(self, kind: Kind, topic: str, body: dict[str, Any]) -> int:
+    def _send(self, kind: Kind, topic: str, body: dict[str, Any], *, seq: int | None = None) -> int:
+        """Encode and publish (or store) one envelope. The caller holds ``self._lock`` exactly once: the
+        back-pressure wait releases it for paho's acknowledgements, which a nested hold would block."""
         payload_body = body
-        with self._lock:
-            seq = self._next_seq()
-            payload = encode_envelope(kind, self.device, seq, payload_body)
-            for t, p in frames(topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet):
-                self._process_events()
-                if self._online and len(self.store) == 0 and len(self._inflight) >= self.max_unacked:
-                    # back-pressure: wait for acks rather than spill to disk; resume at 3/4 so the
-                    # publisher and paho's thread do not ping-pong once per acknowledgement
-                    low = self.max_unacked * 3 // 4
-                    while self._online and len(self.store) == 0 and len(self._inflight) > low:
-                        self._wait_for_acks(0.005)
-                if self._online and len(self.store) == 0:
-                    self._publish_now(t, p, seq=seq)
-                else:
-                    if not self.store.append(seq, t, p):
-                        self.counters.inc("dropped_newest")
-                    self._wake.set()
-            self.counters.inc(f"sent.{kind.value}")
+        seq = self._next_seq() if seq is None else seq
+        payload = encode_envelope(kind, self.device, seq, payload_body)
+        for t, p in frames(topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet):
+            self._process_events()
+            if self._online and len(self.store) == 0 and len(self._inflight) >= self.max_unacked:
+                # back-pressure: wait for acks rather than spill to disk; resume at 3/4 so the
+                # publisher and paho's thread do not ping-pong once per acknowledgement
+                low = self.max_unacked * 3 // 4
+                while self._online and len(self.store) == 0 and len(self._inflight) > low:
+                    self._wait_for_acks(0.005)
+            if self._online and len(self.store) == 0:
+                self._publish_now(t, p, seq=seq)
+            else:
+                if not self.store.append(seq, t, p):
+                    self.counters.inc("dropped_newest")
+                self._wake.set()
+        self.counters.inc(f"sent.{kind.value}")
         return seq
 
     def _publish_now(self, topic: str, payload: bytes, *, seq: int, row_id: int | None = None) -> None:
@@ -365,13 +414,3 @@ class DeviceClient:
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_publish, c.on_message = self._on_publish, self._on_message
         return c
-
-    def _drain(self) -> bool:
-        """Publish queued rows in order, at most ``max_inflight`` unacknowledged; True while rows remain."""
-        if not self._online or len(self.store) == 0:
-            return False
-        room = self.max_unacked - len(self._inflight)
-        for row_id, seq, topic, payload in self.store.peek(self._last_sent_row, max(room, 0)):
-            self._publish_now(topic, payload, seq=seq, row_id=row_id)
-            self._last_sent_row = row_id
-        return True

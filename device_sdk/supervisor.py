@@ -39,17 +39,18 @@ class Supervisor(threading.Thread):
         c = self.client
         delay = 0.05
         while not c._closing:
+            linger = self.flush_due()  # a lingering batch goes out on time, online or (to the store) not
             with c._lock:
                 c._process_events()
                 online, old = c._online, c._client
             if online:
                 delay = 0.05
                 with c._lock:
-                    draining = c._drain()
+                    draining = self.drain()
                     if draining:
                         c._wait_for_acks(0.01)
                 if not draining:
-                    c._wake.wait(0.5)
+                    c._wake.wait(min(0.5, linger))
                     c._wake.clear()
                 continue
             if old is not None:
@@ -61,7 +62,7 @@ class Supervisor(threading.Thread):
             except OSError:
                 with c._lock:
                     c._client = None
-                c._wake.wait(delay)
+                c._wake.wait(min(delay, linger))
                 delay = min(c.reconnect_max_delay, delay * 2)
                 continue
             with c._lock:
@@ -71,7 +72,28 @@ class Supervisor(threading.Thread):
             while not c._closing and time.monotonic() < deadline:
                 c._wake.wait(0.1)
                 c._wake.clear()
+                self.flush_due()
                 with c._lock:
                     c._process_events()
                     if c._online or c._client is not client:
                         break
+
+    def flush_due(self) -> float:
+        """Send the open batch if its linger ran out (supervisor); seconds until the next one is due."""
+        c = self.client
+        with c._lock:
+            if c._batcher.due():
+                c._batcher.flush()
+            deadline = c._batcher.deadline
+        return 3600.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def drain(self) -> bool:
+        """Publish queued rows in order, at most ``max_inflight`` unacknowledged; True while rows remain."""
+        c = self.client
+        if not c._online or len(c.store) == 0:
+            return False
+        room = c.max_unacked - len(c._inflight)
+        for row_id, seq, topic, payload in c.store.peek(c._last_sent_row, max(room, 0)):
+            c._publish_now(topic, payload, seq=seq, row_id=row_id)
+            c._last_sent_row = row_id
+        return True

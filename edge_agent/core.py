@@ -38,6 +38,7 @@ from broker.wire import (
 )
 from broker.wire.bodies import FeedbackView
 from broker.wire.envelope import check_content_type
+from edge_agent.batches import on_features_batch
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import BusyError, IngestError, SenderMismatchError, UnregisteredDeviceError, error_code
 from edge_agent.registry import DeviceRegistry
@@ -147,10 +148,13 @@ class EdgeCore:
             channel = parsed.channel
             if channel is topics.Channel.DEVICE_UP:
                 expected = UPLINK_KINDS[parsed.what or ""]
-                if env.kind is not expected:
-                    raise UnknownKindError(f"{parsed.what} topic carries a {env.kind.value!r} envelope")
                 device = parsed.device or ""
-                if expected is Kind.FEATURES:
+                if env.kind is Kind.FEATURES_BATCH and expected is Kind.FEATURES:  # a batch rides the features topic
+                    self._check_uplink(device, env)
+                    on_features_batch(self, fx, device, env)
+                elif env.kind is not expected:
+                    raise UnknownKindError(f"{parsed.what} topic carries a {env.kind.value!r} envelope")
+                elif expected is Kind.FEATURES:
                     self._on_features(fx, device, env)
                 elif expected is Kind.INFER:
                     self._on_infer(fx, device, env)

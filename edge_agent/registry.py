@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from broker.dedup import SequenceGuard
-from broker.wire import CapabilityProfile, DeviceConfig, ErrorCode, FeatureRecord
+from broker.wire import CapabilityProfile, DeviceConfig, ErrorCode, FeatureBatch, FeatureRecord
 from edge_agent.errors import (
     BadLabelError,
     NonFiniteFeaturesError,
@@ -263,6 +263,37 @@ class DeviceRegistry:
         entry.last_seen = entry.last_data = self.clock()  # only a record that passed counts as data
         return {"modalities": arrays, "label": label if need_label else None}
 
+    def check_batch(self, device: str, batch: FeatureBatch) -> dict[str, Any]:
+        """Validate a whole batch as :meth:`check` does one record: one numpy check per modality, all or nothing.
+
+        A stacked array ``[count, ...]`` fits when its record shape (``shape[1:]``) fits the agreement; finiteness
+        and float32 range are checked on the stacked array at once, labels by their minimum and maximum.
+        Returns ``{"modalities": {name: stacked array}, "labels": array or None}``.
+        """
+        entry = self.devices.get(device)
+        if entry is None:
+            raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
+        if batch.device != device:
+            raise ProfileMismatchError(f"batch names device {batch.device!r} but came from {device!r}")
+        for name, array in batch.modalities.items():
+            expected = entry.accepted.get(name)
+            if expected is None:
+                agreed = sorted(entry.accepted)
+                raise ProfileMismatchError(f"modality {name!r} is not in {device!r}'s agreement {agreed}")
+            _check_record_shape(name, array.shape[1:], expected)
+            if array.dtype.kind != "f":
+                raise ProfileMismatchError(f"modality {name!r}: expected floats, got {array.dtype}")
+            if not all_finite(array):
+                raise NonFiniteFeaturesError(f"modality {name!r} contains NaN or infinite values")
+            if array.dtype.itemsize > 4 and not fits_float32(array):
+                raise NonFiniteFeaturesError(f"modality {name!r} holds values beyond float32's range "
+                                             "(they would train as infinities)")
+        labels = batch.labels
+        if labels is not None and int(labels.max()) >= self.model.num_classes:
+            raise BadLabelError(f"label {int(labels.max())} outside [0, {self.model.num_classes})")
+        entry.last_seen = entry.last_data = self.clock()
+        return {"modalities": batch.modalities, "labels": labels}
+
     # -------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -305,12 +336,17 @@ def fits_float32(array: np.ndarray) -> bool:
 
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
     """Same width as agreed; a sequence may be shorter than the registered one, not longer."""
-    shape = array.shape
+    _check_record_shape(name, array.shape, expected)
+
+
+def _check_record_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """:func:`_check_shape` on a record's shape (a batch checks its stacked arrays' ``shape[1:]`` once)."""
+    ndim = len(shape)
     ok = (
-        array.ndim in (1, 2)
+        ndim in (1, 2)
         and shape[-1] == expected[-1]
-        and (array.ndim == len(expected) or (array.ndim == 2 and shape[0] == 1 and len(expected) == 1))
-        and (array.ndim == 1 or len(expected) == 1 or 1 <= shape[0] <= expected[0])
+        and (ndim == len(expected) or (ndim == 2 and shape[0] == 1 and len(expected) == 1))
+        and (ndim == 1 or len(expected) == 1 or 1 <= shape[0] <= expected[0])
     )
     if not ok:
         raise ProfileMismatchError(f"modality {name!r}: shape {shape} does not fit the registered {expected}")

@@ -2,6 +2,7 @@
 
 from broker.wire.adapters import AdapterUpdate, GlobalAdapter, Rejection, SiteFeedback, modality_of
 from broker.wire.arrays import DTYPES, decode_array, encode_array
+from broker.wire.batch import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, FeatureBatch
 from broker.wire.device import (
     CapabilityProfile,
     DeviceConfig,
@@ -18,6 +19,8 @@ from broker.wire.status import Status, decode_metrics, metrics_payload
 
 __all__ = [
     "DTYPES",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_RECORDS",
     "AdapterUpdate",
     "CapabilityProfile",
     "DeviceConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "Envelope",
     "ErrorCode",
     "ErrorReport",
+    "FeatureBatch",
     "FeatureRecord",
     "FeedbackMessage",
     "GlobalAdapter",

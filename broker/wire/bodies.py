@@ -8,6 +8,7 @@ from typing import Any
 
 from broker.errors import DecodeError, UnknownKindError
 from broker.wire.adapters import AdapterUpdate, GlobalAdapter, SiteFeedback
+from broker.wire.batch import FeatureBatch
 from broker.wire.device import (
     CapabilityProfile,
     DeviceConfig,
@@ -21,6 +22,7 @@ from broker.wire.fields import body_map, check_modality, get_list, get_map, get_
 
 BODY_TYPES: dict[Kind, Any] = {
     Kind.FEATURES: FeatureRecord,
+    Kind.FEATURES_BATCH: FeatureBatch,
     Kind.INFER: FeatureRecord,
     Kind.REGISTER: CapabilityProfile,
     Kind.CONFIG: DeviceConfig,

@@ -34,6 +34,7 @@ class Kind(StrEnum):
     GLOBAL = "global"
     SITE_FEEDBACK = "site_feedback"
     CHUNK = "chunk"
+    FEATURES_BATCH = "features_batch"
 
 
 def content_type(kind: Kind) -> str:

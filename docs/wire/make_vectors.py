@@ -17,6 +17,7 @@ from broker.wire import (
     DeviceFeedback,
     ErrorCode,
     ErrorReport,
+    FeatureBatch,
     FeatureRecord,
     FeedbackMessage,
     Kind,
@@ -108,6 +109,19 @@ def vectors() -> list[dict]:
                     "envelope_hex": pred_env.hex(), "private_seed_hex": SEED.hex(),
                     "public_hex": raw_public(signer.public_key).hex(), "kid": signer.kid},
         "hex": signed_pred.hex(),
+    })
+    batch = FeatureBatch("gw-7", 100, 2, {"accel": np.array([[[0.5, -1.0, 2.0]], [[1.0, 0.0, -2.0]]], dtype="<f4")},
+                         labels=np.array([3, 1], dtype="<i4"))
+    out.append({
+        "name": "features-batch",
+        "topic": topics.device_up("site-a", "gw-7", topics.Uplink.FEATURES),
+        "meaning": {"kind": "features_batch", "sender": "gw-7", "seq": 12, "ts_ms": TS, "device": "gw-7",
+                    "sample": 100, "count": 2,
+                    "modalities": {"accel": {"dtype": "<f4", "shape": [2, 1, 3],
+                                             "values": [0.5, -1.0, 2.0, 1.0, 0.0, -2.0]}},
+                    "labels": {"dtype": "<i4", "shape": [2], "values": [3, 1]},
+                    "note": "records 100 and 101, each accel [1, 3] with labels 3 and 1, as one message"},
+        "hex": encode_envelope(Kind.FEATURES_BATCH, "gw-7", 12, batch.to_body(), ts_ms=TS).hex(),
     })
     big = FeatureRecord("gw-7", 44, {"accel": np.arange(96, dtype="<f4").reshape(32, 3)})
     whole = encode_envelope(Kind.FEATURES, "gw-7", 10, big.to_body(), ts_ms=TS)

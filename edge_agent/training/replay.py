@@ -83,34 +83,55 @@ class ReplayBuffer:
             for name, value in modalities.items()
         }
         with self._lock:
-            seq = self._next_seq
-            item = BufferedSample(seq=seq, device_id=device_id, modalities=arrays, label=int(label))
-            self._next_seq = seq + 1
-            self._items[seq] = item
-            by_device = self._by_device.get(device_id)
-            if by_device is None:
-                by_device = self._by_device[device_id] = deque()
-            by_device.append(seq)
-            self._device_count[device_id] += 1
-            self._bytes += item.nbytes
-            self._device_bytes[device_id] += item.nbytes
-            per_modality = self.max_per_modality is not None  # the modality index only serves that cap
-            for name in arrays:
-                if per_modality:
-                    self._by_modality.setdefault(name, deque()).append(seq)
-                self._modality_count[name] += 1
-            self._enforce_caps(item)
-            # entries evicted through another index (e.g. the total cap) are only skipped lazily when
-            # a cap of this index is hit; drop stale heads here too so the indexes stay bounded
-            items = self._items
-            while by_device and by_device[0] not in items:
-                by_device.popleft()
+            return self._insert(device_id, arrays, int(label))
+
+    def add_many(self, device_id: str, stacked: Mapping[str, np.ndarray], labels: Any) -> int:
+        """Store ``len(labels)`` samples given as stacked arrays (``stacked[name][i]`` is sample ``i``'s) at once.
+
+        Why: a device batch arrives as one array per modality; it is converted to float32 in one copy per
+        modality and each sample keeps a row view of that copy (a batch's memory is freed once its last row
+        is evicted; eviction is oldest first, so at most the batch at each cap's boundary is held beyond it).
+        One lock for the whole batch; caps and drops apply sample by sample as with :meth:`add`.
+        Returns the number of samples stored.
+        """
+        copies = {name: np.array(value, dtype=np.float32, copy=True) for name, value in stacked.items()}
+        label_list = [int(x) for x in np.asarray(labels).tolist()]
+        names = list(copies)
+        with self._lock:
+            for i, label in enumerate(label_list):
+                self._insert(device_id, {name: copies[name][i] for name in names}, label)
+        return len(label_list)
+
+    def _insert(self, device_id: str, arrays: dict[str, np.ndarray], label: int) -> BufferedSample:
+        """Index one sample and enforce the caps (caller holds the lock)."""
+        seq = self._next_seq
+        item = BufferedSample(seq=seq, device_id=device_id, modalities=arrays, label=label)
+        self._next_seq = seq + 1
+        self._items[seq] = item
+        by_device = self._by_device.get(device_id)
+        if by_device is None:
+            by_device = self._by_device[device_id] = deque()
+        by_device.append(seq)
+        self._device_count[device_id] += 1
+        self._bytes += item.nbytes
+        self._device_bytes[device_id] += item.nbytes
+        per_modality = self.max_per_modality is not None  # the modality index only serves that cap
+        for name in arrays:
             if per_modality:
-                for name in arrays:
-                    queue = self._by_modality[name]
-                    while queue and queue[0] not in items:
-                        queue.popleft()
-            return item
+                self._by_modality.setdefault(name, deque()).append(seq)
+            self._modality_count[name] += 1
+        self._enforce_caps(item)
+        # entries evicted through another index (e.g. the total cap) are only skipped lazily when
+        # a cap of this index is hit; drop stale heads here too so the indexes stay bounded
+        items = self._items
+        while by_device and by_device[0] not in items:
+            by_device.popleft()
+        if per_modality:
+            for name in arrays:
+                queue = self._by_modality[name]
+                while queue and queue[0] not in items:
+                    queue.popleft()
+        return item
 
     def restore(self, items: list[BufferedSample]) -> None:
         """Refill an empty buffer from a checkpoint, keeping each sample's original ``seq``.

@@ -54,7 +54,8 @@ def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 def test_each_kind_decodes_to_its_message_type() -> None:
     assert {k.value: t.__name__ for k, t in BODY_TYPES.items()} == {
-        "features": "FeatureRecord", "infer": "FeatureRecord", "register": "CapabilityProfile",
+        "features": "FeatureRecord", "features_batch": "FeatureBatch", "infer": "FeatureRecord",
+        "register": "CapabilityProfile",
         "config": "DeviceConfig", "prediction": "Prediction", "feedback": "DeviceFeedback", "error": "ErrorReport",
         "adapter": "AdapterUpdate", "global": "GlobalAdapter", "site_feedback": "SiteFeedback",
     }

@@ -17,6 +17,7 @@ from broker.wire import (
     DeviceConfig,
     DeviceFeedback,
     ErrorReport,
+    FeatureBatch,
     FeatureRecord,
     Kind,
     ModalityProfile,
@@ -38,6 +39,9 @@ def _build(m: dict[str, Any]) -> Any:
     if m["kind"] == "features":
         return FeatureRecord(m["device"], m["sample"], {k: _array(v) for k, v in m["modalities"].items()},
                              label=m.get("label"), quality=m.get("quality", {}))
+    if m["kind"] == "features_batch":
+        return FeatureBatch(m["device"], m["sample"], m["count"], {k: _array(v) for k, v in m["modalities"].items()},
+                            labels=_array(m["labels"]) if "labels" in m else None)
     if m["kind"] == "register":
         mods = {k: ModalityProfile(tuple(v["shape"]), v["dtype"], v["rate_hz"]) for k, v in m["modalities"].items()}
         return CapabilityProfile(m["device"], mods, m["compute"], m["sdk"])
@@ -75,7 +79,7 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
                                                                             m["ts_ms"])
     assert env.content_type == f"application/vnd.megace.{m['kind']}+msgpack"
     parsed = topics.parse(vector["topic"])
-    assert parsed.what == m["kind"] and parsed.device == "gw-7" and parsed.chunk_index is None
+    assert parsed.what == m["kind"].removesuffix("_batch") and parsed.device == "gw-7" and parsed.chunk_index is None
     msg = decode_body(env)
     if m["kind"] == "features":
         assert isinstance(msg, FeatureRecord)
@@ -84,6 +88,13 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
         assert sorted(msg.modalities) == sorted(m["modalities"])
         for name, spec in m["modalities"].items():
             _assert_array(msg.modalities[name], spec)
+    elif m["kind"] == "features_batch":
+        assert isinstance(msg, FeatureBatch)
+        assert (msg.device, msg.first, msg.count, msg.samples) == (m["device"], m["sample"], m["count"], None)
+        assert sorted(msg.modalities) == sorted(m["modalities"])
+        for name, spec in m["modalities"].items():
+            _assert_array(msg.modalities[name], spec)
+        _assert_array(msg.labels, m["labels"])
     elif m["kind"] == "register":
         assert isinstance(msg, CapabilityProfile)
         assert (msg.device, msg.compute, msg.sdk_version) == (m["device"], m["compute"], m["sdk"])
@@ -114,10 +125,10 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
 def test_vectors_cover_the_documented_cases() -> None:
     assert [v["name"] for v in VECTORS] == ["features-accel", "features-two-modalities-no-label", "register",
                                             "config", "error", "feedback", "prediction", "signed-prediction",
-                                            "chunk-0-of-3"]
+                                            "features-batch", "chunk-0-of-3"]
     spec = (Path(__file__).parents[2] / "docs" / "wire" / "SPEC.md").read_text()
     worked = next(v for v in VECTORS if v["name"] == "features-accel")
-    block = spec.split("```")[1]
+    block = spec.split("Vector `features-accel`", 1)[1].split("```")[1]
     assert "".join(block.split()) == worked["hex"]  # the SPEC's worked example is the vector, byte for byte
 
 

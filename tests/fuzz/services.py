@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from broker import topics
 from broker.chunking import frames
-from broker.wire import GlobalAdapter, Kind, SiteFeedback
+from broker.wire import FeatureBatch, GlobalAdapter, Kind, SiteFeedback
 from tests.fuzz.strategies import envelope_map, envelopes, mutated, pack, plain, topic_choices
 from tests.fuzz.targets import DEVICE_TEMPLATES, NOWHERE, PropertyViolation, Target, tmpdir
 
@@ -49,6 +49,7 @@ class EdgeHarness:
             Kind.REGISTER: plain(toy_profile("dev-1").to_body()),
             Kind.FEATURES: plain(record("dev-1", 1, wide).to_body()),  # float64 env: float32 range checks
             Kind.INFER: plain(record("dev-1", 1, sample, label=False).to_body()),
+            Kind.FEATURES_BATCH: plain(FeatureBatch.stack([record("dev-1", i, wide) for i in (1, 2)]).to_body()),
             Kind.GLOBAL: plain(glob.to_body()),
             Kind.SITE_FEEDBACK: plain(view.to_body()),
         }
@@ -56,6 +57,7 @@ class EdgeHarness:
             Kind.REGISTER: topics.device_up("s1", "dev-1", topics.Uplink.REGISTER),
             Kind.FEATURES: topics.device_up("s1", "dev-1", topics.Uplink.FEATURES),
             Kind.INFER: topics.device_up("s1", "dev-1", topics.Uplink.INFER),
+            Kind.FEATURES_BATCH: topics.device_up("s1", "dev-1", topics.Uplink.FEATURES),
             Kind.GLOBAL: topics.global_down(),
             Kind.SITE_FEEDBACK: topics.site_feedback("s1"),
         }
@@ -88,7 +90,7 @@ class EdgeHarness:
                 if draw(st.integers(0, 2)):  # the right kind on its topic, body and envelope bent
                     kind = draw(st.sampled_from(kinds))
                     device = draw(st.sampled_from(SITE_DEVICES)) if kind in (Kind.REGISTER, Kind.FEATURES,
-                                                                              Kind.INFER) else None
+                                                                              Kind.INFER, Kind.FEATURES_BATCH) else None
                     topic = self.right_topic[kind]
                     topic = topic.replace("/dev-1/", f"/{device}/") if device else topic
                     body = draw(mutated(self.templates[kind])) if draw(st.integers(0, 4)) else self.templates[kind]

@@ -28,6 +28,7 @@ from broker.wire import (
     CapabilityProfile,
     DeviceConfig,
     ErrorReport,
+    FeatureBatch,
     FeatureRecord,
     Kind,
     ModalityProfile,
@@ -67,6 +68,9 @@ TENSORS = {"m.lora_A.weight": _arr(np.ones((2, 3), np.float32)), "m.lora_B.weigh
 DEVICE_TEMPLATES: dict[Kind, Any] = {k: plain(v) for k, v in {
     Kind.FEATURES: FeatureRecord("dev-1", 3, {"imu": np.ones((2, 6), np.float32), "env": np.ones(8, np.float64)},
                                  label=1, quality={"snr": 3.0}).to_body(),
+    Kind.FEATURES_BATCH: FeatureBatch("dev-1", 3, 2, {"imu": np.ones((2, 2, 6), np.float32),
+                                                     "env": np.ones((2, 8), np.float64)},
+                                      labels=np.array([1, 0], "<i4"), times=np.array([5, 6], "<u8")).to_body(),
     Kind.REGISTER: CapabilityProfile("dev-1", {"imu": ModalityProfile((4, 6), "<f4", 10.0)}, {"ram": 64.0},
                                      "1").to_body(),
     Kind.CONFIG: DeviceConfig(["imu"], {"imu": 10.0}, {"imu": (4, 6)}, 2).to_body(),
@@ -99,6 +103,11 @@ def run_body(item: tuple[Kind, Any]) -> None:
     if kind in (Kind.FEATURES, Kind.INFER):
         expect_wire(lambda: FeatureRecord.from_body(body, allowed_modalities={"imu", "env"}, max_array_bytes=256),
                     "FeatureRecord.from_body(bounded)")
+    if kind is Kind.FEATURES_BATCH:
+        got = expect_wire(lambda: FeatureBatch.from_body(body, max_records=8, max_bytes=4096, max_record_bytes=256),
+                          "FeatureBatch.from_body(bounded)")
+        if got is not None and any(a.shape[:1] != (got.count,) for a in got.modalities.values()):
+            raise PropertyViolation("FeatureBatch.from_body returned a stacked array not [count, ...]")
 
 
 def run_array(obj: Any) -> None:
