@@ -184,6 +184,22 @@ def cloud(config: Annotated[Path, typer.Option("--config", "-c", help="cloud agg
     raise typer.Exit(serve(config))
 
 
+@app.command("export-global")
+def export_global_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="cloud aggregator TOML file ([model], state_dir)")],
+    out: Annotated[Path, typer.Option(help="artifact directory to write (replaced atomically)")],
+    version: Annotated[int | None, typer.Option(help="global version (default: the latest)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="override the config's state_dir")] = None,
+) -> None:
+    """Export a global from the cloud's ledger as a peft adapter (load it with megace_model.build_base)."""
+    args = ["--config", str(config), "--out", str(out)]
+    args += ["--version", str(version)] if version is not None else []
+    args += ["--state-dir", str(state_dir)] if state_dir is not None else []
+    from cloud_aggregator.export import main as export_main
+
+    raise typer.Exit(export_main(args))
+
+
 @app.command("broker")
 def broker_cmd(
     port: Annotated[int, typer.Option(help="TCP port to listen on")] = 1883,
