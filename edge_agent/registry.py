@@ -249,13 +249,7 @@ class DeviceRegistry:
                 agreed = sorted(entry.accepted)
                 raise ProfileMismatchError(f"modality {name!r} is not in {device!r}'s agreement {agreed}")
             _check_shape(name, array, expected)
-            if array.dtype.kind != "f":
-                raise ProfileMismatchError(f"modality {name!r}: expected floats, got {array.dtype}")
-            if not all_finite(array):
-                raise NonFiniteFeaturesError(f"modality {name!r} contains NaN or infinite values")
-            if array.dtype.itemsize > 4 and not fits_float32(array):
-                raise NonFiniteFeaturesError(f"modality {name!r} holds values beyond float32's range "
-                                             "(they would train as infinities)")
+            _check_values(name, array)
             arrays[name] = array
         label = record.label
         if need_label and label is not None and not 0 <= label < self.model.num_classes:
@@ -281,13 +275,7 @@ class DeviceRegistry:
                 agreed = sorted(entry.accepted)
                 raise ProfileMismatchError(f"modality {name!r} is not in {device!r}'s agreement {agreed}")
             _check_record_shape(name, array.shape[1:], expected)
-            if array.dtype.kind != "f":
-                raise ProfileMismatchError(f"modality {name!r}: expected floats, got {array.dtype}")
-            if not all_finite(array):
-                raise NonFiniteFeaturesError(f"modality {name!r} contains NaN or infinite values")
-            if array.dtype.itemsize > 4 and not fits_float32(array):
-                raise NonFiniteFeaturesError(f"modality {name!r} holds values beyond float32's range "
-                                             "(they would train as infinities)")
+            _check_values(name, array)
         labels = batch.labels
         if labels is not None and int(labels.max()) >= self.model.num_classes:
             raise BadLabelError(f"label {int(labels.max())} outside [0, {self.model.num_classes})")
@@ -337,6 +325,17 @@ def fits_float32(array: np.ndarray) -> bool:
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
     """Same width as agreed; a sequence may be shorter than the registered one, not longer."""
     _check_record_shape(name, array.shape, expected)
+
+
+def _check_values(name: str, array: np.ndarray) -> None:
+    """Floats, finite, and within float32's range (what training will cast them to); one record or a stack."""
+    if array.dtype.kind != "f":
+        raise ProfileMismatchError(f"modality {name!r}: expected floats, got {array.dtype}")
+    if not all_finite(array):
+        raise NonFiniteFeaturesError(f"modality {name!r} contains NaN or infinite values")
+    if array.dtype.itemsize > 4 and not fits_float32(array):
+        raise NonFiniteFeaturesError(f"modality {name!r} holds values beyond float32's range "
+                                     "(they would train as infinities)")
 
 
 def _check_record_shape(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
