@@ -53,8 +53,11 @@ def _wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) 
         time.sleep(0.1)
 
 
-def test_service_on_fresh_state_never_imports_peft_or_transformers(tmp_path: Path, mosquitto_addr: BrokerAddress):
-    cfg = cloud_config(tmp_path / "state", mosquitto_addr, cloud_id="cloud-boot")
+def test_service_on_fresh_state_never_imports_peft_or_transformers(tmp_path: Path, fresh_mosquitto) -> None:  # type: ignore[no-untyped-def]
+    # a broker of its own: the service leaves a retained version 0 of its base, which edges of other
+    # tests on the shared broker would receive (and rightly refuse as another base)
+    addr = BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port)
+    cfg = cloud_config(tmp_path / "state", addr, cloud_id="cloud-boot")
     cfg_path = write_cloud_config(cfg, tmp_path / "cloud.toml")
     dump = tmp_path / "modules.json"
     with open(tmp_path / "cloud.log", "wb") as log:
