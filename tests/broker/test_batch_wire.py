@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from broker.errors import ArrayFormatError, DecodeError, OversizeError
+from broker.errors import WireError as WireErrorBase
 from broker.wire import FeatureBatch, FeatureRecord, Kind, decode_envelope, encode_envelope
 from broker.wire.bodies import decode_body
 
@@ -81,3 +82,55 @@ def test_byte_limits() -> None:
     with pytest.raises(OversizeError):
         FeatureBatch.from_body(_body(), max_record_bytes=11)
     assert FeatureBatch.from_body(_body(), max_bytes=48, max_record_bytes=12).count == 4
+
+
+def _records(ids: list[int], device: str = "gw-1") -> list[FeatureRecord]:
+    return [FeatureRecord(device, i, {"imu": np.full((2, 3), float(i), np.float32)}, label=i % 3) for i in ids]
+
+
+def test_consecutive_ids_travel_as_first_and_count_others_as_an_explicit_column() -> None:
+    run = FeatureBatch.stack(_records([7, 8, 9]))
+    assert run.samples is None and (run.first, run.count) == (7, 3)
+    body = run.to_body()
+    assert body["sample"] == 7 and "samples" not in body
+    gaps = FeatureBatch.stack(_records([7, 9, 12]))
+    assert gaps.samples is not None and gaps.samples.dtype == np.dtype("<u8")
+    body = gaps.to_body()
+    assert "sample" not in body and body["samples"]["shape"] == [3]
+    assert gaps.sample_ids().tolist() == [7, 9, 12] and gaps.sample_ids().dtype == np.uint64
+
+
+def test_a_batch_means_its_records_one_by_one() -> None:
+    batch = FeatureBatch.from_body(FeatureBatch.stack(_records([4, 6, 5], device="gw-9")).to_body())
+    got = batch.records()
+    assert [(r.device, r.sample, r.label) for r in got] == [("gw-9", 4, 1), ("gw-9", 6, 0), ("gw-9", 5, 2)]
+    for r in got:
+        np.testing.assert_array_equal(r.modalities["imu"], np.full((2, 3), float(r.sample), np.float32))
+
+
+def test_records_that_differ_in_device_labelling_or_shape_do_not_stack() -> None:
+    mixed = _records([1]) + _records([2], device="gw-2")
+    with pytest.raises(ValueError, match="same device and modalities"):
+        FeatureBatch.stack(mixed)
+    half = [FeatureRecord("gw-1", 1, {"imu": np.zeros((2, 3), np.float32)}, label=1),
+            FeatureRecord("gw-1", 2, {"imu": np.zeros((2, 3), np.float32)})]
+    with pytest.raises(ValueError, match="all or nothing"):
+        FeatureBatch.stack(half)
+    with pytest.raises(ValueError, match="at least one record"):
+        FeatureBatch.stack([])
+
+
+def test_decoding_honours_the_allowed_modalities_and_the_byte_limit() -> None:
+    body = FeatureBatch.stack(_records([1, 2, 3])).to_body()  # 3 x 6 float32 = 72 bytes of imu
+    with pytest.raises(WireErrorBase):
+        FeatureBatch.from_body(body, allowed_modalities={"env"})
+    assert FeatureBatch.from_body(body, allowed_modalities={"imu"}).count == 3
+    with pytest.raises(OversizeError):
+        FeatureBatch.from_body(body, max_bytes=71)
+    assert FeatureBatch.from_body(body, max_bytes=72 + 12).count == 3  # the array and the int32 labels
+    both = {**body, "samples": FeatureBatch.stack(_records([1, 5, 9])).to_body()["samples"]}
+    with pytest.raises(DecodeError, match="exactly one of 'sample'"):
+        FeatureBatch.from_body(both)
+    bad_labels = {**body, "labels": {"dtype": "<f4", "shape": [3], "data": np.zeros(3, np.float32).tobytes()}}
+    with pytest.raises(ArrayFormatError, match="labels: must be an integer array"):
+        FeatureBatch.from_body(bad_labels)
