@@ -104,19 +104,24 @@ def raw_paho_rate(addr: BrokerAddress, payloads: list[bytes]) -> float:
     return n / dt
 
 
+def _timed_publish(dev: DeviceClient, recs: list[FeatureRecord], what: str) -> float:
+    """Connect, publish every record, wait until the broker acknowledged all: the seconds that took."""
+    if not dev.connect(10):
+        raise RuntimeError(f"{what}: not connected in 10 s")
+    t0 = time.perf_counter()
+    for r in recs:
+        dev.publish(r)
+    if not dev.flush(120):
+        raise RuntimeError(f"{what}: {dev.pending} messages not acknowledged after 120 s")
+    return time.perf_counter() - t0
+
+
 def sdk_rate(addr: BrokerAddress, recs: list[FeatureRecord], store: Path) -> float:
     """Feature records (encoded by the SDK on each call) through DeviceClient at QoS 1, until all are acked."""
     n = len(recs)
     dev = DeviceClient(SITE, "sdk", addr, store_path=store, max_inflight=INFLIGHT)
     try:
-        if not dev.connect(10):
-            raise RuntimeError("SDK: not connected in 10 s")
-        t0 = time.perf_counter()
-        for r in recs:
-            dev.publish(r)
-        if not dev.flush(120):
-            raise RuntimeError(f"SDK: {dev.pending} of {n} records not acknowledged after 120 s")
-        dt = time.perf_counter() - t0
+        dt = _timed_publish(dev, recs, "SDK")
         sent, acked = dev.counters["sent.features"], dev.counters["acked"]
         if sent != n or acked < n:  # acked also counts the registration-free status messages, if any
             raise RuntimeError(f"SDK: {sent} records sent, {acked} acked, {n} published")
@@ -133,14 +138,7 @@ def sdk_batched_rate(addr: BrokerAddress, recs: list[FeatureRecord], store: Path
     dev = DeviceClient(SITE, "sdk-batched", addr, store_path=store, max_inflight=INFLIGHT, linger_ms=linger_ms,
                        batch_max=batch_max)
     try:
-        if not dev.connect(10):
-            raise RuntimeError("SDK batched: not connected in 10 s")
-        t0 = time.perf_counter()
-        for r in recs:
-            dev.publish(r)
-        if not dev.flush(120):
-            raise RuntimeError(f"SDK batched: {dev.pending} messages not acknowledged after 120 s")
-        dt = time.perf_counter() - t0
+        dt = _timed_publish(dev, recs, "SDK batched")
         if dev.counters["sent.batched_records"] != n:
             raise RuntimeError(f"SDK batched: {dev.counters['sent.batched_records']} of {n} records sent")
     finally:
