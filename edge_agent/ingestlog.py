@@ -49,6 +49,7 @@ class IngestLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self._lock = threading.Lock()
+        self._packer = msgpack.Packer(use_bin_type=True)  # reused: append runs on one thread (the loop)
         self._pending: list[tuple[int, bytes]] = []
         existing = self.segments()
         self._segment = (existing[-1] + 1) if existing else 1
@@ -66,7 +67,7 @@ class IngestLog:
 
     def append(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Buffer one message; it is durable once a later :meth:`commit` returns."""
-        body = msgpack.packb([topic, payload, retained], use_bin_type=True)
+        body = self._packer.pack([topic, payload, retained])
         frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
         with self._lock:
             self._pending.append((self._segment, frame))

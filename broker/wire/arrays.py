@@ -39,7 +39,10 @@ def wire_dtype(dtype: np.dtype) -> str:
 
 def encode_array(array: np.ndarray) -> dict[str, Any]:
     """Describe ``array`` as a msgpack-ready map; contiguous little-endian arrays are not copied."""
-    a = np.asarray(array)
+    a = array if type(array) is np.ndarray else np.asarray(array)
+    name = a.dtype.str
+    if name in DTYPES and a.flags.c_contiguous:  # the common case, already wire-ready: no copy, no dtype lookups
+        return {"dtype": name, "shape": list(a.shape), "data": memoryview(a).cast("B") if a.size else b""}
     name = wire_dtype(a.dtype)
     if a.dtype.str != name:
         a = a.astype(DTYPES[name])

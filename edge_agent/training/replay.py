@@ -22,7 +22,7 @@ import numpy as np
 _F32 = np.dtype(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BufferedSample:
     """One stored sample; ``seq`` increases monotonically over the buffer's lifetime."""
 
@@ -30,14 +30,16 @@ class BufferedSample:
     device_id: str
     modalities: dict[str, np.ndarray]
     label: int
+    nbytes: int = -1
+    """The arrays' bytes, computed once (the byte caps read it on every insert and eviction); -1: compute."""
+
+    def __post_init__(self) -> None:
+        if self.nbytes < 0:
+            object.__setattr__(self, "nbytes", sum(a.nbytes for a in self.modalities.values()))
 
     @property
     def presence(self) -> tuple[str, ...]:
         return tuple(sorted(self.modalities))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.modalities.values())
 
     def as_sample(self) -> dict[str, Any]:
         """The collate format ``{"modalities": ..., "label": ...}``."""
@@ -105,7 +107,10 @@ class ReplayBuffer:
     def _insert(self, device_id: str, arrays: dict[str, np.ndarray], label: int) -> BufferedSample:
         """Index one sample and enforce the caps (caller holds the lock)."""
         seq = self._next_seq
-        item = BufferedSample(seq=seq, device_id=device_id, modalities=arrays, label=label)
+        nbytes = 0
+        for array in arrays.values():
+            nbytes += array.nbytes
+        item = BufferedSample(seq, device_id, arrays, label, nbytes)
         self._next_seq = seq + 1
         self._items[seq] = item
         by_device = self._by_device.get(device_id)
@@ -113,13 +118,14 @@ class ReplayBuffer:
             by_device = self._by_device[device_id] = deque()
         by_device.append(seq)
         self._device_count[device_id] += 1
-        self._bytes += item.nbytes
-        self._device_bytes[device_id] += item.nbytes
+        self._bytes += nbytes
+        self._device_bytes[device_id] += nbytes
         per_modality = self.max_per_modality is not None  # the modality index only serves that cap
+        modality_count = self._modality_count
         for name in arrays:
             if per_modality:
                 self._by_modality.setdefault(name, deque()).append(seq)
-            self._modality_count[name] += 1
+            modality_count[name] += 1
         self._enforce_caps(item)
         # entries evicted through another index (e.g. the total cap) are only skipped lazily when
         # a cap of this index is hit; drop stale heads here too so the indexes stay bounded
@@ -166,8 +172,9 @@ class ReplayBuffer:
             for name in item.presence:
                 while self._modality_count[name] > self.max_per_modality:
                     self._evict_oldest(self._by_modality[name], f"modality:{name}")
-        while len(self._items) > self.max_total:
-            self._evict(next(iter(self._items)), "total")
+        items = self._items
+        while len(items) > self.max_total:
+            self._evict(next(iter(items)), "total")
         while self.max_bytes is not None and self._bytes > self.max_bytes:
             self._evict(next(iter(self._items)), "bytes")
 
@@ -181,8 +188,9 @@ class ReplayBuffer:
         self._device_count[item.device_id] -= 1
         self._bytes -= item.nbytes
         self._device_bytes[item.device_id] -= item.nbytes
-        for name in item.presence:
-            self._modality_count[name] -= 1
+        modality_count = self._modality_count
+        for name in item.modalities:
+            modality_count[name] -= 1
         self._dropped[reason] += 1
         self._dropped["all"] += 1
 
