@@ -5,7 +5,8 @@ B (384, 8), float32, about 295 KB each), random.  Peak memory is the growth of t
 resident high-water mark (VmHWM, reset through /proc/self/clear_refs before each run, so the
 inputs, built beforehand, are not counted; glibc's mmap threshold is pinned at 1 MiB so heap
 fragmentation is not counted either); where the reset is unavailable it falls back to the RSS
-delta sampled after the run.  Timings use 1 torch thread by default (see --threads).
+delta sampled after the run.  Timings use 1 BLAS thread by default (see --threads); the cloud's maths is
+numpy (it never imports torch), so ``--threads`` caps numpy's BLAS/LAPACK through threadpoolctl.
 
 The goal asks for cost growing linearly with the number of edges: ``growth_1000_over_100`` is
 time(1,000) / time(100) per strategy (10x the edges), from the fastest of the repeats of each size
@@ -28,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,15 +45,15 @@ PREFIX = "base_model.model.encoder.layer.{i}.attention.self.{p}"
 
 
 def make_contributions(n: int, seed: int = 0) -> list[Contribution]:
-    g = torch.Generator().manual_seed(seed)
+    g = np.random.default_rng(seed)
     out = []
     for k in range(n):
-        t: dict[str, torch.Tensor] = {}
+        t: dict[str, np.ndarray] = {}
         for i in range(LAYERS):
             for p in ("query", "value"):
                 m = PREFIX.format(i=i, p=p)
-                t[f"{m}.lora_A.weight"] = torch.randn(RANK, HIDDEN, generator=g) * 0.02
-                t[f"{m}.lora_B.weight"] = torch.randn(HIDDEN, RANK, generator=g) * 0.02
+                t[f"{m}.lora_A.weight"] = g.standard_normal((RANK, HIDDEN), dtype=np.float32) * 0.02
+                t[f"{m}.lora_B.weight"] = g.standard_normal((HIDDEN, RANK), dtype=np.float32) * 0.02
         out.append(Contribution(f"edge-{k}", 1, 0, RANK, ALPHA, 10 + k % 50, t))
     return out
 
@@ -90,8 +92,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def nbytes(tensors: dict[str, np.ndarray]) -> int:
+    return sum(t.nbytes for t in tensors.values())
 
 
 def run_one(name: str, cs: list[Contribution], repeats: int) -> dict[str, float | int]:
@@ -137,14 +139,14 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads; 1 by default because on a shared 2-core box OpenMP spin-waiting made a 384x384 SVD"
-        " 20x slower with 2 threads",
+        help="BLAS threads; 1 by default because on a shared 2-core box thread spin-waiting made a 384x384 SVD"
+        " 20x slower with 2 threads (measured with torch's OpenMP)",
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aggregation.json")
     args = ap.parse_args()
 
     load0 = [round(x, 2) for x in os.getloadavg()]
-    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)
     mmap_fixed = _fix_mmap_threshold()
     sets = {n: make_contributions(n) for n in args.sizes}
     for name in args.strategies:  # warm up kernels (the first LAPACK SVD call costs ~1 s)
@@ -197,8 +199,10 @@ def main() -> None:
         },
         "machine": {
             "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            "numpy": np.__version__,
+            "blas": sorted({f"{p['internal_api']} {p.get('version')}" for p in threadpool_info()
+                            if p["user_api"] == "blas"}),
+            "blas_threads": min((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=0),
             "glibc_mmap_threshold_1MiB": mmap_fixed,
             "cpu": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),

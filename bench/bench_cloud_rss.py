@@ -12,9 +12,10 @@ has idled for a few seconds; then ``--rounds`` aggregations are fed by real uplo
 as it stands, perturbed, encoded by ``tests/support/cloud_bus.update_payload``, one per site, buffer_k =
 sites) and ``after_rounds_steady`` is taken the same way. ``peak`` is the highest sampled RSS of the
 service process itself; ``peak_tree`` also adds any children it runs at the same time (the one-off
-version-0 builder). ``torch_import`` is a bare ``python -c "import torch"`` for scale, since the
-service imports torch. The result is stored under ``--label`` (e.g. ``before`` / ``after``) in the JSON
-file, keeping the other labels already there.
+version-0 builder). ``torch_import`` is a bare ``python -c "import torch"`` for scale: the floor of
+the service while it did its maths in torch (it is numpy now; only the builder child imports torch).
+The result is stored under ``--label`` (e.g. ``before`` / ``after`` / ``numpy``) in the JSON file,
+keeping the other labels already there.
 
     python bench/bench_cloud_rss.py --label after [--rounds 3] [--sites 3] [--out bench/results/cloud_rss.json]
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -171,7 +173,7 @@ def phase(cfg_path: Path, state_dir: Path, addr: BrokerAddress, cloud_id: str, f
 
 
 def torch_import_mib() -> float:
-    """RSS of a bare interpreter after ``import torch`` (the floor while the service uses torch)."""
+    """RSS of a bare interpreter after ``import torch`` (the floor while the service used torch)."""
     code = "import torch, psutil; print(psutil.Process().memory_info().rss)"
     return round(int(subprocess.check_output([sys.executable, "-c", code])) / MIB, 1)
 
@@ -208,7 +210,7 @@ def main() -> None:
         run["restart"] = phase(cfg_path, state_dir, addr, cfg.cloud_id, fingerprint, seq0=1 + args.rounds, **kw)
         print("restart", run["restart"], flush=True)
     run["torch_import_mib"] = torch_import_mib()
-    run["command"] = " ".join(["python", "bench/bench_cloud_rss.py", *sys.argv[1:]])
+    run["command"] = shlex.join(["python", "bench/bench_cloud_rss.py", *sys.argv[1:]])
     run["met"] = all(run[p]["peak_mib"] <= GOAL_MIB for p in ("fresh", "restart"))
 
     out = Path(args.out)

@@ -104,7 +104,7 @@ def attacked(
     if kind == "flip-x3":
         view = core.strategy.view_for(core.glob, rank=EDGE_RANK, modalities={"audio": SAMPLES, "image": SAMPLES},
                                       alpha=2.0 * EDGE_RANK)
-        flipped = {n: (v.numpy() * (-3.0 if ".lora_B." in n else 1.0)).astype(np.float32) for n, v in view.items()}
+        flipped = {n: (v * (-3.0 if ".lora_B." in n else 1.0)).astype(np.float32) for n, v in view.items()}
         return flipped, SAMPLES
     return t, SAMPLES
 
@@ -117,7 +117,7 @@ def upload(core: AggregatorCore, site: str, seq: int, tensors: dict[str, np.ndar
 
 
 def dense(core: AggregatorCore) -> np.ndarray:
-    g = {n: t.double().numpy() for n, t in core.glob.tensors.items()}
+    g = {n: t.astype(np.float64) for n, t in core.glob.tensors.items()}  # the cloud holds numpy arrays
     parts = [g[n.replace(".lora_A.", ".lora_B.")] @ t for n, t in sorted(g.items()) if ".lora_A." in n]
     return np.concatenate([p.ravel() for p in parts])
 

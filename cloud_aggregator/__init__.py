@@ -1,7 +1,8 @@
 """Cloud aggregator: aggregation strategies, staleness, validation and the durable ledger.
 
-Kept import-light on purpose: importing the package must not pull torch, so that the
-service (or a CLI) can import submodules lazily.  Import what you need from submodules:
+The service does its maths in numpy and never imports torch: only the one-off version-0 builder
+(``bootstrap``, a child process) and the peft export (``export``) need it.  The package itself is
+kept import-light, so a CLI can import submodules lazily.  Import what you need from submodules:
 
     from cloud_aggregator.contribution import Contribution, GlobalState
     from cloud_aggregator.strategies import get_strategy

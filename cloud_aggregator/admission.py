@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 
 from .balance import balance
 from .config import CloudConfig
@@ -36,7 +35,7 @@ from .steps import StepBound
 from .validation import NormGuard, Validator
 
 #: what an edge of this upload's rank, alpha and modalities would load from the current global
-ViewOf = Callable[[Contribution], dict[str, torch.Tensor]]
+ViewOf = Callable[[Contribution], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def content_digest(c: Contribution) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of the seq)."""
     h = hashlib.sha256()
     for name in sorted(c.tensors):
-        arr = np.ascontiguousarray(c.tensors[name].detach().cpu().numpy())
+        arr = np.ascontiguousarray(c.tensors[name])
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
         h.update(arr.tobytes())
     return h.hexdigest()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
+import numpy as np
 
 from megace_common.lora import lora_a, lora_b
 
@@ -48,15 +48,16 @@ def balance(c: Contribution, a_rms: dict[str, float], band: float) -> tuple[Cont
     changed = 0
     for m, (a, b) in parse(c.tensors).pairs.items():
         rho = a_rms.get(m)
-        if a is None or rho is None or rho <= 0 or a.dim() != 2:
+        if a is None or rho is None or rho <= 0 or a.ndim != 2:
             continue
-        new = _balance_pair(a.double(), None if b is None else b.double(), rho, band, c.scaling)
+        f64 = np.float64
+        new = _balance_pair(a.astype(f64), None if b is None else b.astype(f64), rho, band, c.scaling)
         if new is None:
             continue
         na, nb = new
-        tensors[lora_a(m)] = na.to(a.dtype)
+        tensors[lora_a(m)] = na.astype(a.dtype)
         if b is not None and nb is not None:
-            tensors[lora_b(m)] = nb.to(b.dtype)
+            tensors[lora_b(m)] = nb.astype(b.dtype)
         changed += 1
     if not changed:
         return c, 0
@@ -64,11 +65,11 @@ def balance(c: Contribution, a_rms: dict[str, float], band: float) -> tuple[Cont
 
 
 def _balance_pair(
-    a: torch.Tensor, b: torch.Tensor | None, rho: float, band: float, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    a: np.ndarray, b: np.ndarray | None, rho: float, band: float, scaling: float
+) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The balanced ``(A, B)`` in float64, or None when the pair is already in the band."""
     r = a.shape[0]
-    scale = float(a.norm()) / math.sqrt(r) if r else 0.0
+    scale = float(np.linalg.norm(a)) / math.sqrt(r) if r else 0.0
     d = 1.0
     if scale > 0:
         d = min(max(scale, rho / band), rho * band) / scale
@@ -79,7 +80,7 @@ def _balance_pair(
     # step 2: ||s B|| at most band x ||ΔW|| / rho (ΔW computed through the r x r Gram matrices)
     delta = math.sqrt(max(float(((nb.T @ nb) * (na @ na.T)).sum()), 0.0)) * abs(scaling)
     limit = band * delta / rho
-    norm_b = float(nb.norm()) * abs(scaling)
+    norm_b = float(np.linalg.norm(nb)) * abs(scaling)
     shrink = norm_b > limit * (1 + 1e-9)
     if shrink:
         nb = nb * (limit / norm_b)

@@ -13,6 +13,9 @@ atomically) and exits; the service only reads the two files (``reference.open_re
 A child that fails is reported with its exit code and the end of its stderr (its traceback);
 one that runs past ``BUILD_TIMEOUT_S`` is killed. Each is a :class:`BootstrapError` at start,
 never a hang.
+
+torch is imported inside the functions that build, never at module level: the service imports this
+module (for the file names and :func:`run_bootstrap`) and must stay torch-free.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from megace_common.durable import atomic_write
 from megace_common.lora import add_peft_prefix, is_lora_b, lora_scaling, rescale_b, split_lora
@@ -32,6 +34,9 @@ from megace_model.config import EdgeModelConfig
 from megace_model.fingerprint import base_fingerprint
 
 from .validation import AdapterSchema
+
+if TYPE_CHECKING:
+    import torch
 
 REFERENCE_FILE = "reference.json"
 #: version 0 (the seeded shared adapter at the global's scaling 1), float32, with the fingerprint as metadata
@@ -46,6 +51,8 @@ class BootstrapError(RuntimeError):
 
 def build(model: EdgeModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]], float]:
     """One model build: version 0, the personal tensors' shapes, and ||W0|| over the adapted modules."""
+    import torch
+
     from megace_model.adapters import build_edge_model, personal_state, shared_state  # lazy: pulls peft
 
     peft = build_edge_model(model)

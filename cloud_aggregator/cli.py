@@ -27,7 +27,7 @@ def serve(config_path: str | None) -> int:
     except CloudConfigError as exc:
         print(f"megace cloud: {exc}", file=sys.stderr)
         return 2
-    from .service import CloudAggregator  # torch import only once the config is known good
+    from .service import CloudAggregator  # the heavier imports only once the config is known good
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -121,7 +121,8 @@ class LimitsConfig:
     #: packets larger than this are published chunked (brokers often cap at 1 MB / 128 KB)
     max_packet_bytes: int = 256 * 1024
     metrics_period_s: float = 5.0
-    #: torch intra-op threads for aggregation (SVDs); 1 leaves the other cores to the broker
+    #: BLAS/LAPACK threads for aggregation (numpy's SVDs, matmuls); 1 leaves the other cores to the broker.
+    #: The name predates the numpy port and is kept so existing configs stay valid.
     torch_threads: int = 1
     #: accepted seqs / rejections repeated in each site's feedback
     feedback_history: int = 32

@@ -11,6 +11,9 @@ applies ``alpha / r``, so raw factors from different edges are not comparable):
 
 Folding into ``B`` (rather than ``√s`` into both) keeps ``A`` scale-free, which is what FedSA
 shares, and makes fedavg of equally-scaled edges identical to averaging the raw factors.
+
+Tensors are numpy arrays throughout the cloud (the service never imports torch); maths that is
+float32 stays float32 and norms are taken in float64.
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from megace_common.lora import lora_a, lora_b, lora_scaling, split_lora
 
 
-def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """CPU numpy arrays of ``tensors`` (no copy where they already are contiguous CPU tensors)."""
-    return {n: t.detach().to("cpu").contiguous().numpy() for n, t in tensors.items()}
+def to_numpy(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """C-contiguous arrays of ``tensors`` (no copy where they already are): what the wire encodes without a copy."""
+    return {n: np.ascontiguousarray(t) for n, t in tensors.items()}
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Contribution:
     rank: int
     alpha: float
     samples: int
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
     modalities: dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""
 
@@ -60,7 +62,7 @@ class GlobalState:
     """
 
     version: int
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
     strategy: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     # per-version cache (e.g. flora's SVDs); never persisted
@@ -79,7 +81,7 @@ class GlobalState:
         """The tensors as numpy arrays sharing their memory: what the global message carries, views are cut from."""
         return to_numpy(self.tensors)
 
-    def delta(self, module: str) -> torch.Tensor:
+    def delta(self, module: str) -> np.ndarray:
         """Dense effective ΔW of one module (for tests and diagnostics)."""
         return self.tensors[lora_b(module)] @ self.tensors[lora_a(module)]
 
@@ -88,14 +90,14 @@ class GlobalState:
 class Factors:
     """A contribution split into LoRA pairs and other tensors."""
 
-    pairs: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
-    extras: dict[str, torch.Tensor]
+    pairs: dict[str, tuple[np.ndarray | None, np.ndarray | None]]
+    extras: dict[str, np.ndarray]
 
 
-def parse(tensors: dict[str, torch.Tensor]) -> Factors:
+def parse(tensors: dict[str, np.ndarray]) -> Factors:
     """Group ``<module>.lora_A/B.weight`` into pairs; everything else is an extra."""
-    pairs: dict[str, list[torch.Tensor | None]] = {}
-    extras: dict[str, torch.Tensor] = {}
+    pairs: dict[str, list[np.ndarray | None]] = {}
+    extras: dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         p = split_lora(name)
         if p is None:
@@ -113,11 +115,13 @@ def effective_norm(c: Contribution) -> float:
     """
     total = 0.0
     parsed = parse(c.tensors)
-    for a, b in parsed.pairs.values():
-        if a is None or b is None:
-            continue
-        a64, b64 = a.double(), b.double()
-        total += float(((b64.T @ b64) * (a64 @ a64.T)).sum()) * c.scaling**2
-    for t in parsed.extras.values():
-        total += float(t.double().pow(2).sum())
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an inf norm, which the validator refuses
+        for a, b in parsed.pairs.values():
+            if a is None or b is None:
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            total += float(((b64.T @ b64) * (a64 @ a64.T)).sum()) * c.scaling**2
+        for t in parsed.extras.values():
+            t64 = t.astype(np.float64)
+            total += float((t64 * t64).sum())
     return math.sqrt(max(total, 0.0))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from threadpoolctl import threadpool_limits
 
 from broker.chunking import Reassembler
 from broker.errors import WireError
@@ -40,7 +40,7 @@ from .errors import BadMetadata, RejectedUpdate
 from .feedback import SiteFeedbacks
 from .intake import to_contribution, wire_reason
 from .ledger import Ledger
-from .messages import Outgoing, SeqReserve, global_message, metrics_message
+from .messages import Outgoing, SeqReserve, global_event, global_message, metrics_message
 from .mixing import mix, step_sizes
 from .ratelog import RateLimitedLog
 from .reference import open_reference
@@ -61,7 +61,8 @@ class AggregatorCore:
         agg, lim = config.aggregation, config.limits
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(lim.torch_threads)  # process-wide; SVDs on a small box should not starve the broker
+        # process-wide BLAS/LAPACK threads (numpy's); SVDs on a small box should not starve the broker
+        threadpool_limits(lim.torch_threads)
 
         self.strategy = get_strategy(agg.strategy, **agg.strategy_options)
         self.strategy.cap_share(agg.max_share)
@@ -230,11 +231,10 @@ class AggregatorCore:
         # re-evaluated at aggregation time (FedBuff): an update waits in the buffer at most one version
         discounts = [self.staleness.discount(s) for s in stale]
         scaled = self.config.aggregation.staleness_step and self.strategy.factor_space
-        with torch.no_grad():
-            agg = self.strategy.aggregate(self.glob, contributions, discounts)
-            if scaled:
-                agg.tensors = mix(self.glob.tensors, agg.tensors, step_sizes(self.strategy, contributions, discounts))
-            stepped = self.optimizer.step(self.glob.tensors, agg.tensors)
+        agg = self.strategy.aggregate(self.glob, contributions, discounts)
+        if scaled:
+            agg.tensors = mix(self.glob.tensors, agg.tensors, step_sizes(self.strategy, contributions, discounts))
+        stepped = self.optimizer.step(self.glob.tensors, agg.tensors)
         # the aggregate already carries every tensor the strategy keeps; one it dropped stays dropped
         # (fedsa's B is personal: the optimizer's "keep what only the current global has" would revive
         # v0's B in every global, and an edge of the global's rank would load it over its own)
@@ -251,6 +251,7 @@ class AggregatorCore:
             fingerprint=self.fingerprint,
         )
         self.ledger.commit_global(new, [p.id for p in pend], self.optimizer.state_dict())
+        norms = global_norms(self.glob.tensors, new.tensors)
         self.glob = new
         self.last_aggregation_ms = ms
         self.buffer.aggregated(now)
@@ -260,6 +261,7 @@ class AggregatorCore:
         out = [self._global_message()]
         out += [self.feedback.view(site, self.glob) for site in sorted(self.sites.profiles)]
         out.append(self.metrics_message())
+        out.append(global_event(self.config.cloud_id, new, norms, dict(self.rejected)))
         return out
 
     def _site_stats(
@@ -311,10 +313,9 @@ class AggregatorCore:
         """The site's rank-, alpha- and modality-specific view of the current global (cached per version)."""
         return self.feedback.tensors(self.glob, prof)
 
-    def _view_of(self, c: Contribution) -> dict[str, torch.Tensor]:
+    def _view_of(self, c: Contribution) -> dict[str, np.ndarray]:
         """The current global as an edge of ``c``'s rank, alpha and modalities loads it (steps are judged from it)."""
-        with torch.no_grad():
-            return self.strategy.view_for(self.glob, rank=c.rank, modalities=c.modalities, alpha=c.alpha)
+        return self.strategy.view_for(self.glob, rank=c.rank, modalities=c.modalities, alpha=c.alpha)
 
     def metrics(self) -> dict[str, Any]:
         meta = self.glob.meta
@@ -342,6 +343,20 @@ class AggregatorCore:
 
     def sent(self, nbytes: int) -> None:
         self.bytes_out += nbytes
+
+
+def global_norms(old: dict[str, Any], new: dict[str, Any]) -> dict[str, float]:
+    """L2 norms a dashboard plots per version: the new global's, and its step from the previous one (float64)."""
+    total = 0.0
+    step = 0.0
+    for name, t in new.items():
+        t64 = np.asarray(t, dtype=np.float64)
+        total += float((t64 * t64).sum())
+        before = old.get(name)
+        if before is not None and tuple(before.shape) == tuple(t64.shape):
+            t64 = t64 - np.asarray(before, dtype=np.float64)
+        step += float((t64 * t64).sum())
+    return {"global": total ** 0.5, "step": step ** 0.5}
 
 
 class BadKind(Exception):

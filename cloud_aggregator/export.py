@@ -16,10 +16,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from megace_model.config import EdgeModelConfig
-from megace_model.export import export_global, global_lora_config
 from megace_model.fingerprint import base_fingerprint
 
 from .bootstrap import REFERENCE_FILE
@@ -55,7 +52,12 @@ def export_global_version(state_dir: str | Path, model: EdgeModelConfig, out: st
     """Write global ``version`` (default: the latest) of the ledger in ``state_dir`` to ``out`` as a peft artifact.
 
     ``model`` is the cloud's ``[model]`` section; the state directory must describe the same base.
+    torch and peft are imported here, on use: the module stays importable without them.
     """
+    from safetensors.torch import load_file
+
+    from megace_model.export import export_global, global_lora_config
+
     root = Path(state_dir)
     reference = root / REFERENCE_FILE
     if reference.exists() and json.loads(reference.read_text()).get("fingerprint") != base_fingerprint(model):

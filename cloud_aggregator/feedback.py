@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from broker.signing import Signer
 from broker.wire.bodies import VIEW_NONE, VIEW_TENSORS, FeedbackView
@@ -68,8 +67,7 @@ class SiteFeedbacks:
             self._views, self._views_version = {}, g.version
         key = prof.view_key()
         if key not in self._views:
-            with torch.no_grad():
-                v = self.strategy.view_for(g, rank=prof.rank, modalities=prof.modalities, alpha=prof.alpha)
+            v = self.strategy.view_for(g, rank=prof.rank, modalities=prof.modalities, alpha=prof.alpha)
             self._views[key] = to_numpy(v)
         return self._views[key]
 

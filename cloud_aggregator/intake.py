@@ -8,7 +8,6 @@ the edge's feedback and the metrics can name both with one vocabulary.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from broker.errors import (
     ArrayFormatError,
@@ -57,17 +56,16 @@ def wire_reason(exc: WireError) -> str:
 
 
 def to_contribution(update: AdapterUpdate) -> Contribution:
-    """Copy the (read-only, zero-copy) wire arrays into float32 tensors the cloud owns.
+    """Copy the (read-only, zero-copy) wire arrays into float32 arrays the cloud owns.
 
     Non-float arrays are kept as they are so the validator refuses them with a reason.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, arr in update.tensors.items():
-        try:
-            t = torch.from_numpy(np.array(arr, copy=True))
-        except TypeError as exc:  # a wire dtype torch cannot hold (e.g. some unsigned ints)
-            raise BadMetadata(f"{name}: {exc}") from exc
-        tensors[name] = t.to(torch.float32) if t.is_floating_point() else t
+        if not isinstance(arr, np.ndarray):
+            raise BadMetadata(f"{name}: not an array")
+        floating = np.issubdtype(arr.dtype, np.floating)
+        tensors[name] = arr.astype(np.float32) if floating else np.array(arr, copy=True)
     return Contribution(
         edge_id=update.edge,
         seq=update.seq,

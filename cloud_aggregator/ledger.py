@@ -29,9 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as st_save
+import numpy as np
+from safetensors.numpy import load_file
+from safetensors.numpy import save as st_save
 
 from megace_common.durable import atomic_write
 
@@ -84,9 +84,9 @@ CREATE TABLE IF NOT EXISTS globals (
 
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    # clone: views of one stacked buffer share storage, which safetensors refuses
-    own = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+def save_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, atomically (views and non-contiguous arrays are fine)."""
+    own = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     atomic_write(path, st_save(own, metadata=meta))
 
 
@@ -317,7 +317,7 @@ class Ledger:
         self,
         g: GlobalState,
         applied: Iterable[int],
-        server_state: dict[str, torch.Tensor] | None = None,
+        server_state: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Publish ``g`` as the next version and mark ``applied`` update ids as consumed, atomically."""
         applied = sorted(set(applied))
@@ -371,7 +371,7 @@ class Ledger:
             version=version, tensors=load_file(self.root / row[1]), strategy=row[0], meta=json.loads(row[2])
         )
 
-    def server_state(self, version: int | None = None) -> dict[str, torch.Tensor]:
+    def server_state(self, version: int | None = None) -> dict[str, np.ndarray]:
         """Server-optimizer state saved with ``version`` (default: latest); empty if none."""
         version = self.latest_version() if version is None else version
         if version is None:

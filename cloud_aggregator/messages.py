@@ -17,6 +17,7 @@ from broker.signing import Signer
 from broker.topics import Role
 from broker.wire import GlobalAdapter, Kind, Rejection, SiteFeedback, encode_envelope, metrics_payload
 from broker.wire.bodies import FeedbackView
+from broker.wire.status import event_payload
 from megace_common.durable import atomic_write
 
 from .contribution import GlobalState
@@ -120,4 +121,26 @@ def _signed(envelope: bytes, signer: Signer | None) -> bytes:
 
 
 def metrics_message(cloud_id: str, values: dict[str, object]) -> Outgoing:
-    return Outgoing(topics.metrics(Role.CLOUD, cloud_id), metrics_payload(Role.CLOUD.value, cloud_id, values))
+    """Retained, so a dashboard opened between two ticks shows the latest at once."""
+    return Outgoing(topics.metrics(Role.CLOUD, cloud_id), metrics_payload(Role.CLOUD.value, cloud_id, values),
+                    retain=True)
+
+
+def global_event(cloud_id: str, glob: GlobalState, norms: dict[str, float], rejected: dict[str, int]) -> Outgoing:
+    """The JSON event of one new global (docs/METRICS.md, ``global``), retained: a dashboard's version timeline."""
+    meta = glob.meta
+    st = meta.get("staleness", {"mean": 0.0, "max": 0})
+    sites = meta.get("site_stats", {})
+    data = {
+        "version": glob.version,
+        "strategy": glob.strategy,
+        "contributors": list(meta.get("contributors", [])),
+        "updates": int(meta.get("n_updates", 0)),
+        "staleness": {"mean": float(st["mean"]), "max": int(st["max"])},
+        "norms": norms,
+        "aggregation_ms": float(meta.get("aggregation_ms", 0.0)),
+        "sites": {site: {k: float(v) for k, v in stats.items()} for site, stats in sites.items()},
+        "rejected": dict(rejected),
+    }
+    payload = event_payload(Role.CLOUD.value, cloud_id, "global", data)
+    return Outgoing(topics.events(Role.CLOUD, cloud_id), payload, retain=True)

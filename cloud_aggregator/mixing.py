@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from megace_common.lora import split_lora
 
@@ -40,8 +40,8 @@ def step_sizes(
 
 
 def mix(
-    current: dict[str, torch.Tensor], aggregate: dict[str, torch.Tensor], steps: dict[str, float]
-) -> dict[str, torch.Tensor]:
+    current: dict[str, np.ndarray], aggregate: dict[str, np.ndarray], steps: dict[str, float]
+) -> dict[str, np.ndarray]:
     """``current + ᾱ (aggregate - current)`` per tensor; a grown rank axis is zero-padded first (exact)."""
     out = dict(aggregate)
     for name, agg in aggregate.items():

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from megace_model.config import EdgeModelConfig
 from megace_model.fingerprint import base_fingerprint
@@ -54,9 +54,9 @@ class Reference:
     a_rms: dict[str, float] = field(default_factory=dict)
 
 
-def initial_adapter(model: EdgeModelConfig) -> dict[str, torch.Tensor]:
-    """The seeded shared adapter at the global's scaling 1 (``alpha/r`` folded into B), built in-process."""
-    return build(model)[0]
+def initial_adapter(model: EdgeModelConfig) -> dict[str, np.ndarray]:
+    """The seeded shared adapter at the global's scaling 1 (``alpha/r`` folded into B), built in-process (torch)."""
+    return {k: t.detach().cpu().numpy() for k, t in build(model)[0].items()}
 
 
 def _read(state_dir: Path, fingerprint: str) -> dict | None:
@@ -73,14 +73,14 @@ def _read(state_dir: Path, fingerprint: str) -> dict | None:
     return doc
 
 
-def _initial(state_dir: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+def _initial(state_dir: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
     """Version 0 as the builder wrote it, or None if missing or written for another base."""
     from safetensors import safe_open
 
     path = state_dir / INITIAL_FILE
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="np") as f:
         if (f.metadata() or {}).get("fingerprint") != fingerprint:
             return None
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
@@ -88,7 +88,7 @@ def _initial(state_dir: Path, fingerprint: str) -> dict[str, torch.Tensor] | Non
 
 def open_reference(
     state_dir: Path, model: EdgeModelConfig, *, need_initial: bool, isolate: bool | None = None
-) -> tuple[Reference, dict[str, torch.Tensor] | None]:
+) -> tuple[Reference, dict[str, np.ndarray] | None]:
     """Load ``reference.json`` (and version 0 when ``need_initial``), building them first if missing.
 
     ``isolate`` picks where a build runs (see ``bootstrap.run_bootstrap``; None: in a child unless

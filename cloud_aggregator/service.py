@@ -2,7 +2,7 @@
 
 One aiomqtt client per connection attempt (``async with``), a persistent session
 (``clean_session=False``) so uploads sent while the cloud restarts are queued by the broker,
-and one single-worker executor that runs every core call: torch work and fsyncs never block
+and one single-worker executor that runs every core call: numpy maths and fsyncs never block
 the event loop, and core calls never overlap.  A lock makes "handle a message, then publish
 what it produced" atomic with respect to the timer and to shutdown.
 """

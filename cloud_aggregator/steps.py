@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-import torch
+import numpy as np
 
 from megace_common.lora import lora_a, lora_b
 
@@ -40,18 +40,24 @@ from .contribution import Contribution, parse
 _MAX_HALVINGS = 40
 
 
-def _pair_step(a: torch.Tensor, b: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, s: float) -> float:
+def _pair_step(a: np.ndarray, b: np.ndarray, va: np.ndarray, vb: np.ndarray, s: float) -> float:
     """``‖s (B A - B_v A_v)‖_F`` through the 2r x 2r Gram identity, never forming an out x in matrix."""
-    bc = torch.cat([b.double(), -vb.double()], dim=1)
-    ac = torch.cat([a.double(), va.double()], dim=0)
-    return abs(s) * float(((bc.T @ bc) * (ac @ ac.T)).sum().clamp_min(0).sqrt())
+    f64 = np.float64
+    bc = np.concatenate([b.astype(f64), -vb.astype(f64)], axis=1)
+    ac = np.concatenate([a.astype(f64), va.astype(f64)], axis=0)
+    return abs(s) * float(np.sqrt(max(float(((bc.T @ bc) * (ac @ ac.T)).sum()), 0.0)))
 
 
-def _fit(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+def _fit(t: np.ndarray | None, like: np.ndarray) -> np.ndarray:
     """The view's tensor shaped like the upload's (zeros where the view has no such tensor)."""
     if t is None or t.shape != like.shape:
-        return torch.zeros_like(like)
-    return t.to(like.dtype)
+        return np.zeros_like(like)
+    return t.astype(like.dtype, copy=False)
+
+
+def _norm64(x: np.ndarray) -> float:
+    """Frobenius norm of ``x`` (float64)."""
+    return float(np.linalg.norm(x))
 
 
 @dataclass
@@ -80,7 +86,7 @@ class StepBound:
             out.update({k: steps[k] * self.cold_bound / total for k in cold})
         return out
 
-    def steps(self, c: Contribution, view: dict[str, torch.Tensor]) -> dict[str, float]:
+    def steps(self, c: Contribution, view: dict[str, np.ndarray]) -> dict[str, float]:
         """Each module's (or non-LoRA tensor's) step from ``view``."""
         out: dict[str, float] = {}
         p = parse(c.tensors)
@@ -89,14 +95,14 @@ class StepBound:
                 continue
             va = _fit(view.get(lora_a(m)), a)
             if b is None:
-                out[m] = float((a.double() - va.double()).norm())
+                out[m] = _norm64(a.astype(np.float64) - va.astype(np.float64))
             else:
                 out[m] = _pair_step(a, b, va, _fit(view.get(lora_b(m)), b), c.scaling)
         for n, t in p.extras.items():
-            out[n] = float((t.double() - _fit(view.get(n), t).double()).norm())
+            out[n] = _norm64(t.astype(np.float64) - _fit(view.get(n), t).astype(np.float64))
         return out
 
-    def clip(self, c: Contribution, view: dict[str, torch.Tensor]) -> tuple[Contribution, dict[str, float], int]:
+    def clip(self, c: Contribution, view: dict[str, np.ndarray]) -> tuple[Contribution, dict[str, float], int]:
         """``c`` with every over-long step shrunk; returns it, the steps it now takes, and how many were cut."""
         steps = self.steps(c, view)
         tensors = dict(c.tensors)
@@ -130,7 +136,7 @@ class StepBound:
             self.observe(steps)
 
 
-def _toward(t: torch.Tensor, v: torch.Tensor | None, lam: float) -> torch.Tensor:
+def _toward(t: np.ndarray, v: np.ndarray | None, lam: float) -> np.ndarray:
     """``v + λ (t - v)`` in ``t``'s dtype (``v`` absent: zeros)."""
-    base = _fit(v, t)
-    return (base.double() + lam * (t.double() - base.double())).to(t.dtype)
+    base = _fit(v, t).astype(np.float64)
+    return (base + lam * (t.astype(np.float64) - base)).astype(t.dtype)

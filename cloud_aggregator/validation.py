@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
 
 from megace_common.lora import lora_a, lora_b
 
@@ -41,7 +42,7 @@ class AdapterSchema:
     extras: dict[str, tuple[int, ...]]
 
     @classmethod
-    def from_adapter(cls, tensors: dict[str, torch.Tensor]) -> AdapterSchema:
+    def from_adapter(cls, tensors: Mapping[str, Any]) -> AdapterSchema:
         """Derive the schema from one reference adapter (any rank)."""
         p = parse(tensors)
         modules = {}
@@ -152,9 +153,9 @@ class Validator:
             raise ShapeMismatch("no tensors")
         self._check_shapes(c)
         for name, t in c.tensors.items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            if not isinstance(t, np.ndarray) or not np.issubdtype(t.dtype, np.floating):
                 raise ShapeMismatch(f"{name}: not a floating-point tensor")
-            if not bool(torch.isfinite(t).all()):
+            if not bool(np.isfinite(t).all()):
                 raise NonFinite(name)
         norm = effective_norm(c)
         if not math.isfinite(norm):
@@ -169,9 +170,9 @@ class Validator:
             # FedSA edges may send A alone (require_b=False); B alone is never meaningful
             if a is None or (b is None and self.require_b):
                 raise ShapeMismatch(f"{m}: unpaired LoRA factor")
-            if a is not None and (a.dim() != 2 or a.shape[0] != c.rank):
+            if a is not None and (a.ndim != 2 or a.shape[0] != c.rank):
                 raise RankMismatch(f"{lora_a(m)} shape {tuple(a.shape)} vs declared rank {c.rank}")
-            if b is not None and (b.dim() != 2 or b.shape[1] != c.rank):
+            if b is not None and (b.ndim != 2 or b.shape[1] != c.rank):
                 raise RankMismatch(f"{lora_b(m)} shape {tuple(b.shape)} vs declared rank {c.rank}")
             if self.schema is not None:
                 if m not in self.schema.modules:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from megace_model.config import EdgeModelConfig
+
+if TYPE_CHECKING:  # torch only where frozen weights are hashed: the cloud service fingerprints without it
+    from torch import nn
 
 #: Bump when the way the frozen base is built changes.
 BASE_FORMAT_VERSION = 1
@@ -60,6 +61,8 @@ def base_fingerprint(config: EdgeModelConfig) -> str:
 
 def frozen_weights_digest(model: nn.Module) -> str:
     """sha256 over the actual frozen tensors (name, shape, bytes); slower, for tests and audits."""
+    import torch
+
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if param.requires_grad:

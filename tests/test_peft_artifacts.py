@@ -139,7 +139,7 @@ def test_edge_and_global_artifacts_load_with_plain_peft(tmp_path: Path) -> None:
             core.ingest(topics.adapter_up(site), update_payload(
                 tensors, site=site, seq=1, base_version=0, fingerprint=base_fingerprint(model_config(4)), rank=4))
         assert core.version == 1, core.metrics()
-        glob = {k: v.clone() for k, v in core.glob.tensors.items()}
+        glob = {k: torch.from_numpy(v.copy()) for k, v in core.glob.tensors.items()}  # the cloud holds numpy
     finally:
         core.close()
     (tmp_path / "cloud.toml").write_text(dumps_cloud_config(cfg))

@@ -1,9 +1,10 @@
 """The one interface every aggregation rule implements, and the vectorised plumbing they share.
 
-A strategy sees, per module, the factors of every eligible edge stacked into one tensor
+A strategy sees, per module, the factors of every eligible edge stacked into one array
 (``A``: ``(K, r_max, in)``, ``B``: ``(K, out, r_max)``, zero-padded where ranks differ, ``B``
 with the edge's ``alpha/r`` alongside in ``scales``) plus one unnormalised weight per edge.  Doing
-the maths on stacks rather than per edge is what keeps 1,000 edges well under a second.
+the maths on stacks rather than per edge is what keeps 1,000 edges well under a second.  numpy only
+(the cloud service never imports torch): stacks are at least float32, weights and scales float64.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
+import numpy as np
 
 from megace_common.lora import lora_a, lora_b, lora_scaling, rescale_b
 from megace_common.views import ViewCut, cut_view, keeps_modality
@@ -26,22 +27,22 @@ class ModuleStack:
     """Every eligible edge's factors of one module, stacked and scale-folded."""
 
     module: str
-    a: torch.Tensor | None  # (K, r_max, in)
-    b: torch.Tensor | None  # (K, out, r_max), raw: the edge's alpha_k/r_k is in ``scales``
-    ranks: torch.Tensor  # (K,) int64
-    weights: torch.Tensor  # (K,) unnormalised, ≥ 0
-    scales: torch.Tensor  # (K,) alpha_k / r_k, float64
+    a: np.ndarray | None  # (K, r_max, in)
+    b: np.ndarray | None  # (K, out, r_max), raw: the edge's alpha_k/r_k is in ``scales``
+    ranks: np.ndarray  # (K,) int64
+    weights: np.ndarray  # (K,) unnormalised, ≥ 0
+    scales: np.ndarray  # (K,) alpha_k / r_k, float64
     max_share: float = 1.0  # no edge's normalised weight above this (see cap_shares)
 
     @property
-    def normalized(self) -> torch.Tensor:
+    def normalized(self) -> np.ndarray:
         return self.normalize(self.weights)
 
-    def normalize(self, w: torch.Tensor) -> torch.Tensor:
+    def normalize(self, w: np.ndarray) -> np.ndarray:
         """Weights summing to one with no share above ``max_share`` (rules weighting by their own statistic)."""
         return cap_shares(normalize(w), self.max_share)
 
-    def b_coefficients(self, w: torch.Tensor) -> torch.Tensor:
+    def b_coefficients(self, w: np.ndarray) -> np.ndarray:
         """Per-edge multipliers for raw ``B_k`` so that ``Σ c_k B_k`` = ``Σ w_k s_k B_k``.
 
         Folding the scaling into the weights avoids materialising a scaled copy of the B stack.
@@ -49,15 +50,15 @@ class ModuleStack:
         return w * self.scales
 
 
-def normalize(w: torch.Tensor) -> torch.Tensor:
+def normalize(w: np.ndarray) -> np.ndarray:
     """Weights summing to one; uniform when they are all zero (e.g. fresh LoRA with B = 0)."""
     total = w.sum()
-    if not torch.isfinite(total) or total <= 0:
-        return torch.full_like(w, 1.0 / max(len(w), 1))
+    if not np.isfinite(total) or total <= 0:
+        return np.full_like(w, 1.0 / max(len(w), 1))
     return w / total
 
 
-def cap_shares(w: torch.Tensor, max_share: float) -> torch.Tensor:
+def cap_shares(w: np.ndarray, max_share: float) -> np.ndarray:
     """Normalised weights with none above ``max_share``, the excess handed to the others pro rata.
 
     Why: a weight is whatever the edge claims (samples), so one edge claiming 10^12 samples would
@@ -69,14 +70,14 @@ def cap_shares(w: torch.Tensor, max_share: float) -> torch.Tensor:
     if max_share >= 1.0 or k == 0 or not bool((w > max_share).any()):
         return w
     if k * max_share <= 1.0:
-        return torch.full_like(w, 1.0 / k)
-    capped = torch.zeros(k, dtype=torch.bool)
-    out = w.clone()
+        return np.full_like(w, 1.0 / k)
+    capped = np.zeros(k, dtype=bool)
+    out = w.copy()
     while True:
         free = ~capped
         rest = 1.0 - max_share * int(capped.sum())
         base = w[free]
-        spread = base / base.sum() if float(base.sum()) > 0 else torch.full_like(base, 1.0 / len(base))
+        spread = base / base.sum() if float(base.sum()) > 0 else np.full_like(base, 1.0 / len(base))
         out[free] = spread * rest
         out[capped] = max_share
         over = free & (out > max_share)
@@ -85,31 +86,31 @@ def cap_shares(w: torch.Tensor, max_share: float) -> torch.Tensor:
         capped |= over
 
 
-def stack_padded(ts: Sequence[torch.Tensor], dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Stack tensors, zero-padding dimension ``dim`` (the rank axis) up to ``size``.
+def stack_padded(ts: Sequence[np.ndarray], dim: int, size: int, dtype: np.dtype) -> np.ndarray:
+    """Stack arrays, zero-padding dimension ``dim`` (the rank axis) up to ``size``.
 
     Zero-padding a LoRA pair is exact: the extra rank-one terms are 0 ⊗ 0.
     """
     if all(t.shape[dim] == size for t in ts):
-        return torch.stack(list(ts)).to(dtype)
+        return np.stack(list(ts)).astype(dtype, copy=False)
     shape = list(ts[0].shape)
     shape[dim] = size
-    out = torch.zeros((len(ts), *shape), dtype=dtype)
+    out = np.zeros((len(ts), *shape), dtype=dtype)
     for i, t in enumerate(ts):
-        idx = [i] + [slice(None)] * t.dim()
+        idx = [i] + [slice(None)] * t.ndim
         idx[dim + 1] = slice(0, t.shape[dim])
         out[tuple(idx)] = t
     return out
 
 
-def weighted_sum(w: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-    """Σ_k w_k · stack_k as one BLAS call."""
-    return torch.tensordot(w.to(stack.dtype), stack, dims=1)
+def weighted_sum(w: np.ndarray, stack: np.ndarray) -> np.ndarray:
+    """Σ_k w_k · stack_k as one BLAS call, in the stack's dtype."""
+    return np.tensordot(w.astype(stack.dtype), stack, axes=1)
 
 
-def work_dtype(t: torch.Tensor) -> torch.dtype:
+def work_dtype(t: np.ndarray) -> np.dtype:
     """At least float32: half-precision sums over 1,000 edges lose too much."""
-    return torch.promote_types(t.dtype, torch.float32)
+    return np.promote_types(t.dtype, np.float32)
 
 
 class Strategy(ABC):
@@ -138,7 +139,7 @@ class Strategy(ABC):
         return float(c.samples)
 
     @abstractmethod
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Global ``(A, B)`` at scaling 1 for one module."""
 
     def view_modalities(self, modalities: dict[str, int] | None) -> frozenset[str] | None:
@@ -157,7 +158,7 @@ class Strategy(ABC):
         """
         return set()
 
-    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         """An edge's rank-``rank`` factors at scaling 1 for a module :meth:`own_views` lists."""
         raise NotImplementedError(f"{self.name} cuts every module's view from the global")
 
@@ -170,7 +171,7 @@ class Strategy(ABC):
         if isinstance(inner, Strategy):
             inner.cap_share(max_share)
 
-    def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def combine_extra(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """A non-LoRA tensor's aggregate from the ``(K, ...)`` stack (default: the capped weighted mean)."""
         return weighted_sum(cap_shares(normalize(weights), self.max_share), stack)
 
@@ -188,7 +189,7 @@ class Strategy(ABC):
         if any(w < 0 or w != w for w in extra):
             raise ValueError("weights must be non-negative numbers")
         parsed = [parse(c.tensors) for c in contributions]
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, np.ndarray] = {}
         if global_state is not None:
             out.update(global_state.tensors)
 
@@ -221,7 +222,7 @@ class Strategy(ABC):
                     ts.append(parsed[i].extras[n])
             if ts:
                 dt = work_dtype(ts[0])
-                out[n] = self.combine_extra(torch.stack(ts).to(dt), torch.tensor(ws, dtype=torch.float64))
+                out[n] = self.combine_extra(np.stack(ts).astype(dt, copy=False), np.array(ws, dtype=np.float64))
 
         version = 1 if global_state is None else global_state.version + 1
         return GlobalState(version=version, tensors=out, strategy=self.name)
@@ -258,9 +259,9 @@ class Strategy(ABC):
             module=module,
             a=a_st,
             b=b_st,
-            ranks=torch.tensor(ranks),
-            weights=torch.tensor(ws, dtype=torch.float64),
-            scales=torch.tensor(scales, dtype=torch.float64),
+            ranks=np.array(ranks, dtype=np.int64),
+            weights=np.array(ws, dtype=np.float64),
+            scales=np.array(scales, dtype=np.float64),
             max_share=self.max_share,
         )
 
@@ -282,13 +283,13 @@ class Strategy(ABC):
         rank: int,
         modalities: dict[str, int] | None = None,
         alpha: float | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, np.ndarray]:
         """What an edge of LoRA rank ``rank`` and ``alpha`` (default: alpha = rank) loads.
 
         ``B`` is divided by the edge's ``alpha/rank`` so its own scaling reproduces the global ΔW.
         """
         cut = self.view_cut(rank, modalities, alpha)
-        out = {n: torch.from_numpy(t) for n, t in cut_view(global_state.arrays(), cut).items()}
+        out = cut_view(global_state.arrays(), cut)
         for m in sorted(self.own_views(global_state)):
             out.pop(lora_a(m), None)
             out.pop(lora_b(m), None)
@@ -296,7 +297,7 @@ class Strategy(ABC):
                 continue
             a, b = self.view_module(global_state, m, rank)
             if a is not None and self.shares_a:
-                out[lora_a(m)] = a.contiguous()
+                out[lora_a(m)] = np.ascontiguousarray(a)
             if b is not None and self.shares_b:
-                out[lora_b(m)] = rescale_b(b, 1.0, cut.scaling).contiguous()  # the global is at scaling 1
+                out[lora_b(m)] = np.ascontiguousarray(rescale_b(b, 1.0, cut.scaling))  # the global is at scaling 1
         return out

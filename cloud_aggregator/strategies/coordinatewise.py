@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-import torch
+import numpy as np
 
 from .base import ModuleStack, Strategy
 from .lowrank import balanced_factors
@@ -26,24 +26,24 @@ from .lowrank import balanced_factors
 BLOCK_ELEMENTS = 1 << 23
 
 
-def trimmed_mean(x: torch.Tensor, trim: int) -> torch.Tensor:
+def trimmed_mean(x: np.ndarray, trim: int) -> np.ndarray:
     """Mean over axis 0 after dropping the ``trim`` smallest and largest values of every coordinate."""
     if trim <= 0:
-        return x.mean(dim=0)
-    s = x.sort(dim=0).values
-    return s[trim : x.shape[0] - trim].mean(dim=0)
+        return x.mean(axis=0)
+    s = np.sort(x, axis=0)
+    return s[trim : x.shape[0] - trim].mean(axis=0)
 
 
-def dense_statistic(stack: ModuleStack, trim: int) -> torch.Tensor:
+def dense_statistic(stack: ModuleStack, trim: int) -> np.ndarray:
     """The coordinate-wise trimmed mean of ``s_k B_k A_k`` over the stack, block by block of columns."""
     assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
     k, out_dim, _ = stack.b.shape
     in_dim = stack.a.shape[2]
-    b = stack.b * stack.scales.to(stack.b.dtype)[:, None, None]
-    dense = torch.empty(out_dim, in_dim, dtype=stack.b.dtype)
+    b = stack.b * stack.scales.astype(stack.b.dtype)[:, None, None]
+    dense = np.empty((out_dim, in_dim), dtype=stack.b.dtype)
     cols = max(1, BLOCK_ELEMENTS // max(k * out_dim, 1))
     for j in range(0, in_dim, cols):
-        dense[:, j : j + cols] = trimmed_mean(torch.bmm(b, stack.a[:, :, j : j + cols]), trim)
+        dense[:, j : j + cols] = trimmed_mean(np.matmul(b, stack.a[:, :, j : j + cols]), trim)
     return dense
 
 
@@ -56,13 +56,13 @@ class CoordinateWise(Strategy):
     def trim(self, k: int) -> int:
         """Values dropped at each end of every coordinate, for ``k`` edges."""
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
         dense = dense_statistic(stack, self.trim(stack.b.shape[0]))
         rank = min(int(stack.ranks.max()), *dense.shape)
-        u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+        u, s, vh = np.linalg.svd(dense, full_matrices=False)
         a, b = balanced_factors(u[:, :rank], s[:rank], vh[:rank])
-        return a.contiguous(), b.contiguous()
+        return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
-    def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def combine_extra(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return trimmed_mean(stack, self.trim(stack.shape[0]))

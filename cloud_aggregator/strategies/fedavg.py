@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .base import ModuleStack, Strategy, weighted_sum
 
@@ -15,7 +15,7 @@ class FedAvg(Strategy):
 
     name = "fedavg"
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         w = stack.normalized
         a = weighted_sum(w, stack.a) if stack.a is not None else None
         b = weighted_sum(stack.b_coefficients(w), stack.b) if stack.b is not None else None

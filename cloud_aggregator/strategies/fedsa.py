@@ -7,7 +7,7 @@ scale-free, so edges with different alpha/r can still share it.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .base import ModuleStack, Strategy, weighted_sum
 
@@ -16,6 +16,6 @@ class FedSA(Strategy):
     name = "fedsa"
     shares_b = False
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         assert stack.a is not None
         return weighted_sum(stack.normalized, stack.a), None

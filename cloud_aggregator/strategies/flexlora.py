@@ -7,7 +7,7 @@ value, an edge's rank-r view is a slice, and its Frobenius error is √(Σ_{i>r}
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .base import ModuleStack, Strategy
 from .lowrank import balanced_factors, svd_of_product
@@ -17,12 +17,12 @@ class FlexLoRA(Strategy):
     name = "flexlora"
     factor_space = False
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
-        w = stack.b_coefficients(stack.normalized).to(stack.b.dtype)
+        w = stack.b_coefficients(stack.normalized).astype(stack.b.dtype)
         k, out_dim, r_max = stack.b.shape
         # Σ_k w_k B_k A_k as one matmul over the concatenated rank axis
-        b = (stack.b * w[:, None, None]).transpose(0, 1).reshape(out_dim, k * r_max)
+        b = (stack.b * w[:, None, None]).transpose(1, 0, 2).reshape(out_dim, k * r_max)
         a = stack.a.reshape(k * r_max, -1)
         a_g, b_g = balanced_factors(*svd_of_product(b, a))
-        return a_g.contiguous(), b_g.contiguous()
+        return np.ascontiguousarray(a_g), np.ascontiguousarray(b_g)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from megace_common.lora import lora_a, lora_b
 from megace_common.views import fit_rank
@@ -45,32 +45,31 @@ class FLoRA(Strategy):
         g.meta["svd_sorted"] = sorted((kept - touched) | self._sorted)
         return g
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
-        w = stack.b_coefficients(stack.normalized).to(stack.b.dtype)
+        w = stack.b_coefficients(stack.normalized).astype(stack.b.dtype)
         keep = stack.ranks.tolist()
         k, _, r_max = stack.b.shape
         # drop the zero padding so the stacked rank is exactly Σ r_k
         if all(r == r_max for r in keep):  # pragma: no mutate (a fast path: the general one below gives the same)
             a = stack.a.reshape(k * r_max, -1)
-            b = (stack.b * w[:, None, None]).transpose(0, 1).reshape(stack.b.shape[1], k * r_max)
+            b = (stack.b * w[:, None, None]).transpose(1, 0, 2).reshape(stack.b.shape[1], k * r_max)
         else:
-            a = torch.cat([stack.a[i, :r] for i, r in enumerate(keep)])
-            b = torch.cat([stack.b[i, :, :r] * w[i] for i, r in enumerate(keep)], dim=1)
+            a = np.concatenate([stack.a[i, :r] for i, r in enumerate(keep)])
+            b = np.concatenate([stack.b[i, :, :r] * w[i] for i, r in enumerate(keep)], axis=1)
         if self.lossless_compaction and a.shape[0] > min(a.shape[1], b.shape[0]):
             a, b = balanced_factors(*svd_of_product(b, a))
             self._sorted.add(stack.module)
-        return a.contiguous(), b.contiguous()
+        return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
     def own_views(self, g: GlobalState) -> set[str]:
         """Stacked modules: an edge's rank-r view is the best rank-r fit of ``B_g A_g`` (an SVD), not a slice."""
         compacted = set(g.meta.get("svd_sorted", ()))
         return {m for m in g.modules() if m not in compacted}
 
-    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         cache = g.cache.setdefault("flora_svd", {})  # pragma: no mutate (any private key works)
         if module not in cache:
             cache[module] = balanced_factors(*svd_of_product(g.tensors[lora_b(module)], g.tensors[lora_a(module)]))
         a, b = cache[module]
-        return (torch.from_numpy(fit_rank(a.detach().numpy(), "A", rank)),
-                torch.from_numpy(fit_rank(b.detach().numpy(), "B", rank)))
+        return fit_rank(a, "A", rank), fit_rank(b, "B", rank)

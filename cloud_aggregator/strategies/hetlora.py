@@ -6,23 +6,23 @@ better-resourced ones) dominate; views truncate the padded global back to each e
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .base import ModuleStack, Strategy, weighted_sum
 
 
-def product_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """‖B_k A_k‖_F for every k via the rxr Gram identity ‖BA‖² = Σ (BᵀB ⊙ AAᵀ)."""
-    gb = torch.bmm(b.transpose(1, 2), b)
-    ga = torch.bmm(a, a.transpose(1, 2))
-    return (gb * ga).sum(dim=(1, 2)).clamp_min(0).sqrt()
+def product_norms(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """‖B_k A_k‖_F for every k via the rxr Gram identity ‖BA‖² = Σ (BᵀB ⊙ AAᵀ), in the stacks' dtype."""
+    gb = np.matmul(b.transpose(0, 2, 1), b)
+    ga = np.matmul(a, a.transpose(0, 2, 1))
+    return np.sqrt(np.maximum((gb * ga).sum(axis=(1, 2)), 0))
 
 
 class HetLoRA(Strategy):
     name = "hetlora"
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         assert stack.a is not None and stack.b is not None  # pragma: no mutate (type narrowing only)
-        norms = product_norms(stack.a, stack.b).to(torch.float64) * stack.scales  # pragma: no mutate (to f64: exact)
+        norms = product_norms(stack.a, stack.b).astype(np.float64) * stack.scales  # pragma: no mutate (to f64: exact)
         w = stack.normalize(stack.weights * norms)
         return weighted_sum(w, stack.a), weighted_sum(stack.b_coefficients(w), stack.b)

@@ -7,24 +7,24 @@ product is small enough to decompose directly.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 
-def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, S, Vh`` of ``b @ a`` truncated to its maximal possible rank ``min(R, out, in)``."""
+def svd_of_product(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, S, Vh`` of ``b @ a`` truncated to its maximal possible rank ``min(R, out, in)`` (LAPACK, input dtype)."""
     out_dim, r = b.shape
     in_dim = a.shape[1]
     if r < min(out_dim, in_dim):
-        qb, rb = torch.linalg.qr(b)
-        qa, ra = torch.linalg.qr(a.T)
-        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        qb, rb = np.linalg.qr(b)
+        qa, ra = np.linalg.qr(a.T)
+        u, s, vh = np.linalg.svd(rb @ ra.T)  # square R x R core: full and reduced SVD coincide
         return qb @ u, s, vh @ qa.T
     # here R >= min(out, in), so the reduced SVD already has the maximal rank min(out, in)
-    u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    u, s, vh = np.linalg.svd(b @ a, full_matrices=False)
     return u, s, vh
 
 
-def balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_factors(u: np.ndarray, s: np.ndarray, vh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(A, B) = (√S Vᵀ, U √S)``: ordered by singular value, so slicing the first r is the best rank-r fit."""
-    root = s.clamp_min(0).sqrt()
+    root = np.sqrt(np.maximum(s, 0))
     return root[:, None] * vh, u * root[None, :]

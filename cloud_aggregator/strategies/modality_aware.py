@@ -8,7 +8,7 @@ fedavg), and an edge only receives the modality modules it has data for.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from megace_common.lora import modality_of
 
@@ -38,10 +38,10 @@ class ModalityAware(Strategy):
         seen = c.modalities.get(mod, 0)
         return float(seen) if seen > 0 else None
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         return self.inner.aggregate_module(stack)
 
-    def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def combine_extra(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return self.inner.combine_extra(stack, weights)
 
     def view_modalities(self, modalities: dict[str, int] | None) -> frozenset[str] | None:
@@ -51,5 +51,5 @@ class ModalityAware(Strategy):
     def own_views(self, g: GlobalState) -> set[str]:
         return self.inner.own_views(g)
 
-    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return self.inner.view_module(g, module, rank)

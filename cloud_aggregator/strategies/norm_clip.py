@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
+import numpy as np
 
 from ..contribution import Contribution, GlobalState
 from .base import ModuleStack, Strategy
@@ -38,24 +38,24 @@ class NormClip(Strategy):
         self.shares_a = inner.shares_a  # type: ignore[misc]
         self.shares_b = inner.shares_b  # type: ignore[misc]
 
-    def clip_factors(self, norms: torch.Tensor) -> torch.Tensor:
+    def clip_factors(self, norms: np.ndarray) -> np.ndarray:
         """Per edge: ``min(1, bound / norm)`` (1 for a zero norm)."""
-        bound = self.max_norm if self.max_norm > 0 else self.multiplier * float(torch.quantile(norms, 0.5))
-        return torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
+        bound = self.max_norm if self.max_norm > 0 else self.multiplier * float(np.quantile(norms, 0.5))
+        return np.where(norms > bound, bound / np.maximum(norms, 1e-300), np.ones_like(norms))
 
-    def aggregate_module(self, stack: ModuleStack) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def aggregate_module(self, stack: ModuleStack) -> tuple[np.ndarray | None, np.ndarray | None]:
         if stack.a is not None and stack.b is not None:
-            norms = product_norms(stack.a, stack.b).to(torch.float64) * stack.scales.abs()
+            norms = product_norms(stack.a, stack.b).astype(np.float64) * np.abs(stack.scales)
             stack = replace(stack, scales=stack.scales * self.clip_factors(norms))
         elif stack.a is not None:
-            f = self.clip_factors(stack.a.flatten(1).norm(dim=1).to(torch.float64))
-            stack = replace(stack, a=stack.a * f.to(stack.a.dtype)[:, None, None])
+            f = self.clip_factors(np.linalg.norm(stack.a.reshape(len(stack.a), -1), axis=1).astype(np.float64))
+            stack = replace(stack, a=stack.a * f.astype(stack.a.dtype)[:, None, None])
         return self.inner.aggregate_module(stack)
 
     def base_weight(self, c: Contribution, name: str) -> float | None:
         return self.inner.base_weight(c, name)
 
-    def combine_extra(self, stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def combine_extra(self, stack: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return self.inner.combine_extra(stack, weights)
 
     def view_modalities(self, modalities: dict[str, int] | None) -> frozenset[str] | None:
@@ -64,5 +64,5 @@ class NormClip(Strategy):
     def own_views(self, g: GlobalState) -> set[str]:
         return self.inner.own_views(g)
 
-    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def view_module(self, g: GlobalState, module: str, rank: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         return self.inner.view_module(g, module, rank)

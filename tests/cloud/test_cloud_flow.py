@@ -8,6 +8,7 @@ from the previous global *as the core published it* and the uploads as they were
 from __future__ import annotations
 
 import functools
+import json
 import sqlite3
 import time
 import zlib
@@ -63,6 +64,8 @@ def decoded(out: list[Outgoing]) -> list[tuple[str, object]]:
     for o in out:
         if o.topic.startswith(f"{topics.ROOT}/metrics/"):
             res.append((o.topic, decode_metrics(o.payload)["metrics"]))
+        elif o.topic.startswith(f"{topics.ROOT}/events/"):  # the JSON event of a new global (docs/METRICS.md)
+            res.append((o.topic, json.loads(o.payload)))
         else:
             res.append((o.topic, decode_body(decode_envelope(o.payload))))
     return res
@@ -132,6 +135,7 @@ def test_core_flow_acks_refusals_restart_and_the_fedbuff_step(tmp_path: Path):
         assert [t for t, _ in decoded(out)] == [
             topics.site_feedback("c"), topics.global_down(),
             *(topics.site_feedback(s) for s in "abc"), topics.metrics(Role.CLOUD, cfg.cloud_id),
+            topics.events(Role.CLOUD, cfg.cloud_id),  # the JSON event of the new global (docs/METRICS.md)
         ]
         [v1] = only(out, GlobalAdapter)
         assert v1.version == 1 and sorted(v1.contributors) == ["edge-a", "edge-b", "edge-c"]

@@ -8,8 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 
 from cloud_aggregator.contribution import GlobalState
@@ -42,7 +42,7 @@ def test_accept_dedup_and_reopen(tmp_path: Path):
     assert p.id == uid and p.weight == 0.5 and p.received_version == 0
     assert p.contribution.modalities == {"audio": 3} and p.contribution.alpha == c.alpha
     for name, t in c.tensors.items():
-        assert torch.equal(p.contribution.tensors[name], t)  # the winning copy, not the duplicate
+        assert np.array_equal(p.contribution.tensors[name], t)  # the winning copy, not the duplicate
     assert led2.rejections() == [("edge-3", 4, "norm_outlier")]
     assert len(list((tmp_path / "updates").iterdir())) == 1  # the refused duplicate left no file
     led2.close()
@@ -55,7 +55,7 @@ def test_commit_marks_applied_once_and_resumes_version(tmp_path: Path):
         ids = [led.accept(contrib(i, 1), 0, 1.0) for i in range(3)]
         pend = led.pending()
         g = s.aggregate(None, [p.contribution for p in pend[:2]])
-        led.commit_global(g, ids[:2], server_state={"m/q": torch.ones(2)})
+        led.commit_global(g, ids[:2], server_state={"m/q": np.ones(2, np.float32)})
         assert led.pending_count() == 1
         with pytest.raises(VersionConflict, match=r"^1 of the updates are not pending$"):  # the same updates again
             led.commit_global(GlobalState(2, g.tensors, "fedavg"), ids[:1])
@@ -66,8 +66,8 @@ def test_commit_marks_applied_once_and_resumes_version(tmp_path: Path):
         back = led.latest_global()
         assert back is not None and back.version == 1 and back.strategy == "fedavg"
         for name, t in g.tensors.items():
-            assert torch.equal(back.tensors[name], t)
-        assert torch.equal(led.server_state()["m/q"], torch.ones(2))
+            assert np.array_equal(back.tensors[name], t)
+        assert np.array_equal(led.server_state()["m/q"], np.ones(2, np.float32))
         assert [p.id for p in led.pending()] == [ids[2]]
 
 
@@ -115,7 +115,7 @@ def test_prune_keeps_recent_globals_and_pending(tmp_path: Path):
     with Ledger(tmp_path) as led:
         for v in range(1, 5):
             uid = led.accept(contrib(v, 1), v - 1, 1.0)
-            led.commit_global(GlobalState(v, {"x": torch.full((2,), float(v))}), [uid])
+            led.commit_global(GlobalState(v, {"x": np.full((2,), float(v), np.float32)}), [uid])
         pending_id = led.accept(contrib(9, 1), 4, 1.0)
         assert led.prune(keep_globals=2) == 4 + 2
         assert led.latest_global().tensors["x"][0] == 4.0  # type: ignore[union-attr]
@@ -124,7 +124,7 @@ def test_prune_keeps_recent_globals_and_pending(tmp_path: Path):
 
 
 def test_atomic_write_leaves_no_tmp(tmp_path: Path):
-    save_tensors(tmp_path / "a.safetensors", {"x": torch.arange(4.0)[1:]})  # a view is fine
+    save_tensors(tmp_path / "a.safetensors", {"x": np.arange(4.0, dtype=np.float32)[1:]})  # a view is fine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
@@ -143,7 +143,7 @@ def test_every_field_of_an_accepted_update_survives_a_reopen(tmp_path: Path):
         assert got.tensors.keys() == c.tensors.keys()
         assert led.recent_norms(10) == [3.5]
         [f] = (tmp_path / "updates").iterdir()
-        with safe_open(f, "pt") as st:  # each file names what it holds, for an operator reading the directory
+        with safe_open(f, "np") as st:  # each file names what it holds, for an operator reading the directory
             assert st.metadata() == {"edge_id": "edge-4", "seq": "7"}
 
 
@@ -183,15 +183,15 @@ def test_rejections_keep_their_audit_fields(tmp_path: Path):
 def test_applied_updates_and_server_state_per_version(tmp_path: Path):
     with Ledger(tmp_path) as led:
         ids = [led.accept(contrib(i, 1), 0, 1.0) for i in range(3)]
-        led.commit_global(GlobalState(1, {"x": torch.zeros(2)}, "fedavg"), [ids[2], ids[0]],
-                          server_state={"m": torch.ones(1)})
-        led.commit_global(GlobalState(2, {"x": torch.ones(2)}, "fedavg", meta={"n": 1}), [ids[1]])
+        led.commit_global(GlobalState(1, {"x": np.zeros(2, np.float32)}, "fedavg"), [ids[2], ids[0]],
+                          server_state={"m": np.ones(1, np.float32)})
+        led.commit_global(GlobalState(2, {"x": np.ones(2, np.float32)}, "fedavg", meta={"n": 1}), [ids[1]])
         assert led.applied_in(1) == [("edge-0", 1), ("edge-2", 1)]  # by arrival, not by the order passed
         assert [u.contribution.edge_id for u in led.applied_updates(2)] == ["edge-1"]
-        assert torch.equal(led.server_state(1)["m"], torch.ones(1))
+        assert np.array_equal(led.server_state(1)["m"], np.ones(1, np.float32))
         assert led.server_state(2) == {} and led.server_state() == {}  # v2 saved none
         assert led.load_global(2).meta == {"n": 1} and led.load_global(1).strategy == "fedavg"
-        with safe_open(tmp_path / "globals" / "v00000001.safetensors", "pt") as st:
+        with safe_open(tmp_path / "globals" / "v00000001.safetensors", "np") as st:
             assert st.metadata() == {"strategy": "fedavg"}
     with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
         assert list(db.execute("SELECT version, n_updates FROM globals ORDER BY version")) == [(1, 2), (2, 1)]
@@ -205,15 +205,15 @@ def test_prune_removes_exactly_the_files_no_longer_needed(tmp_path: Path):
     with Ledger(tmp_path) as led:
         for v in range(1, 4):
             uid = led.accept(contrib(v, 1), v - 1, 1.0)
-            led.commit_global(GlobalState(v, {"x": torch.full((2,), float(v))}), [uid],
-                              server_state={"m": torch.full((1,), float(v))})
+            led.commit_global(GlobalState(v, {"x": np.full((2,), float(v), np.float32)}), [uid],
+                              server_state={"m": np.full((1,), float(v), np.float32)})
         assert led.prune(keep_globals=3) == 3  # three applied updates, no global
         assert len(list((tmp_path / "updates").iterdir())) == 0
         assert led.prune(keep_globals=3) == 0  # nothing left to remove
         assert led.prune(keep_globals=1) == 2
         assert sorted(p.name for p in (tmp_path / "globals").iterdir()) == ["v00000003.opt.safetensors",
                                                                             "v00000003.safetensors"]
-        assert torch.equal(led.server_state()["m"], torch.full((1,), 3.0))
+        assert np.array_equal(led.server_state()["m"], np.full((1,), 3.0, np.float32))
     with Ledger(tmp_path) as led:  # reopening keeps what prune kept (nothing treated as an orphan)
         assert led.latest_global().tensors["x"][0] == 3.0  # type: ignore[union-attr]
 
@@ -228,7 +228,8 @@ def test_prune_after_a_crash_that_already_removed_some_files(tmp_path: Path):
     with Ledger(tmp_path) as led:
         for v in (1, 2):
             uid = led.accept(contrib(v, 1), v - 1, 1.0)
-            led.commit_global(GlobalState(v, {"x": torch.zeros(2)}), [uid], server_state={"m": torch.ones(1)})
+            led.commit_global(GlobalState(v, {"x": np.zeros(2, np.float32)}), [uid],
+                              server_state={"m": np.ones(1, np.float32)})
         for f in [*(tmp_path / "updates").iterdir(), tmp_path / "globals" / "v00000001.safetensors"]:
             f.unlink()
         assert led.prune(keep_globals=1) == 3  # two updates and v1, whose files were partly gone already

@@ -52,7 +52,7 @@ def build(edges: list[dict], seed: int) -> tuple[list[Contribution], list[float]
 
 
 def as_up(c: Contribution) -> ref.Up:
-    return ref.Up({n: t.numpy().astype(np.float64) for n, t in c.tensors.items()}, c.rank, c.alpha, c.samples,
+    return ref.Up({n: t.astype(np.float64) for n, t in c.tensors.items()}, c.rank, c.alpha, c.samples,
               dict(c.modalities))
 
 
@@ -65,17 +65,17 @@ def previous_global() -> GlobalState:
     for m, (o, i) in MODS.items():
         t[f"{m}.lora_A.weight"] = torch.randn(3, i, generator=g, dtype=torch.float64)
         t[f"{m}.lora_B.weight"] = torch.randn(o, 3, generator=g, dtype=torch.float64)
-    return GlobalState(version=7, tensors=t, strategy="x")
+    return GlobalState(version=7, tensors={n: v.numpy() for n, v in t.items()}, strategy="x")
 
 
-def np_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: t.numpy() for n, t in tensors.items()}
+def np_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(tensors)
 
 
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> None:
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
     assert set(got) == set(want)
     for name, w in want.items():
-        np.testing.assert_allclose(got[name].numpy(), w, err_msg=name, **TOL)
+        np.testing.assert_allclose(got[name], w, err_msg=name, **TOL)
 
 
 FACTOR_RULES = [("fedavg", {}), ("hetlora", {}), ("fedsa", {}), ("modality-aware", {"inner": "fedavg"}),
@@ -103,10 +103,10 @@ def test_all_zero_weights_fall_back_to_a_plain_mean(name):
     cs = [make_contribution(i, 2, {"m": (3, 4)}, samples=0 if name == "fedavg" else 5) for i in range(3)]
     if name == "hetlora":
         for c in cs:
-            c.tensors["m.lora_B.weight"].zero_()
+            c.tensors["m.lora_B.weight"][:] = 0.0
     g = get_strategy(name).aggregate(None, cs)
-    mean_a = sum(c.tensors["m.lora_A.weight"].numpy() for c in cs) / 3
-    np.testing.assert_allclose(g.tensors["m.lora_A.weight"].numpy(), mean_a, **TOL)
+    mean_a = sum(c.tensors["m.lora_A.weight"] for c in cs) / 3
+    np.testing.assert_allclose(g.tensors["m.lora_A.weight"], mean_a, **TOL)
 
 
 STACKED_RULES = [("flora", {"lossless_compaction": False}), ("flora", {}), ("flexlora", {}),
@@ -128,7 +128,7 @@ def test_stacked_rules_store_the_exact_weighted_sum_of_products(name, options, e
             assert f"{m}.lora_A.weight" not in g.tensors
             continue
         target = ref.product_target(ups, m, ds, weight)
-        a, b = g.tensors[f"{m}.lora_A.weight"].numpy(), g.tensors[f"{m}.lora_B.weight"].numpy()
+        a, b = g.tensors[f"{m}.lora_A.weight"], g.tensors[f"{m}.lora_B.weight"]
         np.testing.assert_allclose(b @ a, target, **TOL)
         total_rank = sum(u.rank for u, _, _ in members)
         stacked = options.get("inner", name) == "flora" and (
@@ -175,18 +175,18 @@ def test_views_match_numpy(name, options, edges, seed, rank, alpha, audio):
             continue
         expected_names.add(n)
         if p is None:
-            np.testing.assert_array_equal(view[n].numpy(), t.numpy())
+            np.testing.assert_array_equal(view[n], t)
         elif rule != "flora" or p[0] in sorted_modules:  # a plain slice, bit for bit (no SVD recomputed)
-            want = ref.fit_rank(t.numpy(), p[1], rank) / (scale if p[1] == "B" else 1.0)
-            np.testing.assert_array_equal(view[n].numpy(), want, err_msg=n)
+            want = ref.fit_rank(t, p[1], rank) / (scale if p[1] == "B" else 1.0)
+            np.testing.assert_array_equal(view[n], want, err_msg=n)
     assert set(view) == expected_names
     if rule == "flora":  # stacked modules: the truncated SVD of the stored product
         for m in {p[0] for n in view if (p := ref.split(n))}:
-            delta = g.tensors[f"{m}.lora_B.weight"].numpy() @ g.tensors[f"{m}.lora_A.weight"].numpy()
+            delta = g.tensors[f"{m}.lora_B.weight"] @ g.tensors[f"{m}.lora_A.weight"]
             sv = np.linalg.svd(delta, compute_uv=False)
             if rank < len(sv) and sv[rank - 1] - sv[rank] < 1e-6 * (1 + sv[0]):
                 continue  # tied singular values: the best rank-r fit is not unique
-            got = scale * view[f"{m}.lora_B.weight"].numpy() @ view[f"{m}.lora_A.weight"].numpy()
+            got = scale * view[f"{m}.lora_B.weight"] @ view[f"{m}.lora_A.weight"]
             np.testing.assert_allclose(got, ref.best_rank(delta, rank), rtol=1e-6, atol=1e-8 * (1 + sv[0]))
 
 
@@ -216,15 +216,15 @@ def test_fedbuff_step_sizes_and_mix_match_numpy(name, options, edges, seed, grow
 
 def test_a_lone_stale_update_moves_the_global_by_its_discount():
     """The FedBuff step for one update of staleness s is exactly (1+s)^-1/2 of the way (not a replacement)."""
-    prev = GlobalState(3, {"m.lora_A.weight": torch.zeros(2, 3, dtype=torch.float64),
-                             "m.lora_B.weight": torch.zeros(4, 2, dtype=torch.float64)})
+    prev = GlobalState(3, {"m.lora_A.weight": np.zeros((2, 3), dtype=np.float64),
+                             "m.lora_B.weight": np.zeros((4, 2), dtype=np.float64)})
     c = make_contribution(0, 2, {"m": (4, 3)}, alpha=2.0, base_version=0)
     d = (1 + 3) ** -0.5  # staleness 3 under the default polynomial discount, a = 0.5
     assert StalenessPolicy().weight(3, 0) == pytest.approx(d, rel=1e-15)
     s = get_strategy("fedavg")
     new = mix(prev.tensors, s.aggregate(prev, [c], [d]).tensors, step_sizes(s, [c], [d]))
-    np.testing.assert_allclose(new["m.lora_A.weight"].numpy(), 0.5 * c.tensors["m.lora_A.weight"].numpy(), **TOL)
-    np.testing.assert_allclose(new["m.lora_B.weight"].numpy(), 0.5 * c.tensors["m.lora_B.weight"].numpy(), **TOL)
+    np.testing.assert_allclose(new["m.lora_A.weight"], 0.5 * c.tensors["m.lora_A.weight"], **TOL)
+    np.testing.assert_allclose(new["m.lora_B.weight"], 0.5 * c.tensors["m.lora_B.weight"], **TOL)
 
 
 # ---- staleness --------------------------------------------------------------------------------
@@ -323,16 +323,16 @@ def test_registry_errors_name_the_problem():
 def test_an_infinite_weight_falls_back_to_a_plain_mean():
     cs = [make_contribution(i, 2, {"m": (3, 4)}) for i in range(2)]
     g = get_strategy("fedavg").aggregate(None, cs, [float("inf"), 1.0])
-    mean_a = (cs[0].tensors["m.lora_A.weight"] + cs[1].tensors["m.lora_A.weight"]).numpy() / 2
-    np.testing.assert_allclose(g.tensors["m.lora_A.weight"].numpy(), mean_a, **TOL)
+    mean_a = (cs[0].tensors["m.lora_A.weight"] + cs[1].tensors["m.lora_A.weight"]) / 2
+    np.testing.assert_allclose(g.tensors["m.lora_A.weight"], mean_a, **TOL)
 
 
 def test_fedbuff_step_is_one_when_no_edge_reports_samples_and_a_shrunk_rank_is_not_padded():
     cs = [make_contribution(i, 2, {"m": (3, 4)}, samples=0) for i in range(2)]
     s = get_strategy("fedavg")
     assert step_sizes(s, cs, [0.5, 0.25]) == {"m": 1.0}
-    prev = GlobalState(1, {"m.lora_A.weight": torch.ones(5, 4, dtype=torch.float64),
-                             "m.lora_B.weight": torch.ones(3, 5, dtype=torch.float64)})
+    prev = GlobalState(1, {"m.lora_A.weight": np.ones((5, 4), dtype=np.float64),
+                             "m.lora_B.weight": np.ones((3, 5), dtype=np.float64)})
     agg = s.aggregate(prev, cs, [0.5, 0.25])
     out = mix(prev.tensors, agg.tensors, {"m": 1.0})
     assert out["m.lora_A.weight"].shape == (2, 4)  # a full step is the aggregate itself, rank 2
@@ -346,7 +346,7 @@ def test_flora_remembers_which_modules_are_in_svd_form_across_versions():
     only_wide = [make_contribution(7, 1, {"wide": (3, 3)})]
     g2 = get_strategy("flora").aggregate(g1, only_wide)
     assert g2.meta["svd_sorted"] == ["tall"]  # "wide" is a stacked rank-1 module now; "tall" kept its form
-    assert g2.version == 2 and torch.equal(g2.tensors["tall.lora_A.weight"], g1.tensors["tall.lora_A.weight"])
+    assert g2.version == 2 and np.array_equal(g2.tensors["tall.lora_A.weight"], g1.tensors["tall.lora_A.weight"])
 
 
 def test_hetlora_norms_are_exact_for_small_updates():
@@ -354,10 +354,10 @@ def test_hetlora_norms_are_exact_for_small_updates():
     from cloud_aggregator.strategies.hetlora import product_norms
 
     g = torch.Generator().manual_seed(3)
-    a = 1e-2 * torch.randn(4, 3, 7, generator=g, dtype=torch.float64)
-    b = 1e-2 * torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
-    want = [np.linalg.norm(b[k].numpy() @ a[k].numpy()) for k in range(4)]
-    np.testing.assert_allclose(product_norms(a, b).numpy(), want, rtol=1e-10)
+    a = 1e-2 * torch.randn(4, 3, 7, generator=g, dtype=torch.float64).numpy()
+    b = 1e-2 * torch.randn(4, 5, 3, generator=g, dtype=torch.float64).numpy()
+    want = [np.linalg.norm(b[k] @ a[k]) for k in range(4)]
+    np.testing.assert_allclose(product_norms(a, b), want, rtol=1e-10)
 
 
 @pytest.mark.parametrize("ranks", [(2, 3, 3), (3, 3, 3)], ids=["mixed-ranks", "equal-ranks"])
@@ -367,19 +367,20 @@ def test_half_precision_uploads_are_aggregated_in_float32(name, options, ranks):
     cs = [make_contribution(i, r, MODS, samples=n, modalities={"audio": 1, "image": 2}, extras=EXTRA)
           for i, (r, n) in enumerate(zip(ranks, (1, 3, 2), strict=True))]
     for c in cs:
-        c.tensors = {k: v.half() for k, v in c.tensors.items()}
+        c.tensors = {k: v.astype(np.float16) for k, v in c.tensors.items()}
     ups = [as_up(c) for c in cs]
     g = get_strategy(name, **options).aggregate(None, cs)
-    assert {t.dtype for t in g.tensors.values()} == {torch.float32}
+    assert {t.dtype for t in g.tensors.values()} == {np.dtype(np.float32)}
     rule = options.get("inner", name)
     weight = ref.modality_weight if name == "modality-aware" else ref.samples_weight
     if rule in ("flora", "flexlora"):
         for m in MODS:
-            got = g.tensors[f"{m}.lora_B.weight"].double() @ g.tensors[f"{m}.lora_A.weight"].double()
-            np.testing.assert_allclose(got.numpy(), ref.product_target(ups, m, None, weight), rtol=1e-4, atol=1e-5)
+            f64 = np.float64
+            got = g.tensors[f"{m}.lora_B.weight"].astype(f64) @ g.tensors[f"{m}.lora_A.weight"].astype(f64)
+            np.testing.assert_allclose(got, ref.product_target(ups, m, None, weight), rtol=1e-4, atol=1e-5)
     else:
         for n, w in ref.aggregate(rule, None, ups, None, weight).items():
-            np.testing.assert_allclose(g.tensors[n].numpy(), w, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(g.tensors[n], w, rtol=1e-6, atol=1e-6)
 
 
 def test_a_zero_weight_is_allowed_and_silences_that_edge():
@@ -390,8 +391,8 @@ def test_a_zero_weight_is_allowed_and_silences_that_edge():
 
 def test_views_send_only_the_factors_the_rule_shares():
     """Even if a global holds a B (an older version did), fedsa never sends one; a lone B is never sent as A."""
-    g = GlobalState(3, {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2),
-                          "n.lora_B.weight": torch.ones(4, 2)})
+    g = GlobalState(3, {"m.lora_A.weight": np.ones((2, 3), np.float32), "m.lora_B.weight": np.ones((4, 2), np.float32),
+                          "n.lora_B.weight": np.ones((4, 2), np.float32)})
     assert set(get_strategy("fedsa").view_for(g, 2)) == {"m.lora_A.weight"}
     assert set(get_strategy("fedavg").view_for(g, 2)) == {"m.lora_A.weight", "m.lora_B.weight", "n.lora_B.weight"}
 
@@ -399,8 +400,8 @@ def test_views_send_only_the_factors_the_rule_shares():
 def test_small_weights_are_normalised_not_replaced_by_a_mean():
     cs = [make_contribution(i, 2, {"m": (3, 4)}, samples=1) for i in range(2)]
     g = get_strategy("fedavg").aggregate(None, cs, [0.2, 0.1])  # Σ w = 0.3 < 1
-    want = (2 * cs[0].tensors["m.lora_A.weight"] + cs[1].tensors["m.lora_A.weight"]).numpy() / 3
-    np.testing.assert_allclose(g.tensors["m.lora_A.weight"].numpy(), want, **TOL)
+    want = (2 * cs[0].tensors["m.lora_A.weight"] + cs[1].tensors["m.lora_A.weight"]) / 3
+    np.testing.assert_allclose(g.tensors["m.lora_A.weight"], want, **TOL)
 
 
 def test_an_edge_without_b_is_left_out_of_a_rule_that_needs_b():

@@ -85,7 +85,7 @@ def scaled(tensors: dict[str, np.ndarray], a: float = 1.0, b: float = 1.0) -> di
 
 
 def global_delta(core: AggregatorCore) -> dict[str, np.ndarray]:
-    g = {n: t.numpy().astype(np.float64) for n, t in core.glob.tensors.items()}
+    g = {n: t.astype(np.float64) for n, t in core.glob.tensors.items()}
     return {n[: -len(".lora_A.weight")]: g[n.replace(".lora_A.", ".lora_B.")] @ t
             for n, t in g.items() if n.endswith(".lora_A.weight")}
 
@@ -161,7 +161,7 @@ def test_a_huge_sample_count_buys_at_most_half_of_the_round(tmp_path: Path):
         # the cap by hand: the attacker 1/2, the three honest ones share the other half by their (equal) samples
         w = {"a": 1 / 6, "b": 1 / 6, "c": 1 / 6, "evil": 1 / 2}
         allt = {**ups, "evil": evil}
-        g = {n: t.numpy().astype(np.float64) for n, t in core.glob.tensors.items()}
+        g = {n: t.astype(np.float64) for n, t in core.glob.tensors.items()}
         for n in g:
             want = sum(w[s] * allt[s][n].astype(np.float64) * (2.0 if ".lora_B." in n else 1.0) for s in w)
             np.testing.assert_allclose(g[n], want, rtol=2e-5, atol=2e-6, err_msg=n)
@@ -192,7 +192,7 @@ def test_factor_rescaling_cannot_inflate_a_factor_average(tmp_path: Path):
             for n, t in evil.items():
                 if n.endswith(".lora_A.weight"):
                     m = n[: -len(".lora_A.weight")]
-                    a, b = stored.tensors[n].numpy(), stored.tensors[f"{m}.lora_B.weight"].numpy()
+                    a, b = stored.tensors[n], stored.tensors[f"{m}.lora_B.weight"]
                     np.testing.assert_allclose(b.astype(np.float64) @ a, evil[f"{m}.lora_B.weight"].astype(
                         np.float64) @ t, rtol=1e-4, atol=1e-7)  # ΔW exactly as sent
                     if band:

@@ -147,7 +147,7 @@ async def test_kill_9_mid_stream_then_restart(tmp_path: Path, fresh_mosquitto):
         # stored global is exactly its predecessor plus the updates the ledger says it consumed, so none
         # was applied twice or skipped.  fedavg: A = Σ w A_k, B = Σ w (alpha/r) B_k with w ∝ n_k d_k;
         # d_k = (1 + s_k)^-1/2 with s_k = (v - 1) - base_k; FedBuff step ᾱ = Σ d n / Σ n, x + ᾱ (agg - x)
-        prev = {n: t.numpy().astype(np.float64) for n, t in ledger.load_global(0).tensors.items()}
+        prev = {n: t.astype(np.float64) for n, t in ledger.load_global(0).tensors.items()}
         for v in range(1, final + 1):
             ups, ds = [], []
             for edge_id, seq in ledger.applied_in(v):
@@ -155,7 +155,7 @@ async def test_kill_9_mid_stream_then_restart(tmp_path: Path, fresh_mosquitto):
                 ups.append(ref.Up({n: t.astype(np.float64) for n, t in update.items()}, RANK, 2.0 * RANK, SAMPLES))
                 ds.append(ref.polynomial(v - 1 - base, 0.5))
             replay = ref.mix(prev, ref.aggregate("fedavg", prev, ups, ds), ref.steps(ups, ds))
-            stored = {n: t.numpy().astype(np.float64) for n, t in ledger.load_global(v).tensors.items()}
+            stored = {n: t.astype(np.float64) for n, t in ledger.load_global(v).tensors.items()}
             assert stored.keys() == replay.keys()
             for name in replay:
                 np.testing.assert_allclose(stored[name], replay[name], rtol=2e-5, atol=2e-6, err_msg=f"v{v} {name}")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from broker import topics
 from cloud_aggregator.contribution import Contribution
@@ -37,7 +36,7 @@ A, B = f"{MOD}.lora_A.weight", f"{MOD}.lora_B.weight"
 
 def contribution(a: np.ndarray, b: np.ndarray, *, rank: int, alpha: float) -> Contribution:
     return Contribution(edge_id="e", seq=1, base_version=0, rank=rank, alpha=alpha, samples=8,
-                        tensors={A: torch.tensor(a, dtype=torch.float32), B: torch.tensor(b, dtype=torch.float32)})
+                        tensors={A: np.array(a, dtype=np.float32), B: np.array(b, dtype=np.float32)})
 
 
 def dense_step(a: np.ndarray, b: np.ndarray, va: np.ndarray, vb: np.ndarray, s: float) -> float:
@@ -49,7 +48,7 @@ def test_the_step_is_the_dense_change_from_the_view() -> None:
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((4, 10)), rng.standard_normal((6, 4))
     va, vb = rng.standard_normal((4, 10)), rng.standard_normal((6, 4))
-    view = {A: torch.tensor(va, dtype=torch.float32), B: torch.tensor(vb, dtype=torch.float32)}
+    view = {A: np.array(va, dtype=np.float32), B: np.array(vb, dtype=np.float32)}
     got = StepBound().steps(contribution(a, b, rank=4, alpha=12.0), view)
     assert got[MOD] == pytest.approx(dense_step(a.astype(np.float32), b.astype(np.float32),
                                                 va.astype(np.float32), vb.astype(np.float32), 3.0), rel=1e-6)
@@ -66,7 +65,7 @@ def test_the_step_is_the_dense_change_from_the_view() -> None:
 def test_a_typical_step_is_left_exactly_as_sent_and_a_long_one_is_pulled_toward_the_view() -> None:
     rng = np.random.default_rng(2)
     va, vb = rng.standard_normal((4, 10)).astype(np.float32), rng.standard_normal((6, 4)).astype(np.float32)
-    view = {A: torch.tensor(va), B: torch.tensor(vb)}
+    view = {A: np.array(va), B: np.array(vb)}
     one = dense_step(va, 1.1 * vb, va, vb, 1.0)  # an honest step: B grew by a tenth
     bound = StepBound(multiplier=2.0, min_history=3)
     bound.rearm([{MOD: one}] * 3)
@@ -80,7 +79,7 @@ def test_a_typical_step_is_left_exactly_as_sent_and_a_long_one_is_pulled_toward_
     got, steps, cut = bound.clip(flipped, view)
     sent = dense_step(va, -3.0 * vb, va, vb, 1.0)
     assert cut == 1 and sent > 10 * one
-    a2, b2 = got.tensors[A].numpy(), got.tensors[B].numpy()
+    a2, b2 = got.tensors[A], got.tensors[B]
     assert dense_step(a2, b2, va, vb, 1.0) == pytest.approx(2 * one, rel=1e-5)  # exactly at the bound (A unchanged)
     assert steps[MOD] == pytest.approx(2 * one, rel=1e-5)
     lam = 2 * one / sent
@@ -94,7 +93,7 @@ def test_no_history_means_the_cold_bound_and_none_means_unbounded() -> None:
     c = contribution(a, 100 * b, rank=4, alpha=4.0)
     assert StepBound(cold_bound=None).clip(c, {})[2] == 0
     got, steps, cut = StepBound(cold_bound=5.0, min_history=2).clip(c, {})
-    assert cut == 1 and dense_step(got.tensors[A].numpy(), got.tensors[B].numpy(), 0 * a, 0 * b, 1.0) <= 5.0 + 1e-6
+    assert cut == 1 and dense_step(got.tensors[A], got.tensors[B], 0 * a, 0 * b, 1.0) <= 5.0 + 1e-6
     # both factors move toward the (zero) view, so the step shrinks as λ²: halving finds a λ that fits
     assert steps[MOD] <= 5.0 * (1 + 1e-9)
     # modules without history share the cold bound: two steps of 4 (5.66 together) are cut to 5 together
@@ -102,8 +101,8 @@ def test_no_history_means_the_cold_bound_and_none_means_unbounded() -> None:
                                                                        "m2": pytest.approx(5 / 2**0.5)}
     mod2 = "base_model.model.enc.v"
     two = Contribution(edge_id="e", seq=1, base_version=0, rank=4, alpha=4.0, samples=8, tensors={
-        A: torch.tensor(a), B: torch.tensor(100 * b),
-        f"{mod2}.lora_A.weight": torch.tensor(a), f"{mod2}.lora_B.weight": torch.tensor(100 * b)})
+        A: np.array(a), B: np.array(100 * b),
+        f"{mod2}.lora_A.weight": np.array(a), f"{mod2}.lora_B.weight": np.array(100 * b)})
     got, steps, cut = StepBound(cold_bound=5.0).clip(two, {})
     assert cut == 2 and (steps[MOD] ** 2 + steps[mod2] ** 2) ** 0.5 <= 5.0 * (1 + 1e-6)  # both cut, 5 together
     warm = StepBound(cold_bound=5.0, min_history=1, multiplier=3.0)
@@ -114,7 +113,7 @@ def test_no_history_means_the_cold_bound_and_none_means_unbounded() -> None:
 def flip_view(core: AggregatorCore, rank: int = 4, alpha: float = 8.0, flip: float = 3.0) -> dict[str, np.ndarray]:
     """What the sign-flipping edge sends: the current global as a rank-4 edge loads it, B x -flip."""
     view = core.strategy.view_for(core.glob, rank=rank, modalities={"audio": 8, "image": 8}, alpha=alpha)
-    return {n: (t.numpy() * (-flip if ".lora_B." in n else 1.0)).astype(np.float32) for n, t in view.items()}
+    return {n: (t * (-flip if ".lora_B." in n else 1.0)).astype(np.float32) for n, t in view.items()}
 
 
 def cosine(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> float:
@@ -246,9 +245,9 @@ def test_the_shrink_is_the_longest_halving_that_fits_when_both_factors_move() ->
         bound = StepBound(multiplier=1.0, min_history=1)
         bound.observe({MOD: dense_step(a, b, va, vb, 1.0) * float(rng.uniform(0.05, 0.9))})
         limit = bound.limits({MOD: 1.0})[MOD]
-        got, steps, cut = bound.clip(contribution(a, b, rank=4, alpha=4.0), {A: torch.tensor(va), B: torch.tensor(vb)})
+        got, steps, cut = bound.clip(contribution(a, b, rank=4, alpha=4.0), {A: np.array(va), B: np.array(vb)})
         assert cut == 1
-        a2, b2 = got.tensors[A].numpy().astype(np.float64), got.tensors[B].numpy().astype(np.float64)
+        a2, b2 = got.tensors[A].astype(np.float64), got.tensors[B].astype(np.float64)
         lam = float(np.sum((b2 - vb) * (b - vb)) / np.sum((b - vb).astype(np.float64) ** 2))  # projection on x - v
         np.testing.assert_allclose(b2, vb + lam * (b - vb), atol=1e-5)
         np.testing.assert_allclose(a2, va + lam * (a - va), atol=1e-5)
@@ -269,8 +268,8 @@ def test_a_non_lora_tensor_steps_by_its_plain_distance_and_keeps_its_dtype() -> 
     rng = np.random.default_rng(11)
     head, vhead = rng.standard_normal((3, 5)).astype(np.float16), rng.standard_normal((3, 5)).astype(np.float16)
     c = Contribution(edge_id="e", seq=1, base_version=0, rank=4, alpha=4.0, samples=8,
-                     tensors={"head.weight": torch.tensor(head)})
-    view = {"head.weight": torch.tensor(vhead)}
+                     tensors={"head.weight": np.array(head)})
+    view = {"head.weight": np.array(vhead)}
     want = float(np.linalg.norm(head.astype(np.float64) - vhead.astype(np.float64)))
     assert StepBound().steps(c, view) == {"head.weight": pytest.approx(want, rel=1e-6)}
     assert StepBound().steps(c, {}) == {"head.weight": pytest.approx(float(np.linalg.norm(head.astype(np.float64))))}
@@ -278,8 +277,8 @@ def test_a_non_lora_tensor_steps_by_its_plain_distance_and_keeps_its_dtype() -> 
     bound.observe({"head.weight": want / 4})
     got, steps, cut = bound.clip(c, view)
     out = got.tensors["head.weight"]
-    assert cut == 1 and out.dtype == torch.float16
-    np.testing.assert_allclose(out.numpy().astype(np.float64),
+    assert cut == 1 and out.dtype == np.float16
+    np.testing.assert_allclose(out.astype(np.float64),
                                vhead.astype(np.float64) + 0.25 * (head.astype(np.float64) - vhead), atol=2e-3)
     assert steps["head.weight"] <= want / 4 * (1 + 1e-3)
 

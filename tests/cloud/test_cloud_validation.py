@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cloud_aggregator import errors
 from cloud_aggregator.validation import AdapterSchema, NormGuard, Validator
@@ -38,10 +37,10 @@ def test_good_update_passes_and_returns_norm():
     c = good()
     norm = validator().validate(c)
     dense = sum(
-        float(torch.linalg.norm(c.scaling * c.tensors[f"{m}.lora_B.weight"] @ c.tensors[f"{m}.lora_A.weight"]) ** 2)
+        float(np.linalg.norm(c.scaling * c.tensors[f"{m}.lora_B.weight"] @ c.tensors[f"{m}.lora_A.weight"]) ** 2)
         for m in MODS
     )
-    dense += float(c.tensors["head.bias"].pow(2).sum())
+    dense += float((c.tensors["head.bias"] ** 2).sum())
     assert norm == pytest.approx(math.sqrt(dense))
 
 
@@ -56,26 +55,26 @@ def test_fingerprint():
 
 def test_unknown_tensor_and_module():
     c = good()
-    c.tensors["mystery.weight"] = torch.zeros(2)
+    c.tensors["mystery.weight"] = np.zeros(2, dtype=np.float32)
     reject(validator(), c, errors.UnknownTensor, r"^unknown_tensor: mystery\.weight$")
     c = good()
-    c.tensors["k.lora_A.weight"] = torch.zeros(4, 6, dtype=torch.float64)
-    c.tensors["k.lora_B.weight"] = torch.zeros(8, 4, dtype=torch.float64)
+    c.tensors["k.lora_A.weight"] = np.zeros((4, 6), dtype=np.float64)
+    c.tensors["k.lora_B.weight"] = np.zeros((8, 4), dtype=np.float64)
     reject(validator(), c, errors.UnknownTensor, r"^unknown_tensor: k$")
 
 
 def test_shape_mismatches():
     c = good()
-    c.tensors["q.lora_A.weight"] = torch.zeros(4, 7, dtype=torch.float64)
+    c.tensors["q.lora_A.weight"] = np.zeros((4, 7), dtype=np.float64)
     reject(validator(), c, errors.ShapeMismatch, r"^shape: q\.lora_A\.weight in=7 expected 6$")
     c = good()
-    c.tensors["head.bias"] = torch.zeros(4, dtype=torch.float64)
+    c.tensors["head.bias"] = np.zeros(4, dtype=np.float64)
     reject(validator(), c, errors.ShapeMismatch, r"^shape: head\.bias \(4,\) expected \(3,\)$")
     c = good()
     del c.tensors["v.lora_A.weight"]
     reject(validator(), c, errors.ShapeMismatch, r"^shape: v: unpaired LoRA factor$")
     c = good()
-    c.tensors["q.lora_A.weight"] = torch.zeros(4, 6, dtype=torch.int64)
+    c.tensors["q.lora_A.weight"] = np.zeros((4, 6), dtype=np.int64)
     reject(validator(), c, errors.ShapeMismatch, r"^shape: q\.lora_A\.weight: not a floating-point tensor$")
     c = good()
     del c.tensors["v.lora_B.weight"]  # A alone: only fine for FedSA
@@ -99,7 +98,7 @@ def test_non_finite(bad):
 
 def test_overflowing_norm_is_non_finite():
     c = good()
-    c.tensors["q.lora_B.weight"] = torch.full((8, 4), 1e300, dtype=torch.float64)
+    c.tensors["q.lora_B.weight"] = np.full((8, 4), 1e300, dtype=np.float64)
     reject(validator(), c, errors.NonFinite, r"^non_finite: effective norm overflows$")
 
 
@@ -203,16 +202,16 @@ def test_zero_is_a_valid_seq_base_and_sample_count():
 
 def test_factor_rank_and_dimension_checks():
     c = good()
-    c.tensors["q.lora_B.weight"] = torch.zeros(8, 3, dtype=torch.float64)  # B's rank axis disagrees
+    c.tensors["q.lora_B.weight"] = np.zeros((8, 3), dtype=np.float64)  # B's rank axis disagrees
     reject(validator(), c, errors.RankMismatch, r"^rank: q\.lora_B\.weight shape \(8, 3\) vs declared rank 4$")
     c = good()
-    c.tensors["q.lora_A.weight"] = torch.zeros(4, 6, 1, dtype=torch.float64)  # not a matrix
+    c.tensors["q.lora_A.weight"] = np.zeros((4, 6, 1), dtype=np.float64)  # not a matrix
     reject(validator(), c, errors.RankMismatch, r"^rank: q\.lora_A\.weight shape \(4, 6, 1\) vs declared rank 4$")
     c = good()
-    c.tensors["q.lora_B.weight"] = torch.zeros(8, 4, 1, dtype=torch.float64)
+    c.tensors["q.lora_B.weight"] = np.zeros((8, 4, 1), dtype=np.float64)
     reject(validator(), c, errors.RankMismatch)
     c = good()
-    c.tensors["q.lora_B.weight"] = torch.zeros(9, 4, dtype=torch.float64)  # wrong out dimension
+    c.tensors["q.lora_B.weight"] = np.zeros((9, 4), dtype=np.float64)  # wrong out dimension
     reject(validator(), c, errors.ShapeMismatch, r"^shape: q\.lora_B\.weight out=9 expected 8$")
     c = good()
     del c.tensors["q.lora_A.weight"]  # B alone is never meaningful, not even for FedSA

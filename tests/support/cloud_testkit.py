@@ -1,7 +1,12 @@
-"""Builders for synthetic adapters and contributions used by the cloud tests."""
+"""Builders for synthetic adapters and contributions used by the cloud tests.
+
+The cloud holds numpy arrays; the random values are drawn with torch's generator (tests may import
+torch, the cloud service does not), so every seed gives the same adapters as before the numpy port.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cloud_aggregator.contribution import Contribution
@@ -13,8 +18,8 @@ def make_adapter(
     seed: int,
     dtype: torch.dtype = torch.float64,
     extras: dict[str, tuple[int, ...]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Random LoRA factors for ``modules`` (name -> (out, in)) plus optional plain tensors."""
+) -> dict[str, np.ndarray]:
+    """Random LoRA factors for ``modules`` (name -> (out, in)) plus optional plain tensors, as numpy arrays."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for m, (o, i) in modules.items():
@@ -22,7 +27,7 @@ def make_adapter(
         out[f"{m}.lora_B.weight"] = torch.randn(o, rank, generator=g, dtype=dtype)
     for n, shape in (extras or {}).items():
         out[n] = torch.randn(*shape, generator=g, dtype=dtype)
-    return out
+    return {n: t.numpy() for n, t in out.items()}
 
 
 def make_contribution(
@@ -52,6 +57,6 @@ def make_contribution(
     )
 
 
-def effective_delta(c: Contribution, module: str) -> torch.Tensor:
+def effective_delta(c: Contribution, module: str) -> np.ndarray:
     """The edge's effective ΔW = (alpha/r) B A."""
     return c.scaling * c.tensors[f"{module}.lora_B.weight"] @ c.tensors[f"{module}.lora_A.weight"]
