@@ -33,28 +33,27 @@ import paho.mqtt.client as mqtt
 from broker import topics
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
-from broker.compat import slotted_dataclass
 from broker.metrics import Counters
 from broker.signing import Verifier, load_public_key
-from broker.wire import CapabilityProfile, FeatureBatch, FeatureRecord, Kind, Status, encode_envelope
+from broker.wire import CapabilityProfile, FeatureBatch, FeatureRecord, Kind, Prediction, Status, encode_envelope
 from broker.wire.status import OFFLINE, ONLINE
 from device_sdk.batcher import Batcher
 from device_sdk.downlink import DownlinkHandler, DownlinkReceiver
-from device_sdk.link import paho_client, set_nodelay
+from device_sdk.events import LinkEvents
+from device_sdk.link import paho_client
+from device_sdk.local_model import LocalModel
+from device_sdk.metrics import DeviceMetrics
+from device_sdk.model_installer import ModelInstaller
 from device_sdk.store import DiskQueue, Overflow, default_store_path
 from device_sdk.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-@slotted_dataclass()
-class _Pending:
-    seq: int
-    topic: str
-    payload: bytes
-    row_id: int | None  # set when the record came from the on-disk queue
+_SENT: dict[Kind, str] = {k: f"sent.{k.value}" for k in Kind}
+_SUCCESS, _NO_CONN = mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN
 
 
-class DeviceClient:
+class DeviceClient(LinkEvents):
     """One device's connection to the bus (one instance per device id).
 
     Args:
@@ -92,6 +91,11 @@ class DeviceClient:
         edge_key: The edge's Ed25519 public key (a PEM file, as ``megace provision`` writes it): with it,
             every downlink must be signed by that key, and forged or unsigned ones are dropped and
             counted instead of reaching ``on_downlink``. Without it, downlinks are not checked.
+        model_dir: Where to keep the edge's inference model (needs the ``local`` extra, onnxruntime): the device
+            registers with ``local_model``, installs each ``model`` downlink that passes its checks (see
+            :mod:`device_sdk.local_model`) and :meth:`predict` runs on the device. None: no local model.
+        metrics_interval: Seconds between the device's retained JSON metrics (queue, drops, acks, round trip,
+            last error, model version: :mod:`device_sdk.metrics`); 0 publishes them only on close.
     """
 
     def __init__(
@@ -112,6 +116,8 @@ class DeviceClient:
         linger_ms: float = 0.0,
         batch_max: int = 512,
         batch_bytes: int | None = None,
+        model_dir: str | Path | None = None,
+        metrics_interval: float = 5.0,
     ) -> None:
         self.site = topics.check_id(site, "site")
         self.device = topics.check_id(device, "device")
@@ -128,16 +134,23 @@ class DeviceClient:
         self._client: mqtt.Client | None = None
         self._online = False
         self._closing = False
-        self._inflight: dict[int, _Pending] = {}
+        # paho mid -> (seq, topic, payload, row_id): a plain tuple, the cheapest thing to build per record;
+        # row_id is set when the record came from the on-disk queue
+        self._inflight: dict[int, tuple[int, str, bytes, int | None]] = {}
         self._last_sent_row: int | None = None
         verifier = None if edge_key is None else Verifier([load_public_key(edge_key)])
-        self._downlink = DownlinkReceiver(self.device, self.counters, on_downlink, verifier)
+        self.model = None if model_dir is None else LocalModel(model_dir, counters=self.counters)
+        self._installer = None if self.model is None else ModelInstaller(self.model, self._model_installed)
+        handler = on_downlink if self._installer is None else self._installer.wrap(on_downlink)
+        self.metrics = DeviceMetrics(self, metrics_interval)
+        handler = self.metrics.wrap(handler)
+        self._downlink = DownlinkReceiver(self.device, self.counters, handler, verifier)
         self._supervisor: Supervisor | None = None
         self._registration: tuple[str, dict[str, Any]] | None = None
         self._registration_seq: int | None = None  # the seq register() returned, until it is published
         self._events: deque[tuple[str, Any]] = deque()
         self._wake = threading.Event()
-        self._status_topic = topics.status(topics.Role.DEVICE, self.device)
+        self._status_topic = topics.status(topics.Role.DEVICE, self.device, self.site)
         self._features_topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
         self.linger_ms = linger_ms
         self._batcher = Batcher(self._send_batch, self._next_seq, linger_ms=linger_ms, batch_max=batch_max,
@@ -157,6 +170,7 @@ class DeviceClient:
         if self._supervisor is None:
             self._supervisor = Supervisor(self)
             self._supervisor.start()
+            self.metrics.start()
         deadline = time.monotonic() + timeout
         with self._lock:
             while not self._online:
@@ -175,6 +189,7 @@ class DeviceClient:
             self._closing = True
             client = self._client
             self._wake.set()
+        self.metrics.close()  # the final figures, retained, before the offline status
         if client is not None and self._online:
             info = client.publish(self._status_topic, self._status(OFFLINE), qos=1, retain=True)
             info.wait_for_publish(2.0)
@@ -182,6 +197,8 @@ class DeviceClient:
             client.loop_stop()
         if self._supervisor is not None:
             self._supervisor.join(5.0)
+        if self._installer is not None:
+            self._installer.close()
         with self._lock:
             self._move_inflight_to_store()
             self._online = False  # a closed client is not online, whatever paho reported last
@@ -202,6 +219,9 @@ class DeviceClient:
         if profile.device != self.device:
             raise ValueError(f"profile is for {profile.device!r}, this client is {self.device!r}")
         topic = topics.device_up(self.site, self.device, topics.Uplink.REGISTER)
+        if self.model is not None:
+            self.model.set_profile(profile)
+            profile = replace(profile, local_model=True, model_version=self.model.version)
         with self._lock:
             self._registration = (topic, replace(profile, epoch=self.store.epoch()).to_body())
             self._registration_seq = seq = self._next_seq()
@@ -227,9 +247,11 @@ class DeviceClient:
 
         With ``linger_ms > 0`` the record joins the open batch (a record with ``quality`` goes alone)."""
         if self.linger_ms <= 0 or record.quality:
+            body = record.to_body()  # outside the lock: paho's thread may take it meanwhile
             with self._lock:
-                self._batcher.flush()  # records leave in publish order
-                return self._send(Kind.FEATURES, self._features_topic, record.to_body())
+                if len(self._batcher):
+                    self._batcher.flush()  # records leave in publish order
+                return self._send(Kind.FEATURES, self._features_topic, body)
         with self._lock:
             seq = self._batcher.add(record)
             if len(self._batcher) == 1:
@@ -258,9 +280,32 @@ class DeviceClient:
 
     def request_inference(self, record: FeatureRecord) -> int:
         """Ask the edge for a prediction; it arrives on the downlink as a ``Prediction``."""
+        self.metrics.infer_sent(record.sample)
         with self._lock:
             return self._send(Kind.INFER, topics.device_up(self.site, self.device, topics.Uplink.INFER),
                               record.to_body())
+
+    def predict(self, record: FeatureRecord) -> Prediction | int:
+        """A ``Prediction`` computed on the device when a local model is installed; otherwise (or if it fails,
+        counted ``predict.local_errors``) the seq of an inference request to the edge, whose answer arrives on
+        the downlink (``predict.edge``). A record the local model cannot read raises ``ModelInputError``."""
+        if self.model is not None:
+            local = self.model.prediction(record)
+            if local is not None:
+                return local
+        self.counters.inc("predict.edge")
+        return self.request_inference(record)
+
+    def _model_installed(self, version: int) -> None:
+        """A new model is in use (installer thread): re-announce the registration (so the edge does not send it
+        again) and the status with its version."""
+        with self._lock:
+            if self._registration is not None:
+                topic, body = self._registration
+                self._registration = (topic, {**body, "model_version": version})
+                self._publish_registration()
+            if self._online and self._client is not None:
+                self._client.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every record so far is acknowledged by the broker; False on timeout."""
@@ -293,11 +338,18 @@ class DeviceClient:
     def _send(self, kind: Kind, topic: str, body: dict[str, Any], *, seq: int | None = None) -> int:
         """Encode and publish (or store) one envelope. The caller holds ``self._lock`` exactly once: the
         back-pressure wait releases it for paho's acknowledgements, which a nested hold would block."""
-        payload_body = body
-        seq = self._next_seq() if seq is None else seq
-        payload = encode_envelope(kind, self.device, seq, payload_body)
-        for t, p in frames(topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet):
-            self._process_events()
+        if seq is None:
+            seq = self._seq
+            if seq < self._seq_end:
+                self._seq = seq + 1
+            else:
+                seq = self._next_seq()
+        payload = encode_envelope(kind, self.device, seq, body)
+        parts = [(topic, payload)] if len(payload) <= self.max_packet else frames(
+            topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet)
+        for t, p in parts:
+            if self._events:
+                self._process_events()
             if self._online and len(self.store) == 0 and len(self._inflight) >= self.max_unacked:
                 # back-pressure: wait for acks rather than spill to disk; resume at 3/4 so the
                 # publisher and paho's thread do not ping-pong once per acknowledgement
@@ -310,7 +362,7 @@ class DeviceClient:
                 if not self.store.append(seq, t, p):
                     self.counters.inc("dropped_newest")
                 self._wake.set()
-        self.counters.inc(f"sent.{kind.value}")
+        self.counters.inc(_SENT[kind])
         return seq
 
     def _publish_now(self, topic: str, payload: bytes, *, seq: int, row_id: int | None = None) -> None:
@@ -320,93 +372,16 @@ class DeviceClient:
                 self.store.append(seq, topic, payload)
             return
         info = client.publish(topic, payload, qos=1)
-        if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            self._inflight[info.mid] = _Pending(seq, topic, payload, row_id)
+        if info.rc is _SUCCESS or info.rc is _NO_CONN:
+            self._inflight[info.mid] = (seq, topic, payload, row_id)
         else:
             raise ConnectionError(f"paho refused to publish: {mqtt.error_string(info.rc)}")
 
-    # -- paho callbacks (paho's network thread) ----------------------------------------------
-    # paho holds its own mutexes while calling these, so they never take ``self._lock``
-    # (that would deadlock against a publish holding it); they queue an event instead.
-
-    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            log.warning("device %s: broker refused connection: %s", self.device, reason)  # pragma: no mutate
-            return
-        set_nodelay(client)
-        self._events.append(("connected", client))
-        self._wake.set()
-
-    def _on_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        self._events.append(("disconnected", client))
-        self._wake.set()
-
-    def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
-        self._events.append(("ack", mid))  # reaped in batches; see _wait_for_acks
-
-    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
-        self._downlink.accept(msg.topic, msg.payload)
-
-    # -- event processing (any thread holding ``self._lock``) --------------------------------
-
-    def _wait_for_acks(self, timeout: float) -> None:
-        """Release the lock for ``timeout`` (or until a connection event), then apply queued events.
-
-        Acks are reaped in batches by polling: waking this thread once per PUBACK would make it
-        fight paho's network thread for the GIL on every message (measured: half the throughput).
-        """
-        if not self._events:
-            self._lock.release()
-            try:
-                self._wake.wait(timeout)
-                self._wake.clear()
-            finally:
-                self._lock.acquire()
-        self._process_events()
-
-    def _process_events(self) -> None:
-        """Apply queued acks and connection changes (caller holds the lock)."""
-        changed = False
-        while self._events:
-            what, arg = self._events.popleft()
-            changed = True
-            if what == "ack":
-                pending = self._inflight.pop(arg, None)
-                if pending is not None:
-                    if pending.row_id is not None:
-                        self.store.delete(pending.row_id)
-                    self.counters.inc("acked")
-            elif arg is not self._client:
-                continue  # an event from a connection already replaced
-            elif what == "connected":
-                for f in topics.subscriptions(topics.device_downlinks(self.site, self.device)):
-                    arg.subscribe(f, qos=1)
-                arg.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
-                self._online = True
-                self._publish_registration()
-                self._last_sent_row = None
-                self.counters.inc("connects")
-            elif what == "disconnected":
-                self._move_inflight_to_store()
-                self._online = False
-                self.counters.inc("disconnects")
-        if changed:
-            self._lock.notify_all()
-
-    def _move_inflight_to_store(self) -> None:
-        """Un-acked direct publishes go back to the front of the disk queue (caller holds the lock).
-
-        Rows that came from the queue are still in it. Either way every un-acked record is re-sent after
-        the next connect; ``requeued`` counts them so an operator can see what a lost link cost.
-        """
-        self.counters.inc("requeued", len(self._inflight))
-        direct = sorted((p for p in self._inflight.values() if p.row_id is None), key=lambda p: p.seq)
-        self.store.prepend([(p.seq, p.topic, p.payload) for p in direct])
-        self._inflight.clear()  # the next "connected" event restarts the drain at the head of the queue
-
     def _status(self, state: str) -> bytes:
-        return Status(role=topics.Role.DEVICE.value, id=self.device, state=state,
-                      detail={"site": self.site}).encode()
+        detail: dict[str, Any] = {"site": self.site}
+        if self.model is not None:
+            detail["model_version"] = self.model.version
+        return Status(role=topics.Role.DEVICE.value, id=self.device, state=state, detail=detail).encode()
 
     def _new_client(self) -> mqtt.Client:
         c = paho_client(self.address, f"megace-dev-{self.device}", will=(self._status_topic, self._status(OFFLINE)),

@@ -68,6 +68,15 @@ class TrainingConfig:
     ``inference_threads`` torch threads, so a prediction does not wait for the training thread's hold on
     Python's interpreter lock. Costs a second copy of the base model and a few seconds at start."""
     inference_threads: int = 1
+    onnx: str = "auto"
+    """ONNX at the edge (``edge_agent/onnx_serving.py``): after each round and applied global, export the
+    merged personalized model to ``<state_dir>/export/model.onnx`` and check its parity. ``auto`` serves it
+    when onnxruntime's measured batch-1 latency beats torch's, ``on`` whenever parity holds, ``off`` never
+    exports."""
+    onnx_parity_tol: float = 1e-4
+    """Largest max-abs difference of the probabilities, onnxruntime vs torch, on held-out samples."""
+    onnx_threads: int = 1
+    """onnxruntime intra-op threads (one beat two on a loaded 2-core box)."""
 
 
 @dataclass
@@ -94,6 +103,9 @@ class LimitsConfig:
     """Largest single feature array."""
     max_packet: int = 256 * 1024
     """Uploads larger than this are chunked."""
+    model_push_max_bytes: int = 32 * 1024 * 1024
+    """The largest ONNX model sent to devices that ask for one (``model_push.skipped.too_large`` above it): each
+    device gets its own signed, chunked copy through the downlink queue (a MiniLM model is about 49 MB)."""
     max_devices: int = 10_000
     device_idle_evict_s: float = 900.0
     """A full registry evicts the least recently seen device that sent no data for this long (counted as
@@ -166,14 +178,16 @@ class EdgeConfig:
             raise EdgeConfigError("training: give steps or epochs, not both")
         if t.min_new_samples < 1 or t.batch_size < 1 or t.interval_s <= 0:
             raise EdgeConfigError("training: min_new_samples, batch_size >= 1 and interval_s > 0")
-        if t.inference_threads < 1:
-            raise EdgeConfigError("training.inference_threads must be >= 1")
+        if t.inference_threads < 1 or t.onnx_threads < 1:
+            raise EdgeConfigError("training.inference_threads and training.onnx_threads must be >= 1")
+        if t.onnx not in ("auto", "off", "on") or not t.onnx_parity_tol >= 0:
+            raise EdgeConfigError("training.onnx must be auto, off or on; training.onnx_parity_tol >= 0")
         if t.share_personal and t.local_only:
             raise EdgeConfigError("training: share_personal and local_only exclude each other")
         lim = self.limits
         for name in ("mqtt_queue", "infer_queue", "infer_batch", "downlink_queue", "max_devices",
                      "replay_max_total", "max_pending_uploads", "replay_max_bytes", "error_downlink_burst",
-                     "downlink_window"):
+                     "downlink_window", "model_push_max_bytes"):
             if getattr(lim, name) < 1:
                 raise EdgeConfigError(f"limits.{name} must be >= 1")
         if lim.error_downlinks_per_s < 0:

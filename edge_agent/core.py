@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from broker import topics
+from broker.chunking import frames
 from broker.errors import UnknownKindError, WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
@@ -41,6 +42,7 @@ from broker.wire.envelope import check_content_type
 from edge_agent.batches import on_features_batch
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import BusyError, IngestError, SenderMismatchError, UnregisteredDeviceError, error_code
+from edge_agent.model_push import push_to_device
 from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState
 from edge_agent.training.trainer import Trainer
@@ -119,6 +121,9 @@ class EdgeCore:
         self.new_samples = 0
         """Labelled samples buffered since the last round (the service resets it when a round starts)."""
         self.modalities_seen: dict[str, int] = {}
+        self.model_update: Any = None
+        """The inference model devices that ask for one get (a ``ModelUpdate``); set by
+        :func:`edge_agent.model_push.push_model`, sent to each such device when it registers."""
         self.signer = config.signing.signer()
         """Signs uploads and device downlinks (None: unsigned); see :mod:`broker.signing`."""
         self._verifier = config.signing.verifier()
@@ -246,6 +251,8 @@ class EdgeCore:
         self.counters.inc("registrations")
         fx.durable = True
         fx.out.append(self.down(device, Kind.CONFIG, entry.config(model_version=max(self.state.global_version, 0))))
+        if entry.local_model and self.model_update is not None:
+            fx.out.extend(push_to_device(self, device))
 
     def _on_features(self, fx: Effects, device: str, env: Envelope) -> None:
         self._check_uplink(device, env)
@@ -376,6 +383,14 @@ class EdgeCore:
         topic = topics.device_down(self.site, device, topics.Downlink(kind.value))
         payload = encode_envelope(kind, self.edge_id, self._down_seq, message.to_body())
         return Outgoing(topic, payload if self.signer is None else self.signer.sign(payload))
+
+    def down_frames(self, device: str, kind: Kind, message: Any, max_packet: int | None = None) -> list[Outgoing]:
+        """:meth:`down` for a message that may not fit one packet (a model): the (signed) whole, chunked as
+        SPEC §4 says; every chunk carries the envelope's seq and the device verifies after reassembly."""
+        whole = self.down(device, kind, message)
+        limit = self.config.limits.max_packet if max_packet is None else max_packet
+        return [Outgoing(t, p) for t, p in frames(whole.topic, whole.payload, sender=self.edge_id, seq=self._down_seq,
+                                                  max_packet=limit)]
 
 
 def _check_like(reference: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> None:

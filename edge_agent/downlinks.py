@@ -45,6 +45,10 @@ class DownlinkQueue:
     def qsize(self) -> int:
         return self._queue.qsize()
 
+    def room(self) -> int:
+        """How many more downlinks fit now: a paced sender (a model's chunks) waits for room instead of dropping."""
+        return self._queue.maxsize - self._queue.qsize()
+
     def empty(self) -> bool:
         return self._queue.empty()
 

@@ -67,6 +67,11 @@ class DeviceEntry:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    @property
+    def local_model(self) -> bool:
+        """The device asked for the inference model to predict on itself (see :mod:`edge_agent.model_push`)."""
+        return self.profile.local_model
+
     def config(self, model_version: int) -> DeviceConfig:
         return DeviceConfig(
             modalities=sorted(self.accepted),
@@ -183,7 +188,8 @@ class DeviceRegistry:
             wanted = {n: (s.max_tokens, s.token_dim) for n, s in sorted(self.model.modalities.items())}
             raise RegistrationError(f"no usable modality in {sorted(profile.modalities)}; this edge expects {wanted}")
         kept = CapabilityProfile(profile.device, {m: profile.modalities[m] for m in accepted}, dict(profile.compute),
-                                 profile.sdk_version, profile.epoch)  # only what was agreed is stored (and persisted)
+                                 profile.sdk_version, profile.epoch,  # only what was agreed is stored (and persisted)
+                                 profile.local_model, profile.model_version)
         now = self.clock()
         entry = self.devices.get(device)
         if entry is None:

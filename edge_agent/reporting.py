@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
+import aiomqtt
+
 from broker import topics
+from broker.aio import publish_one, wait_event
+from broker.metrics import Counters
 from broker.wire import Status
+from broker.wire.status import OFFLINE, event_payload, metrics_payload
 from edge_agent.config import EdgeConfig
 from edge_agent.core import EdgeCore
+from edge_agent.state import AgentState
 
 
 class IngestRate:
@@ -73,6 +81,7 @@ def edge_metrics(core: EdgeCore, rate: IngestRate, last_round: dict[str, Any], l
         "connected": live["connected"],
         "local_only": config.training.local_only,
         "share_personal": config.training.share_personal,
+        **live.get("serving", {}),  # inference backend (torch/onnx), model version, ONNX parity and timings
     }
 
 
@@ -82,3 +91,71 @@ def status_payload(config: EdgeConfig, state: str) -> bytes:
     detail = {"site": config.site, "rank": model.lora_r, "backbone": model.backbone,
               "modalities": list(model.modality_names), "pid": os.getpid()}
     return Status(role=topics.Role.EDGE.value, id=config.edge_id, state=state, detail=detail).encode()
+
+
+def _finite(value: Any) -> float | None:
+    """JSON has no NaN: a round with no step (or no held-out data) reports null."""
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def round_event(config: EdgeConfig, state: AgentState, metrics: dict[str, Any], payload: bytes | None,
+                counters: Counters) -> bytes:
+    """The per-round JSON event (docs/METRICS.md, ``round``): what a dashboard charts per edge."""
+    data = {
+        "round": int(state.round),
+        "global_version": int(state.global_version),
+        "loss": _finite(metrics.get("loss")),
+        "train_acc": _finite(metrics.get("train_acc")),
+        "heldout_acc": _finite(metrics.get("heldout_acc")),
+        "samples": int(metrics.get("n_train", 0)),
+        "heldout_samples": int(metrics.get("n_heldout", 0)),
+        "duration_s": _finite(metrics.get("duration_s")),
+        "upload_bytes": len(payload) if payload is not None else 0,
+        "bytes_up": int(counters["bytes_up"]),
+        "bytes_down": int(counters["bytes_down"]),
+    }
+    return event_payload(topics.Role.EDGE.value, config.edge_id, "round", data, site=config.site)
+
+
+class Reporter:
+    """What the edge tells dashboards on its site's topics: retained status, metrics and per-round events.
+
+    The service sets :attr:`wake` when something worth showing changed (a round, an applied global, an
+    upload sent); :meth:`run` publishes then, or every ``metrics_interval_s`` otherwise.
+    """
+
+    def __init__(self, config: EdgeConfig, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.snapshot = snapshot
+        self.wake = asyncio.Event()
+        self.status_topic = topics.status(topics.Role.EDGE, config.edge_id, config.site)
+        self.metrics_topic = topics.metrics(topics.Role.EDGE, config.edge_id, config.site)
+        self.event_topic = topics.events(topics.Role.EDGE, config.edge_id, config.site)
+        self.pending_event: bytes | None = None
+        """The last round's JSON event, until it is published."""
+
+    def status(self, state: str) -> bytes:
+        return status_payload(self.config, state)
+
+    def will(self) -> aiomqtt.Will:
+        return aiomqtt.Will(self.status_topic, self.status(OFFLINE), qos=1, retain=True)
+
+    def round_done(self, state: AgentState, metrics: dict[str, Any], payload: bytes | None,
+                   counters: Counters) -> None:
+        self.pending_event = round_event(self.config, state, metrics, payload, counters)
+        self.wake.set()
+
+    async def publish(self, client: aiomqtt.Client) -> None:
+        """The current metrics (retained) and the round event not yet sent."""
+        await publish_one(client, self.metrics_topic, metrics_payload(
+            topics.Role.EDGE.value, self.config.edge_id, self.snapshot(), site=self.config.site), qos=0, retain=True)
+        event, self.pending_event = self.pending_event, None
+        if event is not None:  # retained: a dashboard opened later still sees the last round
+            await publish_one(client, self.event_topic, event, qos=1, retain=True)
+
+    async def run(self, client: aiomqtt.Client) -> None:
+        """Per connection: publish on :attr:`wake` or every ``metrics_interval_s``, until cancelled."""
+        while True:
+            await wait_event(self.wake, self.config.metrics_interval_s)
+            self.wake.clear()
+            await self.publish(client)

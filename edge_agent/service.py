@@ -12,9 +12,9 @@ Concurrency model (one asyncio loop, two explicit executors):
 * connection loop: one aiomqtt client per connection attempt (``async with``), re-created with
   jittered backoff (:class:`broker.session.Session`); per connection it runs a receive loop,
   a downlink sender, the uploader and the metrics publisher;
-* training executor (one thread): rounds, global-adapter application, checkpoints and the
-  peft export. Everything that writes the trainer runs there, in order, so a global never
-  lands in the middle of a round and a checkpoint never sees half of one;
+* training executor (one thread): rounds, global-adapter application, checkpoints, the peft and
+  ONNX exports (:mod:`edge_agent.onnx_serving`). Everything that writes the trainer runs there, in
+  order, so a global never lands in the middle of a round and a checkpoint never sees half of one;
 * inference executor (one thread): batched forwards on the :class:`Predictor` copy (or, with
   ``training.inference_process``, on a copy in a child process), so a
   prediction never waits for a training step and never blocks ingest.
@@ -37,10 +37,9 @@ from typing import Any
 import aiomqtt
 
 from broker import topics
-from broker.aio import publish_one, wait_event
+from broker.aio import wait_event
 from broker.metrics import Counters
 from broker.session import Session, payload_bytes
-from broker.wire import metrics_payload
 from broker.wire.status import OFFLINE, ONLINE
 from edge_agent import checkpoints, uploads
 from edge_agent.acks import DurableAcks
@@ -50,13 +49,16 @@ from edge_agent.downlinks import DownlinkQueue
 from edge_agent.inference import Predictor
 from edge_agent.inference_process import ProcessPredictor
 from edge_agent.ingestlog import IngestLog
+from edge_agent.model_push import publish_model
+from edge_agent.onnx_serving import OnnxServing
 from edge_agent.outbox import Outbox
 from edge_agent.registry import DeviceRegistry
-from edge_agent.reporting import IngestRate, edge_metrics, status_payload
+from edge_agent.reporting import IngestRate, Reporter, edge_metrics
 from edge_agent.serving import InferenceServer, make_predictor
 from edge_agent.state import AgentState, StateStore
 from edge_agent.training.trainer import Trainer
 from megace_model.errors import AdapterMismatchError, InsufficientDataError
+from megace_model.onnx import OnnxArtifact
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ class EdgeAgent:
         self.core = EdgeCore(config, self.counters)
         """Message handling, registry, state and trainer (network-free); see :mod:`edge_agent.core`."""
         self.store = StateStore(config.state_dir)
-        self._metrics_wake = asyncio.Event()
+        self.reporter = Reporter(config, self.metrics)
+        """Status, metrics and round events for dashboards; see :class:`edge_agent.reporting.Reporter`."""
+        self._metrics_wake = self.reporter.wake
         self.outbox = Outbox(
             self.counters, self.store, edge_id=self.edge_id, topic=topics.adapter_up(self.site),
             limit=config.limits.max_pending_uploads, max_packet=config.limits.max_packet,
@@ -88,6 +92,7 @@ class EdgeAgent:
         self.connected = asyncio.Event()
         self.serving = InferenceServer(self.core, self.downlinks.emit, queue=config.limits.infer_queue,
                                        batch=config.limits.infer_batch)
+        self.onnx = OnnxServing(config, self.counters, self.serving)  # ONNX export and backend choice per sync
         self._train_wake = asyncio.Event()
         self._subscribed_once = asyncio.Event()
         self._client: aiomqtt.Client | None = None
@@ -96,8 +101,6 @@ class EdgeAgent:
         self._ingest_rate = IngestRate()
         self._background: set[asyncio.Task[Any]] = set()
         self._train_pool: ThreadPoolExecutor | None = None
-        self._status_topic = topics.status(topics.Role.EDGE, self.edge_id)
-        self._metrics_topic = topics.metrics(topics.Role.EDGE, self.edge_id)
         self._filters = [
             *topics.subscriptions(topics.site_device_uplinks(self.site)),
             *topics.subscriptions(topics.global_down()),
@@ -116,6 +119,11 @@ class EdgeAgent:
     @property
     def predictor(self) -> Predictor | ProcessPredictor | None:
         return self.serving.predictor
+
+    @property
+    def model_artifact(self) -> OnnxArtifact | None:
+        """The last exported ONNX model that passed its parity check (for devices), or None."""
+        return self.onnx.artifact
 
     @property
     def registry(self) -> DeviceRegistry:
@@ -141,6 +149,8 @@ class EdgeAgent:
             self.outbox.extend(await loop.run_in_executor(self._train_pool, self._build_sync))
             self.core.resume_downlink_seqs(self.store.downlinks_reserved(), self.store.reserve_downlinks)
             self._replay()
+            await publish_model(self.core, self.model_artifact, self.downlinks,
+                                max_bytes=self.config.limits.model_push_max_bytes)  # the export a last run left
             checkpoints.freeze_startup_heap()
             tasks = [
                 asyncio.create_task(self._connection_loop(), name="edge-connection"),
@@ -181,8 +191,9 @@ class EdgeAgent:
             while (self.outbox.unsent or not self.downlinks.empty()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
-                await publish_one(client, self._metrics_topic, self._metrics_payload(), qos=0)
-                await client.publish(self._status_topic, self._status(OFFLINE), qos=1, retain=True, timeout=2.0)
+                await self.reporter.publish(client)  # the last figures (and a round that ended after the last tick)
+                await client.publish(self.reporter.status_topic, self.reporter.status(OFFLINE), qos=1, retain=True,
+                                     timeout=2.0)
         connection.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await connection
@@ -201,7 +212,7 @@ class EdgeAgent:
     # ================================================================ connection
     async def _connection_loop(self) -> None:
         """Connect forever; a fresh client per attempt, backoff reset after every healthy session."""
-        will = aiomqtt.Will(self._status_topic, self._status(OFFLINE), qos=1, retain=True)
+        will = self.reporter.will()
         session = Session(
             self.config.address, self._session, identifier=f"megace-edge-{self.edge_id}", counters=self.counters,
             will=will, clean_session=not self.config.persistent_session,
@@ -212,7 +223,7 @@ class EdgeAgent:
 
     async def _session(self, client: aiomqtt.Client, attempt: int = 0) -> None:
         await client.subscribe([(f, 1) for f in self._filters])
-        await client.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
+        await client.publish(self.reporter.status_topic, self.reporter.status(ONLINE), qos=1, retain=True)
         self._client = client
         self.connected.set()
         self._subscribed_once.set()
@@ -222,7 +233,7 @@ class EdgeAgent:
             asyncio.create_task(self.acks.run(client), name="edge-acks"),
             asyncio.create_task(self.downlinks.send(client), name="edge-downlinks"),
             asyncio.create_task(self.outbox.send(client), name="edge-uploader"),
-            asyncio.create_task(self._metrics_loop(client), name="edge-metrics"),
+            asyncio.create_task(self.reporter.run(client), name="edge-metrics"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -301,6 +312,7 @@ class EdgeAgent:
         await self.serving.sync(*result, job.version)
         self.downlinks.emit(self.core.relay_feedback(job.version, job.stats, job.source))
         self._metrics_wake.set()
+        await self._refresh_model(*result, job.version)
 
     # ================================================================= training
     async def _train_loop(self) -> None:
@@ -348,7 +360,14 @@ class EdgeAgent:
                  self.state.round, metrics["loss"], metrics["train_acc"], metrics["heldout_acc"], metrics["n_train"],
                  metrics["duration_s"])
         await self.serving.sync(shared, personal, self.state.global_version)
-        self._metrics_wake.set()
+        self.reporter.round_done(self.state, metrics, payload, self.counters)
+        await self._refresh_model(shared, personal, self.state.global_version)
+
+    async def _refresh_model(self, shared: Any, personal: Any, version: int) -> None:
+        """Export the served weights to ONNX (checked, maybe served) and send the model to devices that asked."""
+        await self.onnx.refresh(self._train_pool, self.trainer, shared, personal, version)
+        await publish_model(self.core, self.model_artifact, self.downlinks,
+                            max_bytes=self.config.limits.model_push_max_bytes)
 
     async def _checkpoint(self, new_upload: list[tuple[int, bytes]] | None = None, *, export: bool = False) -> bool:
         """Persist a generation (off the loop); False (logged, counted) if the disk refused.
@@ -370,26 +389,13 @@ class EdgeAgent:
         await self.acks.checkpointed(segment)
         return True
 
-    # ================================================================ metrics
-    async def _metrics_loop(self, client: aiomqtt.Client) -> None:
-        while True:
-            await wait_event(self._metrics_wake, self.config.metrics_interval_s)
-            self._metrics_wake.clear()
-            await publish_one(client, self._metrics_topic, self._metrics_payload(), qos=0)
-
     # ================================================================= reporting
     def metrics(self) -> dict[str, Any]:
         """Everything the dashboard and the closed-loop progress table read (JSON-safe)."""
         live = {"outbox": len(self.outbox), "infer_queue": self.serving.queue.qsize(),
                 "downlink_queue": self.downlinks.qsize(), "infer_latency_ms": self.serving.latency_ms,
-                "connected": self.connected.is_set()}
+                "connected": self.connected.is_set(), "serving": self.onnx.metrics()}
         return edge_metrics(self.core, self._ingest_rate, self.last_round, live)
-
-    def _metrics_payload(self) -> bytes:
-        return metrics_payload(topics.Role.EDGE.value, self.edge_id, self.metrics())
-
-    def _status(self, state: str) -> bytes:
-        return status_payload(self.config, state)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from edge_agent.inference_process import ProcessPredictor
 from edge_agent.training.trainer import Trainer
 from megace_model.adapters import personal_state, shared_state
 from megace_model.errors import EdgeModelError
+
+if TYPE_CHECKING:
+    from edge_agent.onnx_serving import OnnxPredictor
 
 
 def make_predictor(trainer: Trainer, config: EdgeConfig, version: int) -> Predictor | ProcessPredictor:
@@ -52,6 +56,11 @@ class InferenceServer:
         self.batch = batch
         self.queue: asyncio.Queue[InferRequest] = asyncio.Queue(maxsize=queue)
         self.predictor: Predictor | ProcessPredictor | None = None
+        """The torch serving copy, always kept in sync (the fallback when ONNX is off or rejected)."""
+        self.onnx: OnnxPredictor | None = None
+        """Serves instead of :attr:`predictor` when set (``edge_agent.onnx_serving``); a sync clears it."""
+        self.generation = 0
+        """Syncs so far: an ONNX export made before the latest sync is stale and never installed."""
         self.latency_ms = 0.0
         self.pool: ThreadPoolExecutor | None = None
 
@@ -75,7 +84,7 @@ class InferenceServer:
                     batch.append(self.queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            predictor = self.predictor
+            predictor = self.onnx or self.predictor
             assert predictor is not None
             try:
                 results = await loop.run_in_executor(self.pool, predictor.predict, [r.sample for r in batch])
@@ -95,7 +104,10 @@ class InferenceServer:
 
     async def sync(self, shared: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor],
                    version: int) -> None:
-        """Copy the trainer's adapters into the predictor (in the inference thread, between batches)."""
+        """Copy the trainer's adapters into the predictor (in the inference thread, between batches); torch
+        serves from here until an ONNX export of these weights passes its checks."""
+        self.onnx = None
+        self.generation += 1
         predictor = self.predictor
         assert predictor is not None
         await asyncio.get_running_loop().run_in_executor(self.pool, predictor.sync, shared, personal, max(version, 0))

@@ -66,10 +66,12 @@ def sdk_modules(root: Path = ROOT, entry: str = ENTRY) -> dict[str, Path]:
     """Every module of ``root`` that ``entry`` (all of its files) imports, transitively: name -> file.
 
     Parent packages are included (importing ``a.b`` runs ``a/__init__.py``), and so is every module of
-    the ``entry`` package itself.
+    the ``entry`` package itself and of its subpackages.
     """
     entry_dir = root / entry
-    todo = [entry, *sorted(f"{entry}.{p.stem}" for p in entry_dir.glob("*.py") if p.stem != "__init__")]
+    # subpackages too (device_sdk.extractors): optional parts ship in the wheel even though nothing imports them
+    todo = [".".join((entry, *p.relative_to(entry_dir).with_suffix("").parts)).removesuffix(".__init__")
+            for p in sorted(entry_dir.rglob("*.py"))]
     found: dict[str, Path] = {}
     while todo:
         name = todo.pop()

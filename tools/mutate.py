@@ -61,6 +61,9 @@ CLOUD_SUBPROCESS_TESTS = (
     "tests/cloud/test_cloud_service_e2e.py::test_three_heterogeneous_edges_and_a_slow_one",
 )
 
+# reads README.md, which the mutation work tree does not hold (it checks the docs, not the mutated code)
+README_TEST = "tests/edge/test_edge_onnx.py::test_the_readme_onnxruntime_snippet_gives_the_edge_model_s_predictions"
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -80,6 +83,16 @@ TARGETS: dict[str, Target] = {
         Target("cloud", ("cloud_aggregator/core.py", "cloud_aggregator/validation.py", "cloud_aggregator/ledger.py",
                          "cloud_aggregator/admission.py", "cloud_aggregator/steps.py", "cloud_aggregator/feedback.py"),
                ("tests/cloud",), 0.80, forkserver=True, deselect=CLOUD_SUBPROCESS_TESTS),
+        # models on the way to devices: the wire body, the edge's export/selection and push, the device's store
+        # and runner (the agent-over-Mosquitto and MiniLM export tests are left to the suite: seconds per mutant)
+        Target("artifacts", ("broker/wire/model.py", "edge_agent/model_push.py", "edge_agent/onnx_serving.py",
+                             "device_sdk/local_model.py", "device_sdk/model_runner.py"),
+               ("tests/broker/test_model_wire.py", "tests/edge/test_model_push.py", "tests/edge/test_edge_onnx.py",
+                "tests/device_sdk/test_local_model.py"), 0.80, forkserver=True,
+               deselect=("tests/edge/test_edge_onnx.py::test_minilm_export_matches_the_unmerged_peft_model",
+                         "tests/edge/test_edge_onnx.py::"
+                         "test_an_agent_exports_after_a_round_and_a_global_and_answers_from_the_chosen_backend",
+                         README_TEST)),
         # the edge's network-free core (message handling), ingest gate, replay buffer, training and adapter
         # application, under their fast unit tests. edge_agent/service.py (connect, run, shut down) needs the
         # seconds-long agent-over-Mosquitto tests for each mutant, out of reach of a 2-core run; its paths are
@@ -89,7 +102,7 @@ TARGETS: dict[str, Target] = {
                ("tests/edge",), 0.80, forkserver=True,
                deselect=("tests/edge/test_service_apply.py", "tests/edge/test_service_flow.py",
                          "tests/edge/test_service_rejects.py", "tests/edge/test_service_restart.py",
-                         "tests/edge/test_service_state.py")),
+                         "tests/edge/test_service_state.py", README_TEST)),
     )
 }
 

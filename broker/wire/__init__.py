@@ -15,6 +15,7 @@ from broker.wire.device import (
     Prediction,
 )
 from broker.wire.envelope import Envelope, Kind, decode_envelope, encode_envelope
+from broker.wire.model import ModelUpdate
 from broker.wire.status import Status, decode_metrics, metrics_payload
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "GlobalAdapter",
     "Kind",
     "ModalityProfile",
+    "ModelUpdate",
     "Prediction",
     "Rejection",
     "SiteFeedback",

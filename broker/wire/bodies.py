@@ -19,6 +19,7 @@ from broker.wire.device import (
 )
 from broker.wire.envelope import Envelope, Kind
 from broker.wire.fields import body_map, check_modality, get_list, get_map, get_str
+from broker.wire.model import ModelUpdate
 
 BODY_TYPES: dict[Kind, Any] = {
     Kind.FEATURES: FeatureRecord,
@@ -32,15 +33,12 @@ BODY_TYPES: dict[Kind, Any] = {
     Kind.ADAPTER: AdapterUpdate,
     Kind.GLOBAL: GlobalAdapter,
     Kind.SITE_FEEDBACK: SiteFeedback,
+    Kind.MODEL: ModelUpdate,
 }
 
 
 def decode_body(env: Envelope) -> Any:
-    """The typed message inside ``env`` (``MODEL`` bodies are raw bytes, e.g. an ONNX file)."""
-    if env.kind is Kind.MODEL:
-        if not isinstance(env.body, bytes):
-            raise UnknownKindError("a model body must be binary")
-        return env.body
+    """The typed message inside ``env`` (a ``MODEL`` body is a :class:`ModelUpdate`, its file in ``data``)."""
     cls = BODY_TYPES.get(env.kind)
     if cls is None:
         raise UnknownKindError(f"no message type for kind {env.kind.value!r}")

@@ -140,6 +140,11 @@ class CapabilityProfile:
     epoch: int = 0
     """Identifies the device's sequence store (random, made with it; 0: not sent). A new epoch tells the
     edge the device's seqs started over; the same epoch redelivered or re-sent never does."""
+    local_model: bool = False
+    """The device predicts locally and asks its edge for the inference model (``model`` downlink); not sent
+    when False, so registrations of devices that do not ask stay byte-identical to older ones."""
+    model_version: int | None = None
+    """The version of the model the device holds (None: none, not sent), so an edge does not send it again."""
 
     def to_body(self) -> dict[str, Any]:
         body = {
@@ -150,6 +155,10 @@ class CapabilityProfile:
         }
         if self.epoch:
             body["epoch"] = int(self.epoch)
+        if self.local_model:
+            body["local_model"] = True
+        if self.model_version is not None:
+            body["model_version"] = int(self.model_version)
         return body
 
     @classmethod
@@ -164,7 +173,25 @@ class CapabilityProfile:
             compute=number_map(get_map(b, "compute", optional=True), "compute"),
             sdk_version=get_str(b, "sdk", optional=True) or "",
             epoch=_epoch(get_int(b, "epoch", optional=True)),
+            local_model=_flag(b, "local_model"),
+            model_version=_model_version(get_int(b, "model_version", optional=True)),
         )
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    """An optional msgpack boolean (absent: False); ``1`` or ``"true"`` is refused, not guessed."""
+    value = body.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise DecodeError(f"field {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _model_version(value: int | None) -> int | None:
+    if value is not None and value >= 2**63:
+        raise DecodeError(f"model_version {value} is out of range (0 <= v < 2^63)")
+    return value
 
 
 def _epoch(value: int | None) -> int:

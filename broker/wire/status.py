@@ -7,6 +7,7 @@ subscribes late still sees who is up.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, field
 from typing import Any
@@ -41,10 +42,38 @@ class Status:
             raise DecodeError(f"bad status document: {exc}") from None
 
 
-def metrics_payload(role: str, ident: str, values: dict[str, Any]) -> bytes:
-    """A JSON metrics document: ``{"v", "role", "id", "ts", "metrics": {...}}``."""
-    doc = {"v": WIRE_VERSION, "role": role, "id": ident, "ts": time.time(), "metrics": values}
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=float).encode()
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no such numbers, and a browser's JSON.parse refuses the whole document."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    return json.dumps(_finite(doc), separators=(",", ":"), sort_keys=True, allow_nan=False,
+                      default=lambda o: _finite(float(o))).encode()  # numpy scalars: read as floats
+
+
+def metrics_payload(role: str, ident: str, values: dict[str, Any], site: str | None = None) -> bytes:
+    """A JSON metrics document: ``{"v", "role", "id", "ts", "metrics": {...}}`` (+ ``"site"`` when given)."""
+    doc: dict[str, Any] = {"v": WIRE_VERSION, "role": role, "id": ident, "ts": time.time(), "metrics": values}
+    if site is not None:
+        doc["site"] = site
+    return _dumps(doc)
+
+
+def event_payload(role: str, ident: str, event: str, values: dict[str, Any], site: str | None = None) -> bytes:
+    """A JSON event document (docs/METRICS.md): ``{"v", "role", "id", "ts", "event", "data": {...}}``
+    (+ ``"site"``): one per edge round or cloud global, retained so a late dashboard sees the last one."""
+    doc: dict[str, Any] = {"v": WIRE_VERSION, "role": role, "id": ident, "ts": time.time(), "event": event,
+                           "data": values}
+    if site is not None:
+        doc["site"] = site
+    return _dumps(doc)
 
 
 def decode_metrics(payload: bytes) -> dict[str, Any]:

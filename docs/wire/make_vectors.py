@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,11 +23,19 @@ from broker.wire import (
     FeedbackMessage,
     Kind,
     ModalityProfile,
+    ModelUpdate,
     Prediction,
     encode_envelope,
 )
 
 TS = 1_700_000_000_000
+TINY_ONNX = bytes.fromhex(
+    "080812003abc010a310a05616363656c0a04617865731206706f6f6c6564220952656475636553756d2a0f0a086b65657064696d7318"
+    "00a001020a2e0a06706f6f6c6564120570726f62732207536f66746d61782a140a046178697318ffffffffffffffffff01a0010212016d"
+    "2a14080110074204617865734a0801000000000000005a200a05616363656c12170a15080112110a07120562617463680a0208010a0208"
+    "03621c0a0570726f627312130a110801120d0a07120562617463680a02080342040a00100d")
+"""A real 201-byte ONNX model (opset 13): ``accel`` float [batch, 1, 3] -> ReduceSum over tokens -> Softmax ->
+``probs`` [batch, 3]; for [[0.5, -1.0, 2.0]] it gives about [0.1753, 0.0391, 0.7856]."""
 SEED = bytes(range(32))  # the test vector's key: never use a published key for anything else
 
 
@@ -134,6 +143,18 @@ def vectors() -> list[dict]:
                             "transfer id is 16 random bytes (here fixed to 00..0f for the vector)",
                     "sender": "gw-7", "seq": 10, "whole_hex": whole.hex()},
         "hex": _fixed_chunk(whole),
+    })
+    model = ModelUpdate(5, hashlib.sha256(TINY_ONNX).digest(), {"accel": (1, 3)}, ["accel"], 3, TINY_ONNX)
+    out.append({
+        "name": "model",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.MODEL),
+        "meaning": {"kind": "model", "sender": "edge-1", "seq": 13, "ts_ms": TS, "model_version": 5,
+                    "format": "onnx", "sha256_hex": hashlib.sha256(TINY_ONNX).hexdigest(), "classes": 3,
+                    "inputs": {"accel": [1, 3]}, "input_names": ["accel"], "data_hex": TINY_ONNX.hex(),
+                    "note": "a 201-byte ONNX classifier for the register vector's accel tokens (width 3 here); "
+                            "sha256 is bin(32) of data; an edge that signs wraps this envelope (signed-prediction), "
+                            "and one over the packet budget travels chunked (chunk-0-of-3)"},
+        "hex": encode_envelope(Kind.MODEL, "edge-1", 13, model.to_body(), ts_ms=TS).hex(),
     })
     return out
 

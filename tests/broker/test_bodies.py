@@ -21,6 +21,7 @@ from broker.wire import (
     GlobalAdapter,
     Kind,
     ModalityProfile,
+    ModelUpdate,
     Prediction,
     Rejection,
     SiteFeedback,
@@ -58,6 +59,7 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         "register": "CapabilityProfile",
         "config": "DeviceConfig", "prediction": "Prediction", "feedback": "DeviceFeedback", "error": "ErrorReport",
         "adapter": "AdapterUpdate", "global": "GlobalAdapter", "site_feedback": "SiteFeedback",
+        "model": "ModelUpdate",
     }
     samples = {
         Kind.FEATURES: FeatureRecord("d", 1, {"imu": np.ones(2, np.float32)}),
@@ -68,6 +70,7 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         Kind.FEEDBACK: DeviceFeedback(3),
         Kind.ERROR: ErrorReport("DecodeError", "bad"),
         Kind.ADAPTER: AdapterUpdate("e", "s", 1, 0, "fp", 1, 1.0, 1, {}, {}),
+        Kind.MODEL: ModelUpdate(2, bytes(32), {"imu": (4, 6)}, ["imu"], 3, b"\x08\x01onnx"),
         Kind.GLOBAL: GlobalAdapter(1, "fp", "fedavg", 1, 1.0, {}),
         Kind.SITE_FEEDBACK: SiteFeedback("s", 1, 0, {}),
     }
@@ -78,13 +81,12 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         assert msgpack.packb(back.to_body()) == msgpack.packb(_wire(msg.to_body()))
 
 
-def test_model_bodies_are_raw_bytes() -> None:
-    env = decode_envelope(encode_envelope(Kind.MODEL, "e", 1, b"\x08\x01onnx"))
-    assert decode_body(env) == b"\x08\x01onnx"
-    with raises_exactly(UnknownKindError, "a model body must be binary"):
-        decode_body(Envelope(Kind.MODEL, "e", 1, 0, "ct", "not bytes"))
-    with raises_exactly(UnknownKindError, "a model body must be binary"):
-        decode_body(Envelope(Kind.MODEL, "e", 1, 0, "ct", {"data": b""}))
+def test_model_bodies_are_maps_not_raw_bytes() -> None:
+    """A bare file (what the first spec text allowed, and nobody sent) has no version or sha256 to check."""
+    with raises_exactly(DecodeError, "model body must be a map"):
+        decode_body(Envelope(Kind.MODEL, "e", 1, 0, "ct", b"\x08\x01onnx"))
+    with raises_exactly(DecodeError, "missing field 'model_version'"):
+        decode_body(Envelope(Kind.MODEL, "e", 1, 0, "ct", {"data": b"x"}))
 
 
 def test_chunks_have_no_message_type() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from broker.wire import (
     FeatureRecord,
     Kind,
     ModalityProfile,
+    ModelUpdate,
     Prediction,
     decode_envelope,
     encode_envelope,
@@ -54,6 +56,10 @@ def _build(m: dict[str, Any]) -> Any:
         return ErrorReport(m["code"], m["message"], m.get("ref"))
     if m["kind"] == "feedback":
         return DeviceFeedback(m["global_version"], m["metrics"], m["message"])
+    if m["kind"] == "model":
+        return ModelUpdate(m["model_version"], bytes.fromhex(m["sha256_hex"]),
+                           {k: tuple(v) for k, v in m["inputs"].items()}, m["input_names"], m["classes"],
+                           bytes.fromhex(m["data_hex"]), m["format"])
     raise AssertionError(m["kind"])
 
 
@@ -118,6 +124,13 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
         assert isinstance(msg, DeviceFeedback)
         assert (msg.global_version, msg.metrics, msg.message) == (m["global_version"], m["metrics"], m["message"])
         assert all(type(v) is float for v in msg.metrics.values())
+    elif m["kind"] == "model":
+        assert isinstance(msg, ModelUpdate)
+        assert (msg.model_version, msg.format, msg.classes, msg.input_names) == (
+            m["model_version"], m["format"], m["classes"], m["input_names"])
+        assert {k: list(v) for k, v in msg.inputs.items()} == m["inputs"]
+        assert msg.data.hex() == m["data_hex"] and hashlib.sha256(msg.data).hexdigest() == m["sha256_hex"]
+        assert msg.sha256.hex() == m["sha256_hex"]
     else:
         raise AssertionError(f"vector {vector['name']} has a kind this test does not know: {m['kind']}")
 
@@ -125,7 +138,7 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
 def test_vectors_cover_the_documented_cases() -> None:
     assert [v["name"] for v in VECTORS] == ["features-accel", "features-two-modalities-no-label", "register",
                                             "config", "error", "feedback", "prediction", "signed-prediction",
-                                            "features-batch", "chunk-0-of-3"]
+                                            "features-batch", "chunk-0-of-3", "model"]
     spec = (Path(__file__).parents[2] / "docs" / "wire" / "SPEC.md").read_text()
     worked = next(v for v in VECTORS if v["name"] == "features-accel")
     block = spec.split("Vector `features-accel`", 1)[1].split("```")[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import pwd
@@ -31,6 +32,7 @@ from broker.wire import (
     FeatureRecord,
     Kind,
     ModalityProfile,
+    ModelUpdate,
     Prediction,
     decode_envelope,
     encode_envelope,
@@ -187,9 +189,11 @@ def test_downlink_callback_faults_and_addressing(mosquitto_addr: BrokerAddress, 
         assert b.counters["received.config"] == 0 and b.counters["callback_errors"] == 0
 
         # a model bigger than one packet travels chunked and reaches the callback whole
-        model = np.random.default_rng(1).bytes(100_000)
+        data = np.random.default_rng(1).bytes(100_000)
+        model = ModelUpdate(5, hashlib.sha256(data).digest(), {"accel": (4, 3)}, ["accel"], 2, data)
         for t, p in frames(topics.device_down("s1", "dl-a", topics.Downlink.MODEL),
-                           encode_envelope(Kind.MODEL, "edge", 5, model), sender="edge", seq=5, max_packet=16_384):
+                           encode_envelope(Kind.MODEL, "edge", 5, model.to_body()), sender="edge", seq=5,
+                           max_packet=16_384):
             pub.client.publish(t, p, qos=1).wait_for_publish(10)
         _until(lambda: len(got) >= 3, "the chunked model")
         assert got[2] == (Kind.MODEL, model) and a.counters["rejected"] == 0
@@ -220,14 +224,14 @@ def test_status_is_retained_online_then_offline_and_the_will_covers_a_lost_link(
         """``watch`` (subscribed all along) proves the broker published ``state``; a late subscriber must then
         still read it, retained."""
         _until(lambda: [s.state for s in states(watch, False)][-1:] == [state], f"{state} status of {device}")
-        with Collector(mosquitto_addr, topics.status(topics.Role.DEVICE, device)) as late:
+        with Collector(mosquitto_addr, topics.status(topics.Role.DEVICE, device, "s3")) as late:
             _until(lambda: bool(states(late, True)), f"retained status of {device}")
             got = states(late, True)
             assert [s.state for s in got] == [state]
             return got[0]
 
-    watch = Collector(mosquitto_addr, topics.status(topics.Role.DEVICE, "st-1"),
-                      topics.status(topics.Role.DEVICE, "st-2")).start()
+    watch = Collector(mosquitto_addr, topics.status(topics.Role.DEVICE, "st-1", "s3"),
+                      topics.status(topics.Role.DEVICE, "st-2", "s3")).start()
     relay = TcpRelay(mosquitto_addr)
     dev = DeviceClient("s3", "st-1", mosquitto_addr, store_path=tmp_path / "a.sqlite")
     lost = DeviceClient("s3", "st-2", relay.address, store_path=tmp_path / "b.sqlite")

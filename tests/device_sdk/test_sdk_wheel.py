@@ -71,10 +71,17 @@ def test_metadata_asks_for_python_39_and_only_paho_msgpack_numpy(wheel: Path) ->
     assert (meta["Name"], meta["Requires-Python"]) == ("megace-device-sdk", ">=3.9")
     requires = meta.get_all("Requires-Dist") or []
     always = {_requirement_name(r) for r in requires if "extra ==" not in r}
-    optional = {_requirement_name(r) for r in requires if "extra ==" in r}
+    extras: dict[str, set[str]] = {}
+    for r in requires:
+        if "extra ==" in r:
+            extras.setdefault(r.split("extra ==")[1].strip(" '\""), set()).add(_requirement_name(r))
     assert always == DEPS
-    assert optional == {"cryptography"} and meta.get_all("Provides-Extra") == ["signing"]
-    assert not any(HEAVY.search(r) for r in requires)
+    assert set(meta.get_all("Provides-Extra") or []) == set(extras)
+    assert extras["signing"] == {"cryptography"}
+    assert extras["local"] == {"onnxruntime"}  # device_sdk.local_model: onnxruntime imported only with a model
+    assert extras["extractors"] == {"onnxruntime", "tokenizers"}  # device_sdk.extractors, opened on demand
+    assert not any(HEAVY.search(r) for r in requires if "extra ==" not in r)
+    assert not any(re.match(r"torch|transformers|peft", _requirement_name(r)) for r in requires)
     assert wheel.name.endswith("-py3-none-any.whl")  # pure Python: one wheel for every gateway
 
 

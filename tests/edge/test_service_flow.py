@@ -29,7 +29,7 @@ async def test_devices_register_publish_and_the_agent_trains_and_uploads(mosquit
     task = ToyTask(config.model, seed=3)
     test_set = task.samples(200)
     with Collector(mosquitto_addr, *topics.subscriptions(topics.adapter_up(config.site)),
-                   topics.metrics(topics.Role.EDGE, config.edge_id)) as cloud:
+                   topics.metrics(topics.Role.EDGE, config.edge_id, config.site)) as cloud:
         async with running(config) as agent:
             before = agent.trainer.evaluate(test_set)["acc"]
             devices: list[Device] = []
@@ -54,7 +54,8 @@ async def test_devices_register_publish_and_the_agent_trains_and_uploads(mosquit
                 for dev in devices:
                     await dev.close()
         uploads = [(t, e) for t, e in cloud.wait_for(1) if t == topics.adapter_up(config.site)]
-        metrics = [json.loads(p) for t, p, _ in cloud.raw if t == topics.metrics(topics.Role.EDGE, config.edge_id)]
+        metrics_topic = topics.metrics(topics.Role.EDGE, config.edge_id, config.site)
+        metrics = [json.loads(p) for t, p, _ in cloud.raw if t == metrics_topic]
     # training is real: the toy task is learnt
     assert after > before + 0.25 and after > 0.6, (before, after)
     # the upload decodes as an AdapterUpdate with the promised metadata

@@ -82,8 +82,8 @@ class UplinkCut:
             writer.close()
 
 
-def _metrics(col: Collector, edge: str) -> list[dict]:
-    topic = topics.metrics(topics.Role.EDGE, edge)
+def _metrics(col: Collector, edge: str, site: str) -> list[dict]:
+    topic = topics.metrics(topics.Role.EDGE, edge, site)
     return [json.loads(p)["metrics"] for t, p, _ in list(col.raw) if t == topic]
 
 
@@ -136,12 +136,12 @@ async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(
     log_path = tmp_path / "agent.log"
     task = ToyTask(config.model, seed=4)
     col = Collector(addr, *topics.subscriptions(topics.adapter_up(config.site)),
-                    topics.metrics(topics.Role.EDGE, config.edge_id)).start()
+                    topics.metrics(topics.Role.EDGE, config.edge_id, config.site)).start()
     proc = _start(config_path, log_path)
     dev = None
     verdicts = asyncio.create_task(_accept_every_upload(col, config.site))
     try:
-        await eventually(lambda: _metrics(col, config.edge_id), 60, "agent process metrics")
+        await eventually(lambda: _metrics(col, config.edge_id, config.site), 60, "agent process metrics")
         dev = await Device(config.site, uid("dev"), addr, tmp_path).start()
         await eventually(lambda: dev.received(Kind.CONFIG), what="config")
         await dev.publish([record(dev.id, i, s) for i, s in enumerate(task.samples(15))])
@@ -161,7 +161,8 @@ async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(
         # the restarted agent re-publishes seq 2 byte for byte, and reports round 2 / seq 2
         await eventually(lambda: any(s == 2 for s, _ in _uploads(col, config.site)), 60, "re-published seq 2")
         assert [p for s, p in _uploads(col, config.site) if s == 2] == [pending]
-        resumed = await eventually(lambda: [m for m in _metrics(col, config.edge_id) if m["upload_seq"] == 2], 10)
+        resumed = await eventually(
+            lambda: [m for m in _metrics(col, config.edge_id, config.site) if m["upload_seq"] == 2], 10)
         assert resumed[-1]["round"] == 2 and resumed[-1]["samples_total"] == 30
         # training continues: round 3 uploads seq 3
         await dev.publish([record(dev.id, 30 + i, s) for i, s in enumerate(task.samples(15))])
@@ -183,5 +184,5 @@ async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(
         by_seq[seq].add(payload)
     assert sorted(by_seq) == [1, 2, 3]
     assert all(len(contents) == 1 for contents in by_seq.values()), "a seq was published with two contents"
-    final = _metrics(col, config.edge_id)[-1]
+    final = _metrics(col, config.edge_id, config.site)[-1]
     assert final["round"] == 3 and final["upload_seq"] == 3 and final["samples_total"] == 45

@@ -83,7 +83,8 @@ DEVICE_TEMPLATES: dict[Kind, Any] = {k: plain(v) for k, v in {
                   "contributors": ["e"], "tensors": TENSORS},
     Kind.SITE_FEEDBACK: {"site": "s", "version": 1, "rank": 2, "stats": {"drift": 0.1}, "accepted": [1],
                          "rejected": [{"seq": 2, "reason": "stale"}], "tensors": TENSORS},
-    Kind.MODEL: b"onnx",
+    Kind.MODEL: {"model_version": 2, "format": "onnx", "sha256": hashlib.sha256(b"onnx").digest(), "classes": 4,
+                 "inputs": {"imu": [4, 6]}, "input_names": ["imu", "imu_mask"], "data": b"onnx"},
     Kind.CHUNK: {"transfer": bytes(16), "index": 0, "count": 1, "size": 3, "sha256": hashlib.sha256(b"abc").digest(),
                  "data": b"abc"},
 }.items()}

@@ -25,7 +25,10 @@ def uid(prefix: str) -> str:
 
 
 def edge_config(state_dir: Path, addr: BrokerAddress, overrides: dict[str, Any] | None = None) -> EdgeConfig:
-    """A fast config: tiny model, small rounds, unique site/edge ids (the session broker is shared)."""
+    """A fast config: tiny model, small rounds, unique site/edge ids (the session broker is shared).
+
+    ONNX serving is off: these tests check the torch serving copy (its layers, bit-equal answers); the ONNX
+    path has its own tests (``tests/edge/test_edge_onnx.py``), which turn it on."""
     base: dict[str, Any] = {
         "site": uid("site"),
         "edge_id": uid("edge"),
@@ -33,7 +36,7 @@ def edge_config(state_dir: Path, addr: BrokerAddress, overrides: dict[str, Any] 
         "state_dir": str(state_dir),
         "metrics_interval_s": 0.5,
         "training": {"min_new_samples": 40, "interval_s": 600.0, "steps": 12, "batch_size": 16,
-                     "startup_grace_s": 0.3, "torch_threads": 1, "device": "cpu"},
+                     "startup_grace_s": 0.3, "torch_threads": 1, "device": "cpu", "onnx": "off"},
     }
     return EdgeConfig.from_dict(deep_merge(base, overrides or {}))
 

@@ -1,0 +1,135 @@
+"""The client's side of paho's callbacks: the events they queue and how they are applied.
+
+A mixin of :class:`~device_sdk.client.DeviceClient`, kept in its own file for reading: paho calls the
+``_on_*`` methods from its network thread while holding its own mutexes, so they only queue an event;
+whichever thread holds the client's lock next applies them (acks free the in-flight window and delete
+drained rows, a connect re-subscribes, re-announces and restarts the drain, a disconnect puts un-acked
+records back at the head of the disk queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+
+from broker import topics
+from broker.metrics import Counters
+from broker.wire.status import ONLINE
+from device_sdk.link import set_nodelay
+
+if TYPE_CHECKING:
+    from device_sdk.downlink import DownlinkReceiver
+    from device_sdk.store import DiskQueue
+
+log = logging.getLogger("device_sdk.client")
+
+
+class LinkEvents:
+    """Paho's callbacks and the event queue they feed (state is the client's: declared here for reading)."""
+
+    site: str
+    device: str
+    counters: Counters
+    store: DiskQueue
+    _lock: threading.Condition
+    _wake: threading.Event
+    _events: deque[tuple[str, Any]]
+    _inflight: dict[int, tuple[int, str, bytes, int | None]]
+    _client: mqtt.Client | None
+    _online: bool
+    _last_sent_row: int | None
+    _status_topic: str
+    _downlink: DownlinkReceiver
+
+    def _status(self, state: str) -> bytes:
+        raise NotImplementedError
+
+    def _publish_registration(self) -> None:
+        raise NotImplementedError
+
+    # -- paho callbacks (paho's network thread) ----------------------------------------------
+    # paho holds its own mutexes while calling these, so they never take ``self._lock``
+    # (that would deadlock against a publish holding it); they queue an event instead.
+
+    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("device %s: broker refused connection: %s", self.device, reason)  # pragma: no mutate
+            return
+        set_nodelay(client)
+        self._events.append(("connected", client))
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._events.append(("disconnected", client))
+        self._wake.set()
+
+    def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+        self._events.append(("ack", mid))  # reaped in batches; see _wait_for_acks
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self._downlink.accept(msg.topic, msg.payload)
+
+    # -- event processing (any thread holding ``self._lock``) --------------------------------
+
+    def _wait_for_acks(self, timeout: float) -> None:
+        """Release the lock for ``timeout`` (or until a connection event), then apply queued events.
+
+        Acks are reaped in batches by polling: waking this thread once per PUBACK would make it
+        fight paho's network thread for the GIL on every message (measured: half the throughput).
+        """
+        if not self._events:
+            self._lock.release()
+            try:
+                self._wake.wait(timeout)
+                self._wake.clear()
+            finally:
+                self._lock.acquire()
+        self._process_events()
+
+    def _process_events(self) -> None:
+        """Apply queued acks and connection changes (caller holds the lock)."""
+        changed = False
+        acked = 0
+        events, inflight = self._events, self._inflight
+        while events:
+            what, arg = events.popleft()
+            changed = True
+            if what == "ack":
+                pending = inflight.pop(arg, None)
+                if pending is not None:
+                    if pending[3] is not None:
+                        self.store.delete(pending[3])
+                    acked += 1
+            elif arg is not self._client:
+                continue  # an event from a connection already replaced
+            elif what == "connected":
+                for f in topics.subscriptions(topics.device_downlinks(self.site, self.device)):
+                    arg.subscribe(f, qos=1)
+                arg.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
+                self._online = True
+                self._publish_registration()
+                self._last_sent_row = None
+                self.counters.inc("connects")
+            elif what == "disconnected":
+                self._move_inflight_to_store()
+                self._online = False
+                self.counters.inc("disconnects")
+        if acked:
+            self.counters.inc("acked", acked)
+        if changed:
+            self._lock.notify_all()
+
+    def _move_inflight_to_store(self) -> None:
+        """Un-acked direct publishes go back to the front of the disk queue (caller holds the lock).
+
+        Rows that came from the queue are still in it. Either way every un-acked record is re-sent after
+        the next connect; ``requeued`` counts them so an operator can see what a lost link cost.
+        """
+        self.counters.inc("requeued", len(self._inflight))
+        direct = sorted((p for p in self._inflight.values() if p[3] is None), key=lambda p: p[0])
+        self.store.prepend([(seq, topic, payload) for seq, topic, payload, _ in direct])
+        self._inflight.clear()  # the next "connected" event restarts the drain at the head of the queue
