@@ -4,7 +4,7 @@
 #   ./dev.sh test   set everything up, then run the whole test suite
 #   ./dev.sh mutate mutation testing of the core (tools/mutate.py; reports/mutation.md)
 # Set-up is idempotent: a venv in .venv with torch 2.13.0 (CPU) and megace[all],
-# plus the system packages the tests use (mosquitto, espeak-ng) if they are missing.
+# plus the system packages the tests use (mosquitto, espeak-ng, chromium, nodejs) if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${MEGACE_VENV:-.venv}
@@ -13,6 +13,8 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)   # the dashboard's browser test (Playwright drives it)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)  # runs the Node-RED example's function in a test
 "$PY" -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 
 install_system() {

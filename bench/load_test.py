@@ -207,7 +207,7 @@ def run_variant(v: Variant, args: argparse.Namespace, workdir: Path) -> dict[str
                    "max_devices": args.devices + 100, "mqtt_queue": args.mqtt_queue},
     })
     config_path = config.write(workdir / "edge.toml")
-    metrics_topic = topics.metrics(topics.Role.EDGE, config.edge_id)
+    metrics_topic = topics.metrics(topics.Role.EDGE, config.edge_id, config.site)
     metrics = Collector(addr, metrics_topic).start()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log_path = workdir / "edge.log"

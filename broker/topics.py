@@ -8,8 +8,15 @@ Layout (``{x}`` are ids matching ``[A-Za-z0-9_.-]{1,64}``)::
     megace/v1/cloud/up/{site}/adapter                                       edge -> cloud
     megace/v1/cloud/down/global                       (retained)            cloud -> all edges
     megace/v1/cloud/down/site/{site}/feedback         (retained)            cloud -> one edge
-    megace/v1/status/{role}/{id}                      (retained, last will) everyone -> dashboards
-    megace/v1/metrics/{role}/{id}                     (JSON)                everyone -> dashboards
+    megace/v1/status/{device|edge}/{site}/{id}        (retained, last will) devices, edges -> dashboards
+    megace/v1/status/{cloud|broker}/{id}              (retained, last will) cloud -> dashboards
+    megace/v1/metrics/{device|edge}/{site}/{id}       (JSON, retained)      devices, edges -> dashboards
+    megace/v1/metrics/{cloud|broker}/{id}             (JSON, retained)      cloud -> dashboards
+    megace/v1/events/edge/{site}/{id}                 (JSON, retained)      one per training round
+    megace/v1/events/cloud/{id}                       (JSON, retained)      one per global version
+
+Devices and edges name their site in status, metrics and events (two sites may reuse a device id once
+their brokers are bridged); ``megace/v1/status/#`` and ``megace/v1/metrics/#`` cover both layouts.
 
 A payload too large for one packet travels as chunks on ``{topic}/chunk/{index}``
 (see :mod:`broker.chunking`); :func:`subscriptions` returns the filters that cover both.
@@ -63,6 +70,7 @@ class Channel(StrEnum):
     SITE_FEEDBACK = "site_feedback"
     STATUS = "status"
     METRICS = "metrics"
+    EVENTS = "events"
 
 
 def check_id(value: str, what: str = "id") -> str:
@@ -106,12 +114,25 @@ def site_feedback(site: str) -> str:
     return f"{ROOT}/cloud/down/site/{check_id(site, 'site')}/feedback"
 
 
-def status(role: Role, ident: str) -> str:
-    return f"{ROOT}/status/{Role(role).value}/{check_id(ident)}"
+def _dashboard(kind: str, role: Role, ident: str, site: str | None) -> str:
+    """``{kind}/{role}/[{site}/]{id}``: the site level only when given (devices and edges give theirs)."""
+    where = "" if site is None else f"{check_id(site, 'site')}/"
+    return f"{ROOT}/{kind}/{Role(role).value}/{where}{check_id(ident)}"
 
 
-def metrics(role: Role, ident: str) -> str:
-    return f"{ROOT}/metrics/{Role(role).value}/{check_id(ident)}"
+def status(role: Role, ident: str, site: str | None = None) -> str:
+    """Retained JSON status; without ``site`` the site-less layout (the cloud, or a pre-site publisher)."""
+    return _dashboard("status", role, ident, site)
+
+
+def metrics(role: Role, ident: str, site: str | None = None) -> str:
+    """Retained JSON latest metrics; ``site`` as for :func:`status`."""
+    return _dashboard("metrics", role, ident, site)
+
+
+def events(role: Role, ident: str, site: str | None = None) -> str:
+    """Retained JSON event of the last round (edge) or global version (cloud); ``site`` as for :func:`status`."""
+    return _dashboard("events", role, ident, site)
 
 
 def all_status() -> str:
@@ -120,6 +141,10 @@ def all_status() -> str:
 
 def all_metrics() -> str:
     return f"{ROOT}/metrics/#"
+
+
+def all_events() -> str:
+    return f"{ROOT}/events/#"
 
 
 def chunk(topic: str, index: int) -> str:
@@ -167,8 +192,10 @@ def _build(p: Parsed) -> str:
     if c is Channel.SITE_FEEDBACK:
         return site_feedback(p.site or "")
     if c is Channel.STATUS:
-        return status(p.role or Role.EDGE, p.ident or "")
-    return metrics(p.role or Role.EDGE, p.ident or "")
+        return status(p.role or Role.EDGE, p.ident or "", p.site)
+    if c is Channel.EVENTS:
+        return events(p.role or Role.EDGE, p.ident or "", p.site)
+    return metrics(p.role or Role.EDGE, p.ident or "", p.site)
 
 
 _PARSED: dict[str, Parsed] = {}
@@ -208,6 +235,9 @@ def _parse(topic: str) -> Parsed:
     return parsed
 
 
+_DASHBOARD = {"status": Channel.STATUS, "metrics": Channel.METRICS, "events": Channel.EVENTS}
+
+
 def _parse_levels(lv: list[str], chunk_index: int | None) -> Parsed:
     """The layouts of the module docstring, by length and fixed levels (no ``match``: gateways run 3.9)."""
     n = len(lv)
@@ -227,8 +257,7 @@ def _parse_levels(lv: list[str], chunk_index: int | None) -> Parsed:
             return Parsed(Channel.GLOBAL_DOWN, what="global", chunk_index=chunk_index)
         if n == 5 and lv[1] == "down" and lv[2] == "site" and lv[4] == "feedback":
             return Parsed(Channel.SITE_FEEDBACK, check_id(lv[3]), what="feedback", chunk_index=chunk_index)
-    elif head == "status" and n == 3:
-        return Parsed(Channel.STATUS, role=Role(lv[1]), ident=check_id(lv[2]), chunk_index=chunk_index)
-    elif head == "metrics" and n == 3:
-        return Parsed(Channel.METRICS, role=Role(lv[1]), ident=check_id(lv[2]), chunk_index=chunk_index)
+    elif head in _DASHBOARD and n in (3, 4):
+        site = check_id(lv[2], "site") if n == 4 else None
+        return Parsed(_DASHBOARD[head], site, role=Role(lv[1]), ident=check_id(lv[-1]), chunk_index=chunk_index)
     raise TopicError("unknown layout")

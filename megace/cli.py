@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from megace.dashboard.cli import register as register_dashboard  # typer only
 from megace.provision.cli import app as provision_app  # typer only: cryptography loads inside its commands
 
 app = typer.Typer(
@@ -25,10 +27,38 @@ app = typer.Typer(
 )
 
 app.add_typer(provision_app, name="provision")
+register_dashboard(app)  # megace dashboard, megace top
+extractors_app = typer.Typer(help="Feature extractors for devices (ONNX, run by device_sdk.extractors without torch).",
+                             no_args_is_help=True)
+app.add_typer(extractors_app, name="extractors")
 
 #: the cloud's rule names (``cloud_aggregator.strategies.STRATEGIES``, which imports torch; a test keeps them equal)
 STRATEGIES = ["fedavg", "hetlora", "flora", "flexlora", "fedsa", "modality-aware", "norm-clip", "trimmed-mean",
               "median"]
+
+
+def _free_port() -> int:
+    from broker.runners.ports import free_port
+
+    return free_port("127.0.0.1")
+
+
+def _with_dashboard(view: Callable[[str, Any], None], console: Any, page: Any) -> Callable[[str, Any], None]:
+    """``--secure``: the run's progress callback, printing the page's ``wss://`` URL and login once the broker
+    is up (the ``"dashboard"`` event; the password file's path, never the password)."""
+
+    def progress(kind: str, payload: Any) -> None:
+        if kind != "dashboard":
+            view(kind, payload)
+            return
+        console.print(f"dashboard: [link]{page.url(payload['ws'], payload['user'])}[/link]", soft_wrap=True)
+        console.print(f"  MQTT over wss:// as the read-only {payload['user']}; the page asks for the password, "
+                      f"which is in {payload['password_file']}", soft_wrap=True)
+        console.print(f"  the browser must trust {payload['ca_file']} (or accept the certificate once at "
+                      f"{payload['ws'].replace('wss://', 'https://')}); Mosquitto 2.0.11 binds this listener on all "
+                      "interfaces whatever its address: TLS, the password and the ACL protect it", soft_wrap=True)
+
+    return progress
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -97,6 +127,7 @@ def run(
         seed=seed, time_limit_s=time_limit, broker_url=broker, ca_file=str(ca_file) if ca_file else None,
         username=username, password=password, broker_kind="mosquitto" if mosquitto or secure else "embedded",
         out=out, secure=secure, state_dir=state_dir,
+        ws_port=None if (broker or mosquitto) else _free_port(),  # the dashboard's (ws://, --secure: wss://)
     )
     console = Console()
     loop = ClosedLoop(settings)
@@ -113,9 +144,20 @@ def run(
     else:
         console.print("[yellow]anonymous loopback demo[/]: no TLS, identities, ACLs or signatures "
                       "(--secure for the secured set-up)")
+    page = None
+    if settings.ws_port:
+        from megace.dashboard.server import DashboardServer
+
+        page = DashboardServer().start()  # loopback, a daemon thread: it ends with the run
+        if not secure:  # --secure: the wss:// URL and login once the broker is up (_with_dashboard)
+            console.print(f"dashboard: [link]{page.url(f'ws://127.0.0.1:{settings.ws_port}/')}[/link] "
+                          "(MQTT over WebSockets on the embedded broker, loopback only)")
+    else:
+        console.print("dashboard: `megace dashboard --ws URL` with the broker's WebSockets listener "
+                      "(deploy/dashboard/README.md)")
     try:
         with LiveView(console, title="megace closed loop (secure)" if secure else "megace closed loop") as view:
-            loop.progress = view
+            loop.progress = _with_dashboard(view, console, page) if secure and page else view
             result = loop.run()
     except LoopError as exc:
         console.print(f"[red]loop failed:[/] {exc}")
@@ -200,10 +242,40 @@ def export_global_cmd(
     raise typer.Exit(export_main(args))
 
 
+@extractors_app.command("build")
+def extractors_build(
+    out: Annotated[Path, typer.Option(help="bundle directory to write (replaced whole, never half-written)")],
+    text: Annotated[bool, typer.Option(help="the MiniLM text encoder (ONNX + tokenizer.json, ~90 MB)")] = True,
+    imu: Annotated[bool, typer.Option(help="the IMU front ends (basicmotions windows and statistics)")] = True,
+    text_max_tokens: Annotated[int, typer.Option(min=1, help="text tokens per record")] = 16,
+    text_pooling: Annotated[str, typer.Option(help="tokens, chunks or mean")] = "tokens",
+) -> None:
+    """Export the device feature extractors and a manifest (files, sha256, token_dim, max_tokens, source)."""
+    import json
+
+    from megace.extractors import MANIFEST, build_extractors
+
+    if text_pooling not in ("tokens", "chunks", "mean"):
+        raise typer.BadParameter("pooling must be tokens, chunks or mean", param_hint="--text-pooling")
+    if not (text or imu):
+        raise typer.BadParameter("nothing to build: --no-text and --no-imu together", param_hint="--no-imu")
+    built = build_extractors(out, text=text, imu=imu, text_max_tokens=text_max_tokens, text_pooling=text_pooling)
+    manifest = json.loads((built / MANIFEST).read_text())
+    for name, entry in sorted(manifest["extractors"].items()):
+        dims = {m: v["token_dim"] for m, v in entry["modalities"].items()} if "modalities" in entry else {
+            entry["modality"]: entry["token_dim"]}
+        tokens = 1 if entry.get("pooling") == "mean" else entry["max_tokens"]
+        shapes = ", ".join(f"{m} [{tokens}, {d}]" for m, d in dims.items())
+        typer.echo(f"{name}: {shapes}")
+    typer.echo(f"bundle: {built} ({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB)")
+
+
 @app.command("broker")
 def broker_cmd(
     port: Annotated[int, typer.Option(help="TCP port to listen on")] = 1883,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    ws_port: Annotated[int | None, typer.Option(help="also MQTT over WebSockets on this port (megace dashboard)")
+                       ] = None,
 ) -> None:
     """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) in the foreground until Ctrl-C."""
     import asyncio
@@ -211,8 +283,10 @@ def broker_cmd(
     from broker.runners import EmbeddedBroker
 
     async def serve() -> None:
-        async with EmbeddedBroker(host, port):
+        async with EmbeddedBroker(host, port, ws_port=ws_port):
             typer.echo(f"embedded broker on mqtt://{host}:{port} (Ctrl-C to stop)")
+            if ws_port:
+                typer.echo(f"MQTT over WebSockets on ws://{host}:{ws_port}/ (megace dashboard --ws ws://{host}:{ws_port}/)")
             await asyncio.Event().wait()
 
     try:

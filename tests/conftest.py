@@ -54,3 +54,9 @@ def fresh_mosquitto() -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The dashboard's browser tests run last (in their own order): their session-wide Playwright keeps an
+    event loop running in the main thread while it is started, which fails every asyncio test after it."""
+    items.sort(key=lambda item: item.nodeid.replace(os.sep, "/").startswith("tests/dashboard/"))

@@ -19,9 +19,12 @@ from broker.runners.ports import free_port
 log = logging.getLogger(__name__)
 
 
-def _config(host: str, port: int) -> dict[str, Any]:
+def _config(host: str, port: int, ws_port: int | None = None) -> dict[str, Any]:
+    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if ws_port:  # MQTT over WebSockets for the browser dashboard, on the same (loopback) host
+        listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": listeners,
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
 
@@ -33,9 +36,10 @@ class EmbeddedBroker:
     from synchronous code, which runs the broker's loop in a named daemon thread.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, ws_port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.ws_port = ws_port  # a WebSockets listener too (the dashboard's), on ``host``; None: none
         self._broker: Any = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -45,7 +49,7 @@ class EmbeddedBroker:
 
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self._broker = Broker(_config(self.host, self.port))
+        self._broker = Broker(_config(self.host, self.port, self.ws_port))
         await self._broker.start()
         log.info("embedded broker listening on %s:%d", self.host, self.port)
 

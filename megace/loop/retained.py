@@ -14,12 +14,31 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
 from broker import topics
 from broker.address import BrokerAddress
+from megace.loop.configs import CLOUD_ID, EdgePlan
+
+if TYPE_CHECKING:
+    from megace.loop.devices import SimulatedDevice
+
+
+def loop_topics(plans: Iterable[EdgePlan], devices: Iterable[SimulatedDevice]) -> list[str]:
+    """Every retained topic a closed loop's parts publish: the global, each site's feedback, and the status,
+    metrics and events of the cloud, each edge and each device, plus the devices' registrations."""
+    cloud = topics.Role.CLOUD, CLOUD_ID
+    names = [topics.global_down(), topics.status(*cloud), topics.metrics(*cloud), topics.events(*cloud)]
+    for p in plans:
+        edge = topics.Role.EDGE, p.ident, p.site
+        names += [topics.site_feedback(p.site), topics.status(*edge), topics.metrics(*edge), topics.events(*edge),
+                  topics.device_up(p.site, f"e{p.index}-eval", topics.Uplink.REGISTER)]
+    for d in devices:
+        dev = topics.Role.DEVICE, d.name, d.site
+        names += [topics.device_up(d.site, d.name, topics.Uplink.REGISTER), topics.status(*dev), topics.metrics(*dev)]
+    return names
 
 
 def downlink_tree() -> str:

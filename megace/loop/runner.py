@@ -33,7 +33,15 @@ from megace.loop.children import Children
 from megace.loop.devices import InferenceResult, SimulatedDevice
 from megace.loop.monitor import BusView, Monitor
 from megace.loop.results import EdgeRound, LatencySample, LoopResult, RoundRecord, percentile
-from megace.loop.secure import MONITOR, SecureBus, cloud_identity, device_identity, edge_identity, signature_rejections
+from megace.loop.secure import (
+    MONITOR,
+    SecureBus,
+    cloud_identity,
+    device_identity,
+    edge_identity,
+    loop_identities,
+    signature_rejections,
+)
 from megace.loop.settings import LoopSettings
 
 log = logging.getLogger(__name__)
@@ -100,25 +108,23 @@ class ClosedLoop:
         else:
             from broker.runners import EmbeddedBroker
 
-            b = self._stack.enter_context(EmbeddedBroker())
+            b = self._stack.enter_context(EmbeddedBroker(ws_port=s.ws_port))
         return BrokerAddress(b.host, b.port)
 
     def _secure_broker(self, parts: list[EdgeData]) -> BrokerAddress:
-        """Provision the CA and every identity (cloud, edges, devices, evaluators, monitor), then start the
-        private Mosquitto with their password and ACL files; returns the monitor's address."""
+        """Provision the CA and every identity (cloud, edges, devices, evaluators, monitor; the dashboard with a
+        ``ws_port``), then start the private Mosquitto with their password and ACL files (a ``wss://`` listener
+        with a ``ws_port``, announced as a ``"dashboard"`` progress event); returns the monitor's address."""
         self.progress("status", "provisioning a CA, identities and signing keys…")
         bus = SecureBus(Path(self.s.state_dir) if self.s.state_dir else None)
         self.secure = bus
         self._stack.callback(bus.close)
-        idents = [cloud_identity(), MONITOR]
-        for e in parts:
-            site = configs.site_id(e.edge_id)
-            idents.append(edge_identity(e.edge_id))
-            idents += [device_identity(site, configs.device_id(e.edge_id, d.device_id)) for d in e.devices]
-            idents.append(device_identity(site, f"e{e.edge_id}-eval"))
-        bus.provision(idents)
+        bus.provision(loop_identities(parts, dashboard=self.s.ws_port is not None))
         self.progress("status", "starting the secure broker (mutual TLS + TLS/password listeners, ACLs)…")
-        bus.start()
+        bus.start(ws_port=self.s.ws_port)
+        login = bus.dashboard_login()
+        if login is not None:
+            self.progress("dashboard", login)
         return bus.address(MONITOR)
 
     def _device_address(self, site: str, name: str) -> BrokerAddress:
@@ -157,15 +163,6 @@ class ClosedLoop:
             doc = configs.edge_config(s, schema, p, edge_url, self.out / "state" / p.ident, s.round_timeout_s,
                                       signing=bus.edge_signing(p.index) if bus else None)
             children.spawn(p.ident, "edge", configs.write_edge_config(doc, cfg_dir / f"{p.ident}.toml"))
-
-    def _retained_topics(self, plans: list[configs.EdgePlan]) -> list[str]:
-        names = [topics.global_down(), topics.status(topics.Role.CLOUD, configs.CLOUD_ID)]
-        for p in plans:
-            names += [topics.site_feedback(p.site), topics.status(topics.Role.EDGE, p.ident),
-                      topics.device_up(p.site, f"e{p.index}-eval", topics.Uplink.REGISTER)]
-        for d in self.devices:
-            names.append(topics.device_up(d.site, d.name, topics.Uplink.REGISTER))
-        return names
 
     def _wait_services(self, plans: list[configs.EdgePlan]) -> None:
         assert self.monitor is not None and self.children is not None
@@ -301,7 +298,7 @@ class ClosedLoop:
             ]
             if s.broker_url:  # a broker that outlives runs may still hold an earlier run's globals (and chunks)
                 self.progress("status", "clearing what earlier runs left retained…")
-                retained.clear_retained(address, self._retained_topics(plans))
+                retained.clear_retained(address, retained.loop_topics(plans, self.devices))
             self.monitor = Monitor(address, [(d.site, d.name) for d in self.devices]).start()
             self._stack.callback(self.monitor.stop)
             self._spawn(train, plans, address)

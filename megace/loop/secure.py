@@ -12,11 +12,14 @@ identity                        connects with                       signs / veri
                                                                     verifies globals/feedback (cloud key)
 ``megace-dev-e<i>-dev<j>``      mutual TLS                          verifies downlinks (its edge's key)
 ``megace-mon-loop``             TLS + password                      nothing: a read-only tap (the monitor)
+``megace-dash-loop``            ``wss://`` + password (the page)    nothing: reads status/metrics/events
 ==============================  ==================================  ======================================
 
 The broker (:class:`broker.runners.secure.SecureMosquitto`, static password + ACL files) has no
-anonymous access and no plain listener; every identity gets exactly its ACL. Signatures are
-*required* everywhere a key is configured, so an unsigned or foreign payload is refused and counted
+anonymous access and no plain listener; every identity gets exactly its ACL. With a ``ws_port`` it also
+opens a ``wss://`` listener (TLS + password, same ACL) for the browser dashboard, which logs in as the
+read-only ``dashboard`` identity: it can read ``megace/v1/{status,metrics,events}/#`` and publish nothing.
+Signatures are *required* everywhere a key is configured, so an unsigned or foreign payload is refused and counted
 (``rejected.<Error>`` on edges and devices, ``rejected_reasons`` on the cloud);
 :func:`signature_rejections` adds them up for the report.
 
@@ -34,12 +37,16 @@ from typing import Any, Literal
 
 from broker.address import BrokerAddress
 from broker.runners.secure import SecureMosquitto
+from megace.datasets import EdgeData
 from megace.loop import configs
 from megace.provision.identity import Identity, Role
 from megace.provision.store import Store
 
 #: The monitor's identity: read everything under ``megace/v1/``, publish nothing.
 MONITOR = Identity(Role.MONITOR, "loop")
+#: The web page's identity: read status, metrics and events, publish nothing (a password: browsers have no
+#: client certificate to present over WebSockets).
+DASHBOARD = Identity(Role.DASHBOARD, "loop")
 HOST = "127.0.0.1"
 
 #: What counts as a signature rejection: the error classes edges and devices count under
@@ -61,8 +68,20 @@ def device_identity(site: str, device: str) -> Identity:
     return Identity(Role.DEVICE, device, site)
 
 
+def loop_identities(parts: Iterable[EdgeData], *, dashboard: bool) -> list[Identity]:
+    """Every identity a secured closed loop uses: the cloud and the monitor, each edge with its devices and its
+    evaluator, and (``dashboard``) the read-only identity the browser page logs in with over ``wss://``."""
+    idents = [cloud_identity(), MONITOR]
+    for e in parts:
+        site = configs.site_id(e.edge_id)
+        idents.append(edge_identity(e.edge_id))
+        idents += [device_identity(site, configs.device_id(e.edge_id, d.device_id)) for d in e.devices]
+        idents.append(device_identity(site, f"e{e.edge_id}-eval"))
+    return [*idents, DASHBOARD] if dashboard else idents
+
+
 def _mtls(ident: Identity) -> bool:
-    return ident.role is not Role.MONITOR
+    return ident.role not in (Role.MONITOR, Role.DASHBOARD)
 
 
 class SecureBus:
@@ -94,7 +113,7 @@ class SecureBus:
 
     def provision(self, identities: Iterable[Identity]) -> None:
         """Issue every identity not yet usable in the folder: a certificate (mutual TLS) for services and
-        devices, a password for the monitor, an Ed25519 signing key for the edges and the cloud."""
+        devices, a password for the monitor and the dashboard, an Ed25519 signing key for the edges and the cloud."""
         for ident in identities:
             if self._usable(ident):
                 self.reused.append(ident)
@@ -104,10 +123,20 @@ class SecureBus:
             self.issued.append(ident)
 
     # ---------------------------------------------------------------- broker
-    def start(self) -> SecureBus:
+    def start(self, *, ws_port: int | None = None) -> SecureBus:
+        """Start the broker; ``ws_port`` (0: a free one) also opens the dashboard's ``wss://`` listener."""
         if self.broker is None:
-            self.broker = SecureMosquitto(self.store, mode=self.mode, host=HOST).start()
+            self.broker = SecureMosquitto(self.store, mode=self.mode, host=HOST, ws_port=ws_port).start()
         return self
+
+    def dashboard_login(self) -> dict[str, str] | None:
+        """Where the page logs in: ``ws`` URL, ``user``, and the ``password_file`` and ``ca_file`` paths (never
+        the password itself); None without a ``wss://`` listener or a provisioned dashboard identity."""
+        if self.broker is None or self.broker.ws_url is None or DASHBOARD.username not in self.store.entries:
+            return None
+        folder = self.store.identity_dir(DASHBOARD.username)
+        return {"ws": self.broker.ws_url, "user": DASHBOARD.username,
+                "password_file": str((folder / "password").resolve()), "ca_file": str((folder / "ca.crt").resolve())}
 
     def address(self, ident: Identity) -> BrokerAddress:
         """How ``ident`` reaches the running broker (its certificate, or for the monitor its password)."""
@@ -158,13 +187,15 @@ class SecureBus:
             "broker": f"private Mosquitto, {self.mode} password + ACL files" if self.mode == "static"
                       else "private Mosquitto, dynamic-security plugin",
             "listeners": ({"mutual_tls": f"mqtts://{b.host}:{b.mtls_port}",
-                           "tls_password": f"mqtts://{b.host}:{b.password_port}"} if b else {}),
+                           "tls_password": f"mqtts://{b.host}:{b.password_port}",
+                           **({"dashboard_wss": b.ws_url} if b.ws_url else {})} if b else {}),
             "anonymous": False,
             "tls": "TLS 1.2 (client certificates) for cloud, edges and devices; TLS + password for the monitor",
             "identities": roles,
             "issued": len(self.issued),
             "reused": len(self.reused),
-            "acl": "per identity (docs/SECURITY.md); monitor: read-only megace/v1/#",
+            "acl": "per identity (docs/SECURITY.md); monitor: read-only megace/v1/#; dashboard: read-only "
+                   "megace/v1/{status,metrics,events}/#",
             "signatures": "Ed25519, required: uploads (cloud checks each edge's key and site), globals and "
                           "feedback (edges pin the cloud's key), downlinks (devices pin their edge's key)",
             "state_dir": None if self._tmp else str(self.root),
@@ -192,4 +223,5 @@ def signature_rejections(edge_metrics: Mapping[str, Mapping[str, Any]], cloud_me
     return {"by": by, "total": sum(by.values())}
 
 
-__all__ = ["MONITOR", "SecureBus", "cloud_identity", "device_identity", "edge_identity", "signature_rejections"]
+__all__ = ["DASHBOARD", "MONITOR", "SecureBus", "cloud_identity", "device_identity", "edge_identity",
+           "signature_rejections"]

@@ -50,6 +50,7 @@ class LoopSettings:
     # bus
     broker_url: str | None = None  # None: start the embedded broker
     broker_kind: str = "embedded"  # "embedded" | "mosquitto" (when the loop starts its own)
+    ws_port: int | None = None  # MQTT over WebSockets here for the dashboard: ws:// (embedded), wss:// (secure)
     ca_file: str | None = None
     username: str | None = None
     password: str | None = None

@@ -15,7 +15,7 @@ edge       ``megace-edge-<edge_id>``   read its site's uplinks, write its site's
                                        its site's adapter upload, its own status/metrics;
                                        read the global adapter and its site's feedback
 cloud      ``megace-cloud-<cloud_id>`` read adapter uploads, write cloud downlinks, own status/metrics
-dashboard  ``megace-dash-<name>``      read status and metrics
+dashboard  ``megace-dash-<name>``      read status, metrics and events
 monitor    ``megace-mon-<name>``       read everything under ``megace/v1/``, write nothing (the
                                        operator's tap: ``megace run --secure`` times requests with it)
 =========  ==========================  ====================================================
@@ -135,8 +135,8 @@ def rules_for(ident: Identity) -> list[Rule]:
         return [
             _write(f"{R}/site/{site}/device/{name}/up/#"),
             _read(f"{R}/site/{site}/device/{name}/down/#", *topics.subscriptions(down)),
-            _write(topics.status(topics.Role.DEVICE, name)),
-            _write(topics.metrics(topics.Role.DEVICE, name)),
+            _write(topics.status(topics.Role.DEVICE, name, site)),
+            _write(topics.metrics(topics.Role.DEVICE, name, site)),
         ]
     if ident.role is Role.EDGE:
         return [
@@ -145,8 +145,9 @@ def rules_for(ident: Identity) -> list[Rule]:
             _write(f"{topics.adapter_up(site)}/#"),
             _read(f"{topics.global_down()}/#", *topics.subscriptions(topics.global_down())),
             _read(f"{topics.site_feedback(site)}/#", *topics.subscriptions(topics.site_feedback(site))),
-            _write(topics.status(topics.Role.EDGE, name)),
-            _write(topics.metrics(topics.Role.EDGE, name)),
+            _write(topics.status(topics.Role.EDGE, name, site)),
+            _write(topics.metrics(topics.Role.EDGE, name, site)),
+            _write(topics.events(topics.Role.EDGE, name, site)),
         ]
     if ident.role is Role.CLOUD:
         return [
@@ -154,9 +155,10 @@ def rules_for(ident: Identity) -> list[Rule]:
             _write(f"{R}/cloud/down/#"),
             _write(topics.status(topics.Role.CLOUD, name)),
             _write(topics.metrics(topics.Role.CLOUD, name)),
+            _write(topics.events(topics.Role.CLOUD, name)),
         ]
     if ident.role is Role.DASHBOARD:
-        return [_read(topics.all_status()), _read(topics.all_metrics())]
+        return [_read(topics.all_status()), _read(topics.all_metrics()), _read(topics.all_events())]
     if ident.role is Role.MONITOR:
         # read-only tap on the whole tree (uplinks, downlinks, adapters, globals, status, metrics); it can
         # see every payload but change nothing: signatures, not secrecy, protect what it reads

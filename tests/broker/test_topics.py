@@ -221,3 +221,29 @@ def test_subscription_filters() -> None:
         "megace/v1/site/s/device/+/up/+", "megace/v1/site/s/device/+/up/+/chunk/+"]
     assert topics.subscriptions(topics.all_metrics()) == ["megace/v1/metrics/#"]
     assert topics.subscriptions("megace/v1/#") == ["megace/v1/#"]
+
+
+def test_dashboard_topics_carry_the_site_of_devices_and_edges() -> None:
+    """Status, metrics and events: ``{kind}/{role}/{site}/{id}`` with a site, ``{kind}/{role}/{id}`` without
+    (the cloud, and publishers from before the site level), and both parse back to the same fields."""
+    built = {
+        topics.status(topics.Role.DEVICE, "gw-7", "site-a"): ("megace/v1/status/device/site-a/gw-7",
+                                                             topics.Channel.STATUS),
+        topics.metrics(topics.Role.EDGE, "e1", "s1"): ("megace/v1/metrics/edge/s1/e1", topics.Channel.METRICS),
+        topics.events(topics.Role.EDGE, "e1", "s1"): ("megace/v1/events/edge/s1/e1", topics.Channel.EVENTS),
+        topics.events(topics.Role.CLOUD, "c"): ("megace/v1/events/cloud/c", topics.Channel.EVENTS),
+    }
+    for topic, (expected, channel) in built.items():
+        assert topic == expected
+        p = topics.parse(topic)
+        assert p.channel is channel and p.base == topic
+        assert p.site == (expected.split("/")[4] if expected.count("/") == 5 else None)
+        assert p.ident == expected.rsplit("/", 1)[1] and p.role is topics.Role(expected.split("/")[3])
+    assert topics.all_events() == "megace/v1/events/#"
+    assert topics.parse("megace/v1/events/edge/s1/e1/chunk/2").chunk_index == 2
+    for bad in ("megace/v1/events/edge/s1/e1/x", "megace/v1/events/alien/e1", "megace/v1/status/edge/s!/e1",
+                "megace/v1/events", "megace/v1/metrics/edge/s1/" + "e" * 65):
+        with raises_exactly(TopicError):
+            topics.parse(bad)
+    with raises_exactly(TopicError):
+        topics.metrics(topics.Role.DEVICE, "gw-7", "bad site")

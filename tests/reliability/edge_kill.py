@@ -78,16 +78,16 @@ def _checkpointed_numbers(state: Path) -> list[int]:
     return [int(np.asarray(s.modalities["env"]).ravel()[0]) for s in gen.samples]
 
 
-def _replayed(metrics: Collector, edge_id: str) -> int:
+def _replayed(metrics: Collector, edge_id: str, site: str) -> int:
     """The most any agent reported under ``ingest_replayed`` (messages re-ingested from its log at start)."""
-    topic = topics.metrics(topics.Role.EDGE, edge_id)
+    topic = topics.metrics(topics.Role.EDGE, edge_id, site)
     return max([int(json.loads(p)["metrics"].get("ingest_replayed", 0)) for t, p, _ in list(metrics.raw)
                 if t == topic] or [0])
 
 
-def _wait_for_samples(metrics: Collector, edge_id: str, n: int, timeout: float) -> None:
+def _wait_for_samples(metrics: Collector, edge_id: str, site: str, n: int, timeout: float) -> None:
     """Until the agent's metrics report ``n`` samples taken (restored totals plus replay plus live)."""
-    topic = topics.metrics(topics.Role.EDGE, edge_id)
+    topic = topics.metrics(topics.Role.EDGE, edge_id, site)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         latest = [json.loads(p)["metrics"] for t, p, _ in list(metrics.raw) if t == topic]
@@ -113,7 +113,7 @@ def edge_kill_run(kills: int, records: int, *, workdir: Path, seed: int = 0, rat
     log_path = workdir / "agent.log"
     task = ToyTask(config.model, seed=seed)
     device = DeviceClient(config.site, uid("dev"), addr, store_path=workdir / "device.sqlite")
-    metrics = Collector(addr, topics.metrics(topics.Role.EDGE, config.edge_id)).start()
+    metrics = Collector(addr, topics.metrics(topics.Role.EDGE, config.edge_id, config.site)).start()
     proc = _start(config_path, log_path)
     started = time.monotonic()
     try:
@@ -128,7 +128,7 @@ def edge_kill_run(kills: int, records: int, *, workdir: Path, seed: int = 0, rat
             done.set()
 
         publisher = threading.Thread(target=stream, daemon=True)
-        _wait_for_samples(metrics, config.edge_id, 0, timeout=120)  # the first agent is up and subscribed:
+        _wait_for_samples(metrics, config.edge_id, config.site, 0, timeout=120)  # the first agent is up and subscribed:
         # from here its persistent session queues what it cannot take while it is down
         publisher.start()
         for _ in range(kills):
@@ -143,7 +143,7 @@ def edge_kill_run(kills: int, records: int, *, workdir: Path, seed: int = 0, rat
             raise AssertionError("the device could not get every record acknowledged")
         run.acked = records
         # the last agent takes what the broker still holds for its session, then stops cleanly
-        _wait_for_samples(metrics, config.edge_id, records, timeout=180)
+        _wait_for_samples(metrics, config.edge_id, config.site, records, timeout=180)
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
         numbers = _checkpointed_numbers(state)
@@ -151,7 +151,7 @@ def edge_kill_run(kills: int, records: int, *, workdir: Path, seed: int = 0, rat
         run.in_checkpoint = len(numbers)
         run.lost = sorted(set(range(records)) - set(counts))
         run.duplicated = sorted(n for n, c in counts.items() if c > 1)
-        run.replayed = _replayed(metrics, config.edge_id)
+        run.replayed = _replayed(metrics, config.edge_id, config.site)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -142,7 +142,7 @@ def global_digest(g: GlobalAdapter) -> str:
 class Tap:
     """A clean-session observer: every global adapter on the bus (decoded), and the services' metrics."""
 
-    def __init__(self, addr: BrokerAddress, edge_ids: list[str]) -> None:
+    def __init__(self, addr: BrokerAddress, edges: list[tuple[str, str]]) -> None:
         self.globals: list[SeenGlobal] = []
         self.metrics: dict[str, dict[str, Any]] = {}  # latest metrics per service
         self.arrivals: dict[str, list[float]] = {}  # when each service's metrics arrived
@@ -150,7 +150,7 @@ class Tap:
         self._lock = threading.Lock()
         self._inbox = Inbox()
         self._global = topics.global_down()
-        self._metric_topics = {topics.metrics(topics.Role.EDGE, e): e for e in edge_ids}
+        self._metric_topics = {topics.metrics(topics.Role.EDGE, e, site): e for e, site in edges}
         self._metric_topics[topics.metrics(topics.Role.CLOUD, CLOUD_ID)] = CLOUD_ID
         self.filters = [*topics.subscriptions(self._global), *self._metric_topics]
         self._subscribed = threading.Event()
@@ -403,7 +403,7 @@ class System:
                                   rate_hz=rate_hz, infer_every=infer_every)
                         for e in range(edges) for d in range(devices_per_edge)]
         self.device_edge = {dev.name: dev.index // devices_per_edge for dev in self.devices}
-        self.tap = Tap(self.addr, [c.edge_id for c in self.edge_cfgs])
+        self.tap = Tap(self.addr, [(c.edge_id, c.site) for c in self.edge_cfgs])
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.broker_marks: list[list[int]] = []  # per broker kill: records each device had published
@@ -739,7 +739,7 @@ def repro_edge_inference_loss(workdir: Path, requests: int = 200, tries: int = 4
     cfg = edge_config(workdir / "edge", addr, {"site": "site-0", "edge_id": "edge-0", "metrics_interval_s": 0.5,
                                                "log_level": "WARNING"})
     edge = Service(cfg.edge_id, "edge_agent", cfg.write(workdir / "edge.toml"), workdir / "edge.log")
-    tap = Tap(addr, [cfg.edge_id]).start()
+    tap = Tap(addr, [(cfg.edge_id, cfg.site)]).start()
     dev = SimDevice(0, cfg.site, addr, workdir, ToyTask(cfg.model, seed=0), rate_hz=1.0, infer_every=0)
     out: dict[str, Any] = {"requests_per_try": requests, "tries": []}
     try:

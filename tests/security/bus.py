@@ -53,11 +53,13 @@ def universe() -> list[str]:
         t += [topics.adapter_up(s), topics.chunk(topics.adapter_up(s), 0)]
         t += [topics.site_feedback(s), topics.chunk(topics.site_feedback(s), 1)]
     t += [topics.global_down(), topics.chunk(topics.global_down(), 2)]
-    ids = [(topics.Role.DEVICE, d) for ds in SITES.values() for d in ds]
-    ids += [(topics.Role.EDGE, e) for e in EDGES.values()]
-    ids += [(topics.Role.CLOUD, "cloud"), (topics.Role.BROKER, "b1")]
-    for role, ident in ids:
-        t += [topics.status(role, ident), topics.metrics(role, ident)]
+    ids: list[tuple[topics.Role, str, str | None]] = [(topics.Role.DEVICE, d, s) for s, ds in SITES.items() for d in ds]
+    ids += [(topics.Role.EDGE, e, s) for s, e in EDGES.items()]
+    ids += [(topics.Role.DEVICE, "d0a", "site-1"), (topics.Role.EDGE, "e0", "site-1")]  # a name in another site
+    ids += [(topics.Role.DEVICE, "d0a", None), (topics.Role.EDGE, "e0", None)]  # the pre-site layout
+    ids += [(topics.Role.CLOUD, "cloud", None), (topics.Role.BROKER, "b1", None)]
+    for role, ident, site in ids:
+        t += [topics.status(role, ident, site), topics.metrics(role, ident, site), topics.events(role, ident, site)]
     t += ["megace/v1/unknown/x", "megace/v2/site/site-0/device/d0a/up/features", "other/topic"]
     return t
 
@@ -73,8 +75,12 @@ def may_write(ident: Identity, topic: str) -> bool:
     p = _parse(topic)
     if p is None:
         return False
-    if p.channel in (Channel.STATUS, Channel.METRICS):
-        return p.role is not None and p.role.value == ident.role.value and p.ident == ident.name
+    if p.channel in (Channel.STATUS, Channel.METRICS, Channel.EVENTS):
+        # under its own name and, for devices and edges, its own site (events: edges and the cloud only)
+        if p.channel is Channel.EVENTS and ident.role is Role.DEVICE:
+            return False
+        return (p.role is not None and p.role.value == ident.role.value and p.ident == ident.name
+                and p.site == ident.site)
     if ident.role is Role.DEVICE:
         return p.channel is Channel.DEVICE_UP and (p.site, p.device) == (ident.site, ident.name)
     if ident.role is Role.EDGE:
@@ -96,7 +102,7 @@ def may_read(ident: Identity, topic: str) -> bool:
     if ident.role is Role.CLOUD:
         return p.channel is Channel.ADAPTER_UP
     if ident.role is Role.DASHBOARD:
-        return p.channel in (Channel.STATUS, Channel.METRICS)
+        return p.channel in (Channel.STATUS, Channel.METRICS, Channel.EVENTS)
     return False
 
 
@@ -110,7 +116,7 @@ def code_filters(ident: Identity) -> list[str]:
                 *topics.subscriptions(topics.site_feedback(s))]
     if ident.role is Role.CLOUD:
         return topics.subscriptions(topics.all_adapter_uplinks())
-    return [topics.all_status(), topics.all_metrics()]
+    return [topics.all_status(), topics.all_metrics(), topics.all_events()]
 
 
 WILDCARDS = ["#", "megace/#", "megace/v1/#", "megace/v1/site/+/device/+/up/+", "megace/v1/site/+/device/+/down/#",

@@ -76,7 +76,7 @@ def test_acl_file_is_per_identity_without_patterns() -> None:
     device_block = text.split("user megace-dev-d0a")[1].split("\n\n")[0]
     assert "site-1" not in device_block and "site/site-0/device/d0a/up/#" in device_block
     edge_block = text.split("user megace-edge-e1")[1]
-    assert "status/edge/e1\n" in edge_block and "status/edge/#" not in edge_block
+    assert "status/edge/site-1/e1\n" in edge_block and "status/edge/#" not in edge_block
 
 
 def test_identity_naming_convention() -> None:
