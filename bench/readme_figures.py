@@ -149,15 +149,16 @@ def rows() -> tuple[list[list[str]], str]:
         "`round_bytes.json` results[].after.adapter_copies_per_round", rb["command"].strip(),
     ])
     cr = _load("cloud_rss")
-    b, a = cr["runs"]["before"], cr["runs"]["after"]
+    b, a, n = cr["runs"]["before"], cr["runs"]["after"], cr["runs"]["numpy"]
     out.append([
-        "cloud aggregator RSS, MiniLM r=8, 3 sites x 3 rounds (peak of the service process), before -> after "
-        "version 0 moved to a builder process",
-        f"fresh state {b['fresh']['peak_mib']:.0f} -> **{a['fresh']['peak_mib']:.0f} MiB** (builder child meanwhile: "
-        f"{a['fresh']['peak_tree_mib']:.0f} MiB together); restart {b['restart']['peak_mib']:.0f} -> "
-        f"**{a['restart']['peak_mib']:.0f} MiB**; `import torch` alone {a['torch_import_mib']:.0f} MiB",
-        f"<= 210 MiB: {_mark(a['met'])} (needs the service's maths without torch)",
-        "`cloud_rss.json` runs.{before,after}.{fresh,restart}.peak_mib", a["command"],
+        "cloud aggregator RSS, MiniLM r=8, 3 sites x 3 rounds (peak of the service process), before -> "
+        "version 0 in a builder process -> the service's maths in numpy (it never imports torch)",
+        f"fresh state {b['fresh']['peak_mib']:.0f} -> {a['fresh']['peak_mib']:.0f} -> **{n['fresh']['peak_mib']:.0f} "
+        f"MiB** (builder child meanwhile: {n['fresh']['peak_tree_mib']:.0f} MiB together); restart "
+        f"{b['restart']['peak_mib']:.0f} -> {a['restart']['peak_mib']:.0f} -> **{n['restart']['peak_mib']:.0f} MiB**; "
+        f"`import torch` alone {n['torch_import_mib']:.0f} MiB",
+        f"<= 210 MiB: {_mark(n['met'])}",
+        "`cloud_rss.json` runs.{before,after,numpy}.{fresh,restart}.peak_mib", n["command"],
     ])
     at = {r["strategy"]: r for r in agg["results"] if r["edges"] == 1000}
     fastest_first = sorted(at.items(), key=lambda kv: kv[1]["aggregate_s"])
@@ -172,12 +173,48 @@ def rows() -> tuple[list[list[str]], str]:
         f"(linear: at most {agg['linear_max_growth']:.0f}x)",
         "`aggregation.json` results[edges=1000].aggregate_s, growth_1000_over_100", agg["command"],
     ])
+    out.extend(artifact_rows())
     sec = _load("security")
     out.extend(security_rows(sec))
     out.extend(reliability_rows())
     load = _loads(sdk["loadavg_at_start"], edge["machine"]["loadavg_at_start"], agg["machine"]["loadavg_at_start"],
                   sec["loadavg_at_start"])
     return out, load
+
+
+def artifact_rows() -> list[list[str]]:
+    """ONNX at the edge and on devices (issue 13): inference backends, on-device latency, memory, download."""
+    onnx, dev, ext = _load("onnx"), _load("device_model"), _load("extractors")
+    one = [r for r in onnx["results"] if r["threads"] == 1]
+    cells = "; ".join(f"{r['model']} batch {b['batch']}: **{b['ratio']:.2f}x** ({b['torch']['p50_ms']:.1f} vs "
+                      f"{b['onnx']['p50_ms']:.1f} ms)" for r in one for b in r["results"])
+    parity = max(r["parity_max_abs"] for r in onnx["results"])
+    lat, dp, dl = dev["latency"], dev["device_process"], dev["download"]
+    return [
+        ["edge inference, onnxruntime vs torch on the same weights (torch time / onnxruntime time, 1 thread)",
+         f"{cells}; parity <= {parity:.1g}", "measure both, serve the faster: onnxruntime chosen for "
+         f"{', '.join(sorted({r['model'] for r in one if r['auto_serves'] == 'onnx'}))}",
+         "`onnx.json` results[threads=1].results[].ratio", onnx["command"]],
+        ["prediction on the device (SDK + onnxruntime, tiny model) vs the round trip to the edge",
+         f"p50 {lat['local_p50_ms']:.2f} ms vs {lat['edge_round_trip_p50_ms']:.1f} ms (p99 {lat['local_p99_ms']:.2f}"
+         f" vs {lat['edge_round_trip_p99_ms']:.1f} ms; {lat['requests']} requests; probabilities differ by at most "
+         f"{lat['max_abs_prob_diff_local_vs_edge']:.0e})", "none set",
+         "`device_model.json` latency.*", dev["command"]],
+        ["SDK process RSS with onnxruntime and the tiny model (1.8 MB) loaded, after predicting",
+         f"**{dev['rss_peak_mb']:.1f} MB** (import {dp['after_import']['VmRSS']:.1f}, onnxruntime "
+         f"{dp['after_onnxruntime_import']['VmRSS']:.1f}, model {dp['after_model_load']['VmRSS']:.1f} MB; private "
+         f"{dp['after_predict']['Private']:.1f} MB)", f"< {dev['rss_goal_mb']} MB: {_mark(dev['met'])}",
+         "`device_model.json` rss_peak_mb, device_process.*", dev["command"]],
+        ["model download per device (signed, chunked)",
+         f"{dl['wire_bytes_per_device']:,} bytes in {dl['messages']} messages for a {dev['model']['onnx_bytes']:,}-"
+         f"byte model; pushed to installed in {dl['push_to_installed_s']:.2f} s", "none set",
+         "`device_model.json` download.*", dev["command"]],
+        ["feature extractors on the device, no torch (MiniLM text encoder, IMU front end)",
+         f"text {ext['latency']['text_sentence_tokens']['p50_ms']:.1f} ms a sentence, IMU window "
+         f"{ext['latency']['imu_window']['p50_ms']:.2f} ms; RSS {ext['memory_mb']['after_running']['VmRSS']:.0f} MB "
+         f"with both, {ext['memory_mb']['imu_only_process']['VmRSS']:.0f} MB IMU only", "none set",
+         "`extractors.json` latency.*, memory_mb.*", ext["command"]],
+    ]
 
 
 def security_rows(sec: dict[str, Any]) -> list[list[str]]:
