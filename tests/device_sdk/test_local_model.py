@@ -105,6 +105,23 @@ def _bad_models() -> dict[str, tuple[type[ModelRejectedError], ModelUpdate]]:
     }
 
 
+WHY = {  # what each refusal says (the class alone does not tell an operator which check failed, or on what)
+    "truncated": r"^onnxruntime cannot load the model: \w+",
+    "garbage": r"^onnxruntime cannot load the model: \w+",
+    "wrong sha256": r"^model v2: bytes hash to [0-9a-f]{16}\.\.\., the message says",
+    "bytes altered": r"^model v2: bytes hash to [0-9a-f]{16}\.\.\., the message says",
+    "profile mismatch": r"imu",
+    "no shared modality": r"gps",
+    "graph shape differs": r"^input 'imu' is tensor\(float\) \[.*5, 6\]; the model announces features \[None, 4, 6\]$",
+    "output width differs": r"^output 0 must be \[batch, 4\] probabilities$",
+    "classes differ": r"^output 0 must be \[batch, 3\] probabilities$",
+    "input names differ": r"^the graph's inputs \[.*'imu_mask'.*\] are not the announced \['env', 'imu'\]$",
+    "stale version": r"^model v0 is not newer than v1 in use$",
+    "same version, other bytes": r"^model v1 is not newer than v1 in use$",
+    "format": r"^model format 'tflite' is not onnx$",
+}
+
+
 @pytest.mark.parametrize("case", list(_bad_models()))
 def test_a_bad_model_is_refused_typed_and_counted_and_the_last_good_one_keeps_predicting(
         tmp_path: Path, case: str) -> None:
@@ -114,7 +131,7 @@ def test_a_bad_model_is_refused_typed_and_counted_and_the_last_good_one_keeps_pr
     error, msg = _bad_models()[case]
     with pytest.raises(error) as info:
         model.install(msg)
-    assert type(info.value) is error
+    assert type(info.value) is error and re.search(WHY[case], str(info.value)), str(info.value)
     assert model.offer(msg) is False  # the SDK's path: counted, not raised
     assert model.counters[f"rejected.{error.__name__}"] == 1 and model.counters[f"model_rejected.{error.reason}"] == 1
     assert model.version == 1 and model.counters["model_version"] == 1

@@ -438,3 +438,84 @@ def test_the_readme_onnxruntime_snippet_gives_the_edge_model_s_predictions(  # t
         exec(compile(snippet, "README.md", "exec"), scope)
         want = torch_reference(trainer.model, [sample], config.model)
         assert np.abs(scope["probs"] - want).max() < TOL
+
+
+async def test_every_outcome_of_a_refresh_is_reported_exactly(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Metrics name each timing and the versions; a slower ONNX is exported but not served; a stale evaluation
+    stops before exporting; a refused write keeps the last artifact; the parity bound is inclusive."""
+    config, trainer, _ = trained
+    from edge_agent.config import EdgeConfig, deep_merge
+
+    def cfg(**training: Any) -> EdgeConfig:
+        return EdgeConfig.from_dict(deep_merge(config.to_dict(), {"state_dir": str(tmp_path / "s"),
+                                                                   "training": training}))
+
+    shared, personal = shared_state(trainer.model), personal_state(trainer.model)
+    server, counters = server_for(cfg(onnx="auto"), trainer)
+    onnx = OnnxServing(cfg(onnx="auto"), counters, server)
+    await server.sync(shared, personal, 3)
+    ev = onnx.evaluate(trainer, shared, personal, 3, server.generation)
+    t = ev.timings
+    assert set(t) == {"torch_ms_b1", "torch_ms_b32", "parity", "onnx_ms_b1", "onnx_ms_b32"}
+    assert all(t[k] > 0 for k in ("torch_ms_b1", "torch_ms_b32", "onnx_ms_b1", "onnx_ms_b32"))
+    assert ev.export_s is not None and 0 < ev.export_s < 60 and ev.artifact is not None
+    ev.backend, ev.reason = "torch", "slower"  # what auto installs when onnxruntime measured slower
+    onnx.install(ev, server.generation)
+    assert server.onnx is None and onnx.artifact is ev.artifact and counters["onnx_exports"] == 1
+    m = onnx.metrics()
+    assert m == {
+        "inference_backend": "torch", "model_version": 3, "onnx_mode": "auto", "onnx_reason": "slower",
+        "onnx_version": ev.artifact.version, "onnx_parity": t["parity"], "onnx_ms_b1": t["onnx_ms_b1"],
+        "torch_ms_b1": t["torch_ms_b1"], "onnx_ms_b32": t["onnx_ms_b32"], "torch_ms_b32": t["torch_ms_b32"],
+        "onnx_export_s": ev.export_s,
+    }
+    # stale before it starts: nothing exported, no version spent
+    versions = onnx.next_version
+    stale = onnx.evaluate(trainer, shared, personal, 3, server.generation - 1)
+    assert (stale.reason, stale.artifact, stale.timings, onnx.next_version) == ("stale", None, {}, versions)
+    # the parity bound is inclusive: a tolerance equal to the measured difference accepts the export
+    onnx.tol = t["parity"]
+    again = onnx.evaluate(trainer, shared, personal, 3, server.generation)
+    assert again.timings["parity"] == t["parity"] and again.reason in ("faster", "slower")
+    # a refused write (the export folder is a file): torch serves, the last artifact stays, reason and counter
+    kept = onnx.artifact
+    onnx.directory = tmp_path / "blocked"
+    onnx.directory.write_bytes(b"not a folder")
+    refused = onnx.evaluate(trainer, shared, personal, 3, server.generation)
+    assert refused.reason == "write" and refused.detail.split(":")[0] in ("FileExistsError", "NotADirectoryError")
+    onnx.install(refused, server.generation)
+    assert onnx.artifact is kept and counters["onnx_rejected.write"] == 1 and server.onnx is None
+
+
+def test_check_samples_are_held_out_data_else_seeded_synthetic(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.onnx_serving import check_samples, synthetic_samples
+
+    config, trainer, _ = trained
+    _, held = trainer.split()
+    got = check_samples(trainer, 5)
+    assert len(got) == 5 and all(
+        all(np.array_equal(g["modalities"][m], s.modalities[m]) for m in s.modalities)
+        for g, s in zip(got, held[-5:], strict=True))
+    fresh = build_trainer(edge_config(tmp_path / "empty", NOWHERE))  # a global applied before any data arrived
+    made = check_samples(fresh, 7)
+    want = synthetic_samples(fresh.config, 7)
+    assert len(made) == 7 and all(set(a["modalities"]) == set(b["modalities"]) and all(
+        np.array_equal(a["modalities"][m], b["modalities"][m]) for m in a["modalities"])
+        for a, b in zip(made, want, strict=True))
+    one, two, other = synthetic_samples(config.model, 40, 1), synthetic_samples(config.model, 40, 1), \
+        synthetic_samples(config.model, 40, 2)
+    assert len(one) == 40 and all(np.array_equal(a["modalities"][m], b["modalities"][m])
+                                  for a, b in zip(one, two, strict=True) for m in a["modalities"])
+    assert any(set(a["modalities"]) != set(b["modalities"]) or any(
+        not np.array_equal(a["modalities"][m], b["modalities"][m]) for m in a["modalities"])
+        for a, b in zip(one, other, strict=True))
+    seen_tokens = set()
+    for s in one:
+        assert s["modalities"] and set(s["modalities"]) <= set(config.model.modality_names)
+        for m, a in s["modalities"].items():
+            spec = config.model.modalities[m]
+            assert a.dtype == np.float32 and a.shape[1] == spec.token_dim and 1 <= a.shape[0] <= spec.max_tokens
+            seen_tokens.add((m, a.shape[0]))
+    assert any(len(s["modalities"]) < len(config.model.modality_names) for s in one)  # subsets, as devices send
+    assert len(seen_tokens) > len(config.model.modality_names)  # token counts vary
+    onnx_feed(one, config.model)  # every synthetic sample collates

@@ -128,6 +128,8 @@ def test_the_edge_sends_to_devices_that_asked_and_fit_signed_and_chunked(tmp_pat
     seqs = {d: {decode_envelope(o.payload).seq for o in out if f"/device/{d}/" in o.topic} for d in ("a1", "imu-only")}
     assert all(len(s) == 1 for s in seqs.values()) and min(seqs["imu-only"]) > max(seqs["a1"])
     assert core.counters["model_push.sent"] == 2 and core.counters["model_push.bytes"] == wire_bytes(out)
+    # a device that did not ask is simply not a recipient: no skip is counted for it
+    assert not [k for k in core.counters.snapshot() if k.startswith("model_push.skipped")]
     assert push_model(core, replace(art, version=9), max_packet=10**6)[0].topic.endswith("/down/model")  # one packet
     # one device at a time (a big model to many devices): the same messages, built lazily
     parts = push_model_per_device(core, replace(art, version=4))

@@ -119,6 +119,15 @@ class Service:
         except OSError:
             return 0
 
+    def first_traceback(self) -> str:
+        """The log from the line before the first traceback on (a few lines): what a failed run shows."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        at = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
+        return "" if at is None else "\n".join(lines[max(at - 1, 0):at + 25])
+
 
 # ------------------------------------------------------------------------------------------- the bus tap
 @dataclass(slots=True)
@@ -361,6 +370,7 @@ class PhaseResult:
     # services
     edge_counters: dict[str, dict[str, Any]] = field(default_factory=dict)
     tracebacks: dict[str, int] = field(default_factory=dict)
+    first_tracebacks: dict[str, str] = field(default_factory=dict)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     loadavg_at_start: list[float] = field(default_factory=list)
     loadavg_at_end: list[float] = field(default_factory=list)
@@ -527,6 +537,7 @@ class System:
                 "rejected", "infer_requests") if k in m} | {"upload_seq": g.state.upload_seq,
                                                              "global_version": g.state.global_version}
         out.tracebacks = {s.name: s.tracebacks() for s in [*self.edges, self.cloud]}
+        out.first_tracebacks = {s.name: s.first_traceback() for s in [*self.edges, self.cloud] if s.tracebacks()}
 
     def _count_records(self, out: PhaseResult, gens: list[Any]) -> None:
         expected = {d.base + i for d in self.devices for i in range(d.published)}

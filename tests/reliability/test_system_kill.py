@@ -40,4 +40,4 @@ def test_kill_9_of_edge_cloud_and_broker_loses_forks_and_repeats_nothing(tmp_pat
     assert r.versions_forked == 0, r
     # clean SIGTERM at the end, and no service crashed on anything
     assert all(code == 0 for code in r.exit_codes.values()), r.exit_codes
-    assert not any(r.tracebacks.values()), r.tracebacks
+    assert not any(r.tracebacks.values()), (r.tracebacks, r.first_tracebacks)
