@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import numpy as np
 from broker.metrics import Counters
 from broker.wire import CapabilityProfile, FeatureRecord, Prediction
 from broker.wire.model import ModelUpdate
+from device_sdk.files import sha256_file, write_atomic
 from device_sdk.model_errors import (
     ModelCorruptError,
     ModelFormatError,
@@ -121,9 +121,9 @@ class LocalModel:
             meta["file"] = f"model-{msg.model_version}-{digest[:16]}.onnx"
             meta["installed_at"] = time.time()
             try:
-                _write_atomic(self.dir / meta["file"], msg.data)
+                write_atomic(self.dir / meta["file"], msg.data)
                 previous = None if current is None else current.meta
-                _write_atomic(self.dir / META, json.dumps({"current": meta, "previous": previous}).encode())
+                write_atomic(self.dir / META, json.dumps({"current": meta, "previous": previous}).encode())
             except OSError as exc:
                 raise ModelStorageError(f"cannot store model v{msg.model_version}: {exc}") from None
             self._activate(loaded)
@@ -225,7 +225,7 @@ class LocalModel:
                 continue
             try:
                 path = self.dir / str(meta["file"])
-                if _file_sha256(path) != meta["sha256"]:
+                if sha256_file(path) != meta["sha256"]:
                     raise ModelHashError(f"{meta['file']} no longer hashes to its recorded sha256")
                 if self.profile is not None and _fit_error(meta, self.profile) is not None:
                     raise ModelProfileError(str(_fit_error(meta, self.profile)))
@@ -245,15 +245,6 @@ class LocalModel:
                 path.unlink(missing_ok=True)
 
 
-def _file_sha256(path: Path) -> str:
-    """A file's sha256, read in pieces (a gateway need not hold a second copy of its model to check it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def _release_heap() -> None:
     """Hand the model's parsing buffers back to the OS (glibc keeps freed heap otherwise: ~1 MB on a 1.8 MB
     model); a no-op where there is no glibc."""
@@ -264,21 +255,6 @@ def _release_heap() -> None:
 def _fit_error(meta: Mapping[str, Any], profile: CapabilityProfile) -> str | None:
     inputs = {m: (int(s[0]), int(s[1])) for m, s in meta["inputs"].items()}
     return ModelUpdate(int(meta["model_version"]), b"", inputs, [], 1, b"").fit_error(profile)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` whole or not at all: a temporary file, fsync'd, renamed over, directory fsync'd."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = [  # the errors live in device_sdk.model_errors; firmware may import them from here

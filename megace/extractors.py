@@ -17,7 +17,6 @@ torch, transformers and onnx are imported inside the functions: ``megace --help`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from device_sdk.files import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "megace-extractors"
@@ -42,15 +43,6 @@ IMU_MODALITIES = {"accel": (0, 1, 2), "gyro": (3, 4, 5)}
 IMU_WINDOW = 10
 IMU_MAX_TOKENS = 10
 IMU_RATE_HZ = 10.0
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (the ONNX MiniLM is 90 MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- text ------------------------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ imported only when a session is made: ``import device_sdk`` stays light (paho, m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from device_sdk.files import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "megace-extractors"
@@ -34,15 +35,6 @@ class ExtractorDependencyError(ExtractorError, ImportError):
 
 class ExtractorInputError(ExtractorError, ValueError):
     """The raw input cannot become features of the registered shape (wrong shape, empty text, non-finite)."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import pytest
 
 from broker.wire import CapabilityProfile, FeatureRecord, ModalityProfile, ModelUpdate, decode_envelope
 from broker.wire.bodies import decode_body
-from device_sdk import local_model
+from device_sdk import files, local_model
 from device_sdk.local_model import (
     LocalModel,
     ModelCorruptError,
@@ -193,14 +193,14 @@ def test_torn_writes_and_edited_files_are_never_loaded(tmp_path: Path) -> None:
 def test_a_crash_between_writing_the_file_and_committing_it_keeps_the_old_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _installed(tmp_path, seed=1)
-    real = local_model._write_atomic
+    real = local_model.write_atomic
 
     def fail_on_commit(path: Path, data: bytes) -> None:
         if path.name == "current.json":
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(local_model, "_write_atomic", fail_on_commit)
+    monkeypatch.setattr(local_model, "write_atomic", fail_on_commit)
     with pytest.raises(ModelStorageError):
         model.install(update(build(INPUTS, 4, seed=2, masks=True), INPUTS, 4, 2))
     assert model.version == 1
@@ -264,7 +264,7 @@ def test_a_write_torn_halfway_never_replaces_the_record_of_the_last_good_model(
         f = real_open(path, mode, *args, **kwargs)
         return _TornFile(f) if "w" in mode and Path(path).name.startswith("current.json") else f
 
-    monkeypatch.setattr(local_model, "open", torn_open, raising=False)
+    monkeypatch.setattr(files, "open", torn_open, raising=False)  # where the store's atomic writes open files
     with pytest.raises(ModelStorageError):
         model.install(update(build(INPUTS, 4, seed=2, masks=True), INPUTS, 4, 2))
     monkeypatch.undo()
