@@ -197,6 +197,8 @@ class EdgeAgent:
         connection.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await connection
+        if self._background:  # a global that arrived meanwhile: applied while the training pool still runs
+            await asyncio.gather(*self._background, return_exceptions=True)
         log.info("edge %s stopped (round %d, upload seq %d)", self.edge_id, self.state.round, self.state.upload_seq)
 
     def _build_sync(self) -> list[tuple[int, bytes]]:

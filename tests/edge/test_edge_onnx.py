@@ -519,3 +519,29 @@ def test_check_samples_are_held_out_data_else_seeded_synthetic(trained, tmp_path
     assert any(len(s["modalities"]) < len(config.model.modality_names) for s in one)  # subsets, as devices send
     assert len(seen_tokens) > len(config.model.modality_names)  # token counts vary
     onnx_feed(one, config.model)  # every synthetic sample collates
+
+
+async def test_a_global_arriving_while_the_edge_shuts_down_is_applied_and_exported_before_the_pools_stop(
+    fresh_mosquitto, tmp_path: Path
+) -> None:
+    """A global handled during the final checkpoint (the connection still delivers) is applied, synced and
+    exported while the training and inference pools still run: before, its task met shut-down pools."""
+    addr = BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port)
+    config = edge_config(tmp_path / "state", addr, {"training": {"onnx": "on"}})
+    async with running(config) as agent:
+        tensors = {k: np.random.default_rng(1).normal(scale=0.2, size=tuple(v.shape)).astype(np.float32)
+                   for k, v in agent.trainer.shared_state().items()}
+        glob = GlobalAdapter(version=5, base_model=agent.trainer.fingerprint, strategy="fedavg", rank=8, alpha=16.0,
+                             tensors=tensors, contributors=["x"])
+        payload = encode_envelope(Kind.GLOBAL, "cloud", 5, glob.to_body())
+        final_checkpoint = agent._checkpoint
+
+        async def checkpoint_with_a_late_global(*args: Any, **kwargs: Any) -> bool:
+            if agent._closing:  # the shutdown's own checkpoint: a global comes in meanwhile
+                agent.handle(topics.global_down(), payload)
+            return await final_checkpoint(*args, **kwargs)
+
+        agent._checkpoint = checkpoint_with_a_late_global  # type: ignore[method-assign]
+    assert agent.state.global_version == 5 and agent.counters["globals_applied"] == 1
+    assert agent.counters["internal_errors"] == 0
+    assert agent.model_artifact is not None and agent.model_artifact.global_version == 5
