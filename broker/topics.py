@@ -1,6 +1,7 @@
 """The megace topic tree: every topic string in the project is built and parsed here.
 
-Layout (``{x}`` are ids matching ``[A-Za-z0-9_.-]{1,64}``)::
+Layout (``{x}`` are ids matching ``[A-Za-z0-9_-]{1,64}``: no dots, which RabbitMQ maps to a topic level
+and NATS refuses in MQTT topics)::
 
     megace/v1/site/{site}/device/{device}/up/{features|register|infer}     device -> edge
     megace/v1/site/{site}/device/{device}/down/{config|prediction|feedback|model|error}
@@ -30,7 +31,7 @@ from broker.compat import StrEnum, slotted_dataclass
 from broker.errors import TopicError
 
 ROOT = "megace/v1"
-_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
 class Uplink(StrEnum):
@@ -76,7 +77,8 @@ class Channel(StrEnum):
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid topic level id, else raise :class:`TopicError`."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise TopicError(f"invalid {what} {value!r}: must match [A-Za-z0-9_.-]{{1,64}}")
+        raise TopicError(f"invalid {what} {value!r}: must match [A-Za-z0-9_-]{{1,64}} (letters, digits, '_' and '-'; "
+                         "a '.' becomes a topic level on RabbitMQ and is refused by NATS)")
     return value
 
 

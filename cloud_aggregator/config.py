@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from broker import topics
+from broker.errors import TopicError
 from megace_common.configfile import dump_toml, load_layers
 from megace_model.config import EdgeModelConfig, ModalitySpec
 
@@ -189,8 +191,10 @@ class CloudConfig:
     def validate(self) -> None:
         """Cheap consistency checks; strategy/optimizer names are checked when the service builds them."""
         a, lim = self.aggregation, self.limits
-        if not self.cloud_id or not all(c.isalnum() or c in "_.-" for c in self.cloud_id):
-            raise CloudConfigError(f"cloud_id {self.cloud_id!r} must match [A-Za-z0-9_.-]+")
+        try:
+            topics.check_id(self.cloud_id, "cloud_id")
+        except TopicError as exc:
+            raise CloudConfigError(str(exc)) from None
         if a.buffer_k < 1 or a.min_updates < 1:
             raise CloudConfigError("aggregation.buffer_k and min_updates must be >= 1")
         if a.buffer_period_s < 0 or not math.isfinite(a.buffer_period_s):

@@ -58,7 +58,7 @@ class DeviceClient(LinkEvents):
 
     Args:
         site: The site (edge) this device belongs to; it picks the topics the device publishes on
-            and listens to. 1 to 64 characters from ``[A-Za-z0-9_.-]``.
+            and listens to. 1 to 64 characters from ``[A-Za-z0-9_-]`` (portable across brokers: no dots).
         device: This device's id, unique within its site; it names the MQTT client id
             (``megace-dev-<device>``) and the on-disk queue. Same character rules as ``site``.
         broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or

@@ -8,7 +8,7 @@ from broker import topics
 from broker.errors import TopicError
 from tests.support.wire import raises_exactly
 
-ids = st.from_regex(r"\A[A-Za-z0-9_.\-]{1,64}\Z")
+ids = st.from_regex(r"\A[A-Za-z0-9_\-]{1,64}\Z")
 
 
 @given(site=ids, device=ids, what=st.sampled_from(list(topics.Uplink)))
@@ -62,7 +62,8 @@ def test_subscriptions_cover_chunks() -> None:
     assert topics.subscriptions(topics.all_status()) == [topics.all_status()]
 
 
-ID_RULE = "[A-Za-z0-9_.-]{1,64}"
+ID_RULE = ("[A-Za-z0-9_-]{1,64} (letters, digits, '_' and '-'; a '.' becomes a topic level on RabbitMQ and is "
+           "refused by NATS)")
 
 
 def test_topic_strings() -> None:
@@ -100,7 +101,7 @@ def test_topic_strings() -> None:
         (lambda bad: topics.check_id(bad), "id"),
     ],
 )
-@pytest.mark.parametrize("bad", ["", "a/b", "+", "x#", "a" * 65, "dev ice", "dev\n", "é"])
+@pytest.mark.parametrize("bad", ["", "a/b", "+", "x#", "a" * 65, "dev ice", "dev\n", "é", "gw.7", "."])
 def test_every_builder_checks_its_ids(build, what: str, bad: str) -> None:  # type: ignore[no-untyped-def]
     with raises_exactly(TopicError, f"invalid {what} {bad!r}: must match {ID_RULE}"):
         build(bad)
@@ -108,7 +109,7 @@ def test_every_builder_checks_its_ids(build, what: str, bad: str) -> None:  # ty
 
 def test_id_rule_edges() -> None:
     assert topics.check_id("a" * 64) == "a" * 64
-    assert topics.check_id("A-z_0.9") == "A-z_0.9"
+    assert topics.check_id("A-z_09") == "A-z_09"
     assert topics.check_id("x", "site") == "x"
     with raises_exactly(TopicError, f"invalid site None: must match {ID_RULE}"):
         topics.check_id(None, "site")  # type: ignore[arg-type]

@@ -51,6 +51,8 @@ def test_example_config_loads_and_env_then_overrides_win(tmp_path: Path):
         ({"model": None}, "must be a table"),
         ({"aggregation": {"buffer_k": 0}}, "buffer_k"),
         ({"cloud_id": "a/b"}, "cloud_id"),
+        ({"cloud_id": "cloud.a"}, r"invalid cloud_id 'cloud\.a'.*RabbitMQ"),  # portable across brokers: no dots
+        ({"cloud_id": "clöud"}, "cloud_id"),  # str.isalnum() took non-ASCII letters
         ({"model": {"modalities": {}, "num_classes": 3}}, "modalities"),
     ],
 )

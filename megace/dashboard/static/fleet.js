@@ -10,7 +10,7 @@
   "use strict";
 
   var ROOT = "megace/v1/";
-  var ID = /^[A-Za-z0-9_.-]{1,64}$/;
+  var ID = /^[A-Za-z0-9_-]{1,64}$/;
   var HISTORY = 600; // points kept per series: about 20 minutes of 2 s ticks
 
   function createState() {
