@@ -80,8 +80,8 @@ def test_a_device_publishes_its_queue_drops_acks_round_trip_and_last_error(
     try:
         assert dev.connect(10)
         assert dev.flush(10)
+        sent_at = time.monotonic()  # before the call: the device starts its clock inside it
         seq = dev.request_inference(_record(42))
-        sent_at = time.monotonic()
         time.sleep(0.05)  # the round trip the device must measure: at least this long
         down = topics.device_down(SITE, DEV, topics.Downlink.PREDICTION)
         answer = Prediction(DEV, 42, 1, np.array([0.1, 0.9], np.float32), model_version=3).to_body()
