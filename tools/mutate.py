@@ -216,11 +216,13 @@ NOTES: dict[str, str] = {
     "names ignore case). Survivors: timing constants with no visible effect on delivery, the QoS of a "
     "registration that is re-sent on connect, an unreachable offline branch of `_publish_now`, the TLS path "
     "(no TLS broker fixture yet).",
-    "cloud-maths": "`# pragma: no mutate` on type-narrowing asserts, flora's private cache key and equal-rank fast "
+    "cloud-maths": "Predates the cloud's port from torch to numpy (this row measured the torch code; owed a "
+    "re-run). `# pragma: no mutate` on type-narrowing asserts, flora's private cache key and equal-rank fast "
     "path, an exact float32->float64 cast, and the hinge discount's `<=` (both branches give 1.0 at equality). "
     "Survivors: `zip(strict=True)` variants, branches only a strategy with `shares_a=False` reaches, rank "
     "fits that give the same tensors.",
-    "cloud": "`# pragma: no mutate` on 40 SQL string lines of `ledger.py` (case-insensitive SQL), four log lines "
+    "cloud": "Predates the cloud's port from torch to numpy (owed a re-run). `# pragma: no mutate` on 40 SQL "
+    "string lines of `ledger.py` (case-insensitive SQL), four log lines "
     "and cache start values. Measured with the tests as they stood when the run started; tests added later "
     "kill more (not re-measured). Survivors include config defaults that only a real wait could show "
     "(`chunk_timeout_s`) and audit-text truncation lengths. The target now also takes `admission.py`, "
@@ -229,6 +231,15 @@ NOTES: dict[str, str] = {
     "halving, non-LoRA and window tests); survivors are tolerance-boundary variants (`<=` vs `<`, "
     "`x (1+1e-9)` vs `/ (1+1e-9)`), the always-fitting `lambda = 0` last candidate, and `cut = 1` (killed "
     "since by a two-module test).",
+    "artifacts": "Models on the way to devices (new target): the `model` wire body, the edge's ONNX export/"
+    "selection (`onnx_serving.py`) and push, the device's model store and runner. `# pragma: no mutate` on log "
+    "lines, onnxruntime session tuning (threads, arena, providers: memory and speed only) and `malloc_trim`. "
+    "The MiniLM parity test and the agent-over-Mosquitto export test are left to the suite (seconds per "
+    "mutant). First run 73.9%; the row is the re-run after the refresh-outcome and refusal-message tests. "
+    "Survivors (read): message texts of the runner's and the disk loader's refusals (tests pin the install "
+    "path's texts), the metrics' branches for no evaluation yet and no onnxruntime installed, `_choose`'s "
+    "'slower' strings (onnxruntime measured faster in every test run), `_fit_error`'s placeholder "
+    "arguments that `fit_error` never reads, timing repetitions and batch-1 slices.",
     "edge": "Includes the network-free `edge_agent/core.py` (message handling, tested without a broker in "
     "`tests/edge/test_edge_core*.py`; alone it went from 60.3% to 80.3% with the new core tests). "
     "`edge_agent/service.py` and its asyncio collaborators (acks, outbox, downlinks) are not mutated: each "
