@@ -77,6 +77,10 @@ class TrainingConfig:
     """Largest max-abs difference of the probabilities, onnxruntime vs torch, on held-out samples."""
     onnx_threads: int = 1
     """onnxruntime intra-op threads (one beat two on a loaded 2-core box)."""
+    onnx_min_interval_s: float = 10.0
+    """Fewest seconds from one export to the next. Tracing holds the interpreter lock (0.3 s tiny, 1.2 s MiniLM),
+    which delays predictions served from a thread; a round closer than this keeps torch serving, with the newest
+    weights, until the next export (counted as ``onnx_deferred``). 0: export after every round and global."""
 
 
 @dataclass
@@ -180,8 +184,9 @@ class EdgeConfig:
             raise EdgeConfigError("training: min_new_samples, batch_size >= 1 and interval_s > 0")
         if t.inference_threads < 1 or t.onnx_threads < 1:
             raise EdgeConfigError("training.inference_threads and training.onnx_threads must be >= 1")
-        if t.onnx not in ("auto", "off", "on") or not t.onnx_parity_tol >= 0:
-            raise EdgeConfigError("training.onnx must be auto, off or on; training.onnx_parity_tol >= 0")
+        if t.onnx not in ("auto", "off", "on") or not t.onnx_parity_tol >= 0 or not t.onnx_min_interval_s >= 0:
+            raise EdgeConfigError("training.onnx must be auto, off or on; training.onnx_parity_tol and "
+                                  "onnx_min_interval_s >= 0")
         if t.share_personal and t.local_only:
             raise EdgeConfigError("training: share_personal and local_only exclude each other")
         lim = self.limits

@@ -184,6 +184,8 @@ class OnnxServing:
         self.mode = config.training.onnx
         self.tol = config.training.onnx_parity_tol
         self.threads = config.training.onnx_threads
+        self.min_interval_s = config.training.onnx_min_interval_s
+        self._last_export_t: float | None = None
         self.opset = opset
         self.directory = config.state_path / EXPORT_DIR
         self.available = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
@@ -209,6 +211,11 @@ class OnnxServing:
         """Export and check the model the serving copy was just synced to (on ``pool``), then install."""
         if self.mode == "off" or not self.available or trainer is None:
             return None
+        now = time.monotonic()
+        if self._last_export_t is not None and now - self._last_export_t < self.min_interval_s:
+            self.counters.inc("onnx_deferred")  # torch serves the newest weights until the next export
+            return None
+        self._last_export_t = now
         generation = self.serving.generation
         loop = asyncio.get_running_loop()
         evaluation = await loop.run_in_executor(

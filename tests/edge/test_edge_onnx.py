@@ -244,10 +244,9 @@ async def test_serving_switches_by_mode_and_an_export_error_or_a_newer_sync_keep
     config, trainer, probe = trained
     from edge_agent.config import EdgeConfig, deep_merge
 
-    def cfg(**training: Any) -> EdgeConfig:
-        return EdgeConfig.from_dict(
-            deep_merge(config.to_dict(), {"state_dir": str(tmp_path / "s"), "training": training})
-        )
+    def cfg(**training: Any) -> EdgeConfig:  # exports back to back: no minimum interval
+        return EdgeConfig.from_dict(deep_merge(config.to_dict(), {
+            "state_dir": str(tmp_path / "s"), "training": {"onnx_min_interval_s": 0.0, **training}}))
 
     shared, personal = shared_state(trainer.model), personal_state(trainer.model)
     server, counters = server_for(cfg(onnx="on"), trainer)
@@ -305,7 +304,8 @@ async def test_an_agent_exports_after_a_round_and_a_global_and_answers_from_the_
     fresh_mosquitto, tmp_path: Path, process: bool
 ) -> None:
     addr = BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port)
-    config = edge_config(tmp_path / "state", addr, {"training": {"onnx": "auto", "inference_process": process}})
+    config = edge_config(tmp_path / "state", addr, {"training": {"onnx": "auto", "inference_process": process,
+                                                                  "onnx_min_interval_s": 0.0}})
     task = ToyTask(config.model, seed=6)
     probe = task.sample(label=1)
     export = tmp_path / "state" / "export"
@@ -395,8 +395,9 @@ async def test_a_restarted_edge_keeps_its_export_for_devices_and_its_versions_ke
     config, trainer, _probe = trained
     from edge_agent.config import EdgeConfig, deep_merge
 
-    def cfg(**over: Any) -> EdgeConfig:
-        return EdgeConfig.from_dict(deep_merge(config.to_dict(), {"state_dir": str(tmp_path / "s"), **over}))
+    def cfg(**over: Any) -> EdgeConfig:  # exports back to back: no minimum interval
+        base = {"state_dir": str(tmp_path / "s"), "training": {"onnx_min_interval_s": 0.0}}
+        return EdgeConfig.from_dict(deep_merge(deep_merge(config.to_dict(), base), over))
 
     shared, personal = shared_state(trainer.model), personal_state(trainer.model)
     server, counters = server_for(cfg(training={"onnx": "on"}), trainer)
@@ -545,3 +546,27 @@ async def test_a_global_arriving_while_the_edge_shuts_down_is_applied_and_export
     assert agent.state.global_version == 5 and agent.counters["globals_applied"] == 1
     assert agent.counters["internal_errors"] == 0
     assert agent.model_artifact is not None and agent.model_artifact.global_version == 5
+
+
+async def test_exports_closer_than_the_minimum_interval_are_deferred_and_torch_serves_meanwhile(  # type: ignore[no-untyped-def]
+    trained, tmp_path: Path
+) -> None:
+    config, trainer, _ = trained
+    from edge_agent.config import EdgeConfig, deep_merge
+
+    cfg = EdgeConfig.from_dict(deep_merge(config.to_dict(), {
+        "state_dir": str(tmp_path / "s"), "training": {"onnx": "on", "onnx_min_interval_s": 60.0}}))
+    shared, personal = shared_state(trainer.model), personal_state(trainer.model)
+    server, counters = server_for(cfg, trainer)
+    onnx = OnnxServing(cfg, counters, server)
+    await server.sync(shared, personal, 1)
+    assert (await onnx.refresh(None, trainer, shared, personal, 1)) is not None and server.onnx is not None
+    first = onnx.artifact
+    await server.sync(shared, personal, 2)  # the next round, seconds later: no export, torch serves it
+    assert await onnx.refresh(None, trainer, shared, personal, 2) is None
+    assert server.onnx is None and onnx.artifact is first and counters["onnx_deferred"] == 1
+    assert counters["onnx_exports"] == 1
+    onnx._last_export_t -= 61.0  # a minute later the next round exports again
+    await server.sync(shared, personal, 3)
+    assert (await onnx.refresh(None, trainer, shared, personal, 3)) is not None and server.onnx is not None
+    assert onnx.artifact is not first and counters["onnx_exports"] == 2
