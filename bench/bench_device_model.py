@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_edge import SITE, AgentThread, config_for, profile, quantile  # noqa: E402
+from bench.bench_edge import AgentThread, Answers, config_for, quantile  # noqa: E402
 from broker.address import BrokerAddress  # noqa: E402
 from broker.runners import MosquittoBroker  # noqa: E402
 from broker.signing import generate_private_key, private_pem, public_pem  # noqa: E402
-from broker.wire import FeatureRecord, Kind, Prediction  # noqa: E402
-from device_sdk import DeviceClient  # noqa: E402
+from broker.wire import FeatureRecord, Prediction  # noqa: E402
 from edge_agent.model_push import push_model, wire_bytes  # noqa: E402
 from edge_agent.training.toy_task import ToyTask  # noqa: E402
 from megace_model.onnx import build_artifact  # noqa: E402
@@ -96,26 +94,9 @@ def bench(addr: BrokerAddress, tmp: Path, requests: int, warmup: int = 30) -> di
     cfg = config_for(addr, tmp / "edge", "bench-model", persistent_session=False,
                      signing={"key_file": str(tmp / "edge.key")})
     runner = AgentThread(cfg).start()
-    cond = threading.Condition()
-    answers: dict[int, tuple[float, np.ndarray]] = {}
-    configured = threading.Event()
-
-    def on_downlink(kind: Kind, msg: Any) -> None:
-        if kind is Kind.PREDICTION:
-            with cond:
-                answers[int(msg.sample)] = (time.perf_counter(), np.asarray(msg.probs))
-                cond.notify_all()
-        elif kind is Kind.CONFIG:
-            configured.set()
-
-    dev = DeviceClient(SITE, "dev-model", addr, on_downlink=on_downlink, store_path=tmp / "dev.sqlite",
-                       model_dir=tmp / "models", edge_key=tmp / "edge.pub")
+    answers = Answers()
+    dev = answers.device(addr, "dev-model", tmp / "dev.sqlite", model_dir=tmp / "models", edge_key=tmp / "edge.pub")
     try:
-        if not dev.connect(10):
-            raise RuntimeError("device not connected in 10 s")
-        dev.register(profile("dev-model"))
-        if not configured.wait(10):
-            raise RuntimeError("no configuration for the device in 10 s")
         task = ToyTask(cfg.model, seed=12)
         samples = task.samples(64)
         # (b, edge side first: no model on the device yet, so predict() asks the edge)
@@ -125,11 +106,9 @@ def bench(addr: BrokerAddress, tmp: Path, requests: int, warmup: int = 30) -> di
             sent = dev.predict(FeatureRecord("dev-model", i, samples[i % len(samples)]["modalities"]))
             if not isinstance(sent, int):
                 raise RuntimeError("predicted locally before any model was sent")
-            with cond:
-                if not cond.wait_for(lambda i=i: i in answers, 5):
-                    raise RuntimeError(f"no prediction for request {i} in 5 s")
+            arrived = answers.wait(i)[0]
             if i >= warmup:
-                edge_ms.append((answers[i][0] - t0) * 1000)
+                edge_ms.append((arrived - t0) * 1000)
         # (a) export from the agent's trainer, push as the service would, on the agent's loop
         t_export = time.perf_counter()
         art = build_artifact(runner.agent.trainer.model, cfg.model, samples[:8], version=1)
@@ -160,7 +139,7 @@ def bench(addr: BrokerAddress, tmp: Path, requests: int, warmup: int = 30) -> di
                 raise RuntimeError("fell back to the edge with a model installed")
             if i >= warmup:
                 local_ms.append(dt)
-            diffs.append(float(np.abs(pred.probs - answers[i][1]).max()))
+            diffs.append(float(np.abs(pred.probs - answers.got[i][1]).max()))
         counters = dev.counters.snapshot()
     finally:
         dev.close(5)

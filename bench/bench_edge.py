@@ -367,25 +367,9 @@ def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30, *
         while busy.is_set():
             trainer.train_round(steps=5, batch_size=32)
             trained[0] += 5
-    cond = threading.Condition()
-    answers: dict[int, float] = {}
-    configured = threading.Event()
-
-    def on_downlink(kind: Kind, msg: Any) -> None:
-        if kind is Kind.PREDICTION:
-            with cond:
-                answers[int(msg.sample)] = time.perf_counter()
-                cond.notify_all()
-        elif kind is Kind.CONFIG:
-            configured.set()
-
-    dev = DeviceClient(SITE, "dev-rtt", addr, on_downlink=on_downlink, store_path=tmp / "dev-rtt.sqlite")
+    answers = Answers()
+    dev = answers.device(addr, "dev-rtt", tmp / "dev-rtt.sqlite")
     try:
-        if not dev.connect(10):
-            raise RuntimeError("round trip: device not connected in 10 s")
-        dev.register(profile("dev-rtt"))
-        if not configured.wait(10):
-            raise RuntimeError("round trip: no configuration for the device in 10 s")
         task = ToyTask(cfg.model, seed=12)
         samples = task.samples(64)
         latencies = []
@@ -398,10 +382,7 @@ def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30, *
             s = samples[i % len(samples)]
             t0 = time.perf_counter()
             dev.request_inference(FeatureRecord("dev-rtt", i, s["modalities"]))
-            with cond:
-                if not cond.wait_for(lambda i=i: i in answers, 5):
-                    raise RuntimeError(f"round trip: no prediction for request {i} in 5 s")
-                t1 = answers[i]
+            t1 = answers.wait(i)[0]
             if i >= warmup:
                 latencies.append((t1 - t0) * 1000)
         busy.clear()
@@ -419,6 +400,39 @@ def bench_round_trip(addr: BrokerAddress, tmp: Path, n: int, warmup: int = 30, *
             "max_ms": round(max(latencies), 3), "goal": "p99 < 20 ms", "met": p99 < 20,
             "forward_p50_ms": round(statistics.median(forward), 3), "forward_p99_ms": round(quantile(forward, 0.99), 3),
             "forward_note": "the agent's predictor on one sample (collate, forward, softmax), called directly"}
+
+
+class Answers:
+    """A bench device's predictions as they arrive: ``sample -> (arrival time, probabilities)``."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.got: dict[int, tuple[float, np.ndarray]] = {}
+        self.configured = threading.Event()
+
+    def on_downlink(self, kind: Kind, msg: Any) -> None:
+        if kind is Kind.PREDICTION:
+            with self.cond:
+                self.got[int(msg.sample)] = (time.perf_counter(), np.asarray(msg.probs))
+                self.cond.notify_all()
+        elif kind is Kind.CONFIG:
+            self.configured.set()
+
+    def device(self, addr: BrokerAddress, name: str, store: Path, **kwargs: Any) -> DeviceClient:
+        """An SDK device connected, registered and configured by the edge (its downlinks land here)."""
+        dev = DeviceClient(SITE, name, addr, on_downlink=self.on_downlink, store_path=store, **kwargs)
+        if not dev.connect(10):
+            raise RuntimeError(f"{name}: not connected in 10 s")
+        dev.register(profile(name))
+        if not self.configured.wait(10):
+            raise RuntimeError(f"{name}: no configuration from the edge in 10 s")
+        return dev
+
+    def wait(self, sample: int, timeout: float = 5.0) -> tuple[float, np.ndarray]:
+        with self.cond:
+            if not self.cond.wait_for(lambda: sample in self.got, timeout):
+                raise RuntimeError(f"no prediction for request {sample} in {timeout:g} s")
+            return self.got[sample]
 
 
 def quantile(values: list[float], q: float) -> float:
