@@ -12,6 +12,9 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)  # NATS MQTT broker and cluster tests
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_apt+=(rabbitmq-server)  # RabbitMQ MQTT plugin in the broker matrix
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)  # the replicated cloud ledger's tests start their own cluster
 command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)   # the dashboard's browser test (Playwright drives it)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)  # runs the Node-RED example's function in a test

@@ -29,7 +29,7 @@ from .balance import balance
 from .config import CloudConfig
 from .contribution import Contribution
 from .errors import DuplicateContent, UnknownSite
-from .ledger import Ledger
+from .ledger_base import LedgerBackend
 from .reference import Reference
 from .steps import StepBound
 from .validation import NormGuard, Validator
@@ -65,7 +65,7 @@ def content_digest(c: Contribution) -> str:
 class Admission:
     """One per core; owns the validator (and its norm guard, re-armed from the ledger)."""
 
-    def __init__(self, config: CloudConfig, reference: Reference, ledger: Ledger, *, require_b: bool) -> None:
+    def __init__(self, config: CloudConfig, reference: Reference, ledger: LedgerBackend, *, require_b: bool) -> None:
         val = config.validation
         self.ledger = ledger
         self.sites = frozenset(val.sites)

@@ -18,12 +18,13 @@ from .config import CloudConfigError, load_cloud_config
 log = logging.getLogger("cloud_aggregator")
 
 
-def serve(config_path: str | None) -> int:
-    """Load the config (file, env, no overrides) and serve until SIGTERM/SIGINT; returns the exit status."""
+def serve(config_path: str | None, ledger: str | None = None) -> int:
+    """Load the config (file, env; ``ledger`` overrides ``[ledger] url``) and serve until SIGTERM/SIGINT;
+    returns the exit status."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_cloud_config(config_path)
+        config = load_cloud_config(config_path, None if ledger is None else {"ledger.url": ledger})
     except CloudConfigError as exc:
         print(f"megace cloud: {exc}", file=sys.stderr)
         return 2
@@ -47,5 +48,7 @@ def serve(config_path: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megace cloud", description="Run the megace cloud aggregator.")
     parser.add_argument("--config", "-c", help="TOML config (env MEGACE_CLOUD__<SECTION>__<KEY> overrides it)")
+    parser.add_argument("--ledger", help="ledger URL: postgresql://... runs this process as one of several replicas "
+                        "(one active, through a lease); default: sqlite in state_dir")
     args = parser.parse_args(argv)
-    return serve(args.config)
+    return serve(args.config, args.ledger)

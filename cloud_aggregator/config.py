@@ -10,6 +10,7 @@ container (``MEGACE_CLOUD__AGGREGATION__BUFFER_K=5``) and the loop launcher (``o
     [aggregation]  # strategy, FedBuff buffer, staleness discount, server optimizer
     [validation]   # norm guard
     [limits]       # payload sizes, timers, threads
+    [ledger]       # url = "" (sqlite in state_dir) or "postgresql://..." (replicas with a lease)
 
 Environment values are parsed as TOML values when they parse (``5``, ``true``, ``{a = 1}``)
 and taken as plain strings otherwise (``mqtt://host``).  Unknown keys are errors: a typo in a
@@ -137,6 +138,23 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class LedgerConfig:
+    """Where the ledger lives: sqlite in ``state_dir`` (default), or PostgreSQL shared by replicas (``ha.toml``)."""
+
+    #: "" = sqlite under state_dir; ``postgresql://user@host:port/db``: the replicated ledger, one active replica
+    #: at a time through a lease (see ``leader.py``); one database per cloud
+    url: str = ""
+    #: seconds between a standby's attempts to take the lease
+    poll_s: float = 0.5
+    #: seconds between the active replica's checks that it still holds the lease
+    heartbeat_s: float = 1.0
+
+    @property
+    def replicated(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     """Everything ``megace cloud`` needs; build it with :func:`load_cloud_config`."""
 
@@ -148,6 +166,7 @@ class CloudConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     signing: CloudSigningConfig = field(default_factory=CloudSigningConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML-ready), the inverse of :meth:`from_dict`."""
@@ -160,6 +179,7 @@ class CloudConfig:
             "validation": asdict(self.validation),
             "limits": asdict(self.limits),
             "signing": asdict(self.signing),
+            "ledger": asdict(self.ledger),
         }
         return out
 
@@ -178,6 +198,7 @@ class CloudConfig:
                     ("validation", ValidationConfig),
                     ("limits", LimitsConfig),
                     ("signing", CloudSigningConfig),
+                    ("ledger", LedgerConfig),
                 )
             }
             cfg = cls(model=model, **sections, **data)
@@ -215,6 +236,11 @@ class CloudConfig:
             )
         if 0 < v.factor_band < 1:
             raise CloudConfigError("validation.factor_band must be >= 1 (or 0 = off)")
+        led = self.ledger
+        if led.url and not led.url.startswith(("postgresql://", "postgres://")):
+            raise CloudConfigError("ledger.url must be empty (sqlite in state_dir) or a postgresql:// URL")
+        if not (led.poll_s > 0 and led.heartbeat_s > 0):
+            raise CloudConfigError("ledger.poll_s and ledger.heartbeat_s must be > 0")
 
 
 def load_cloud_config(

@@ -39,7 +39,7 @@ from .drift import relative_drift
 from .errors import BadMetadata, RejectedUpdate
 from .feedback import SiteFeedbacks
 from .intake import to_contribution, wire_reason
-from .ledger import Ledger
+from .ledger import open_ledger
 from .messages import Outgoing, SeqReserve, global_event, global_message, metrics_message
 from .mixing import mix, step_sizes
 from .ratelog import RateLimitedLog
@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 class AggregatorCore:
     """Owns the ledger, the current global and every policy; see the module docstring."""
 
-    def __init__(self, config: CloudConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: CloudConfig, clock: Callable[[], float] = time.monotonic,
+                 epoch: int | None = None) -> None:
+        """``epoch``: the lease this replica holds (replicated ledger); every ledger write is fenced by it."""
         self.config = config
         self.clock = clock
         agg, lim = config.aggregation, config.limits
@@ -73,7 +75,7 @@ class AggregatorCore:
             max_staleness=None if agg.max_staleness < 0 else agg.max_staleness,
         )
 
-        self.ledger = Ledger(self.state_dir)
+        self.ledger = open_ledger(config.ledger.url, self.state_dir, epoch=epoch)
         try:
             latest = self.ledger.latest_global()
             reference, initial = open_reference(self.state_dir, config.model, need_initial=latest is None)
@@ -87,8 +89,8 @@ class AggregatorCore:
             self.fingerprint = reference.fingerprint
             self.optimizer.load_state_dict(self.ledger.server_state())
             self.admission = Admission(config, reference, self.ledger, require_b=self.strategy.shares_b)
-            self.sites = SiteBook(self.state_dir, history=lim.feedback_history)
-            self.seqs = SeqReserve(self.state_dir)
+            self.sites = SiteBook(self.state_dir, history=lim.feedback_history, store=self.ledger.docs)
+            self.seqs = SeqReserve(self.state_dir, store=self.ledger.docs)
         except BaseException:
             self.ledger.close()
             raise
@@ -126,6 +128,10 @@ class AggregatorCore:
 
     def close(self) -> None:
         self.ledger.close()
+
+    def check_lease(self) -> None:
+        """Raise ``LeaseLost`` if another replica leads now (replicated ledger; a no-op on sqlite)."""
+        self.ledger.check_lease()
 
     @property
     def version(self) -> int:

@@ -28,7 +28,7 @@ from broker.wire.bodies import VIEW_NONE, VIEW_TENSORS, FeedbackView
 
 from .config import CloudConfig
 from .contribution import GlobalState, to_numpy
-from .ledger import Ledger
+from .ledger_base import LedgerBackend
 from .messages import Outgoing, SeqReserve, feedback_message
 from .sites import SiteBook, SiteProfile
 from .strategies import Strategy
@@ -40,8 +40,8 @@ ALWAYS = "always"
 class SiteFeedbacks:
     """Builds each site's feedback from the current global; caches each view's tensors per version."""
 
-    def __init__(self, config: CloudConfig, strategy: Strategy, sites: SiteBook, ledger: Ledger, seqs: SeqReserve,
-                 signer: Signer | None) -> None:
+    def __init__(self, config: CloudConfig, strategy: Strategy, sites: SiteBook, ledger: LedgerBackend,
+                 seqs: SeqReserve, signer: Signer | None) -> None:
         self.config = config
         self.strategy = strategy
         self.sites = sites

@@ -1,5 +1,8 @@
 """Durable record of what the cloud accepted and published, so a crash loses and repeats nothing.
 
+This is the embedded default (sqlite + files, one process); ``ledger_pg`` keeps the same record on PostgreSQL
+for replicas, ``ledger_base`` the interface both implement, and :func:`open_ledger` picks by ``[ledger] url``.
+
 Layout under ``root``::
 
     ledger.sqlite                       WAL, synchronous=FULL: updates, rejections, globals
@@ -25,18 +28,18 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
-from safetensors.numpy import save as st_save
-
-from megace_common.durable import atomic_write
 
 from .contribution import Contribution, GlobalState
 from .errors import DuplicateUpdate
+from .ledger_base import DocStore, LedgerBackend, PendingUpdate, VersionConflict, save_tensors
+from .ledger_base import chunks as _chunks
+
+__all__ = ["Ledger", "PendingUpdate", "VersionConflict", "open_ledger", "save_tensors"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
@@ -84,28 +87,11 @@ CREATE TABLE IF NOT EXISTS globals (
 
 
 
-def save_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` as one safetensors file, atomically (views and non-contiguous arrays are fine)."""
-    own = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write(path, st_save(own, metadata=meta))
-
-
-@dataclass(frozen=True)
-class PendingUpdate:
-    """An accepted, not yet aggregated update, with what aggregation needs."""
-
-    id: int
-    contribution: Contribution
-    weight: float
-    received_version: int
-
-
-class VersionConflict(RuntimeError):
-    """``commit_global`` was asked to skip/repeat a version or re-apply an update."""
-
-
 class Ledger:
     """One process owns a ledger directory at a time (the service is the single writer)."""
+
+    #: site profiles and seq reservations stay plain files in the state directory
+    docs: DocStore | None = None
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -135,6 +121,9 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_lease(self) -> None:
+        """Nothing to check: one process owns the directory (see ``ledger_pg`` for the replicated ledger)."""
 
     def _remove_orphans(self) -> None:
         """Files written but never committed (crash between write and commit) are garbage."""
@@ -410,6 +399,12 @@ class Ledger:
         return removed
 
 
-def _chunks(xs: Sequence[int], n: int) -> Iterable[Sequence[int]]:
-    for i in range(0, len(xs), n):
-        yield xs[i : i + n]
+
+def open_ledger(url: str, state_dir: str | Path, *, epoch: int | None = None) -> LedgerBackend:
+    """The configured backend: ``""`` is sqlite in ``state_dir``; ``postgresql://...`` is PostgreSQL, its writes
+    fenced by ``epoch`` (the lease this replica holds; see ``leader.py``)."""
+    if not url:
+        return Ledger(state_dir)
+    from .ledger_pg import PgLedger  # psycopg only where PostgreSQL is configured
+
+    return PgLedger(url, epoch=epoch)

@@ -21,6 +21,7 @@ from broker.wire.status import event_payload
 from megace_common.durable import atomic_write
 
 from .contribution import GlobalState
+from .ledger_base import DocStore
 
 SEQ_FILE = "outseq.json"
 SEQ_BLOCK = 10_000
@@ -40,20 +41,29 @@ class SeqReserve:
     """Envelope seqs strictly increasing across restarts, by reserving blocks on disk.
 
     Receivers drop a seq at or below the last one seen, so a restarted cloud must never reuse
-    one; persisting every seq would cost an fsync per message, a block costs one per 10,000.
+    one; persisting every seq would cost an fsync per message, a block costs one per 10,000.  With a replicated
+    ledger the reservation lives in its ``store``: all replicas share one sender id, so a replica taking over
+    continues above every seq the previous leader could have used.
     """
 
-    def __init__(self, state_dir: Path, block: int = SEQ_BLOCK) -> None:
+    def __init__(self, state_dir: Path, block: int = SEQ_BLOCK, store: DocStore | None = None) -> None:
         self.path = state_dir / SEQ_FILE
+        self.store = store
         self.block = block
-        start = json.loads(self.path.read_text())["reserved"] if self.path.exists() else 0
+        raw = store.read_doc(SEQ_FILE) if store is not None else (
+            self.path.read_bytes() if self.path.exists() else None)
+        start = json.loads(raw)["reserved"] if raw is not None else 0
         self.next = int(start)
         self.limit = self.next
         self._reserve()
 
     def _reserve(self) -> None:
         self.limit = self.next + self.block
-        atomic_write(self.path, json.dumps({"reserved": self.limit}).encode())
+        body = json.dumps({"reserved": self.limit}).encode()
+        if self.store is not None:
+            self.store.write_doc(SEQ_FILE, body)
+        else:
+            atomic_write(self.path, body)
 
     def take(self) -> int:
         if self.next >= self.limit:

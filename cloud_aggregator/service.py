@@ -5,6 +5,12 @@ One aiomqtt client per connection attempt (``async with``), a persistent session
 and one single-worker executor that runs every core call: numpy maths and fsyncs never block
 the event loop, and core calls never overlap.  A lock makes "handle a message, then publish
 what it produced" atomic with respect to the timer and to shutdown.
+
+With a PostgreSQL ledger (``[ledger] url``) several replicas run this service and one is active: a replica
+stands by (no MQTT connection, no aggregation) until it holds the lease (``leader.py``), then opens the core
+and serves under the one client id all replicas share, so the broker's persistent session queues uploads
+while no replica is active and hands them to the next one.  A replica that loses the lease stops its session
+at once (no offline status: the topics are the new leader's) and stands by again.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiomqtt
 
@@ -30,7 +37,12 @@ from broker.wire.status import OFFLINE, ONLINE, Status
 
 from .config import CloudConfig
 from .core import AggregatorCore
+from .ledger_base import LeaseLost
 from .messages import Outgoing
+from .reference import open_reference
+
+if TYPE_CHECKING:
+    from .leader import Lease
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,18 +66,53 @@ class CloudAggregator:
         stop = stop or asyncio.Event()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="megace-cloud") as pool:
             self._pool = pool
-            self.core = await self._call(AggregatorCore, self.config)
+            if self.config.ledger.replicated:
+                await self._replica(stop)
+            else:
+                await self._active(stop, None)
+
+    async def _active(self, stop: asyncio.Event, lease: Lease | None) -> None:
+        """Open the core (fenced by the lease's epoch when replicated) and serve until stopped or deposed."""
+        epoch = None if lease is None else lease.epoch
+        self._retained_chunks.clear()  # another replica may have re-framed the retained topics meanwhile
+        self.core = await self._call(AggregatorCore, self.config, time.monotonic, epoch)
+        try:
+            await self._serve(stop, None if lease is None else lease.lost)
+        finally:
+            await self._call(self.core.close)
+
+    async def _replica(self, stop: asyncio.Event) -> None:
+        """Stand by, lead while the lease holds, stand by again after losing it; until ``stop``."""
+        from .leader import Lease, holder_name  # psycopg only where PostgreSQL is configured
+
+        cfg = self.config
+        # a warm standby: the frozen base's reference is built now, not after a takeover
+        await self._call(lambda: open_reference(Path(cfg.state_dir), cfg.model, need_initial=True))
+        lease = Lease(cfg.ledger.url, holder_name(cfg.cloud_id), poll_s=cfg.ledger.poll_s,
+                      heartbeat_s=cfg.ledger.heartbeat_s)
+        log.info("cloud %s standing by for the lease", cfg.cloud_id)
+        while await lease.acquire(stop):
+            self.counters.inc("leader_terms")
+            watch = asyncio.create_task(lease.watch())
             try:
-                await self._serve(stop)
+                await self._active(stop, lease)
+            except LeaseLost as exc:
+                log.warning("cloud %s stepped down: %s", cfg.cloud_id, exc)
             finally:
-                await self._call(self.core.close)
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+                await lease.release()
 
     # ---- connection ------------------------------------------------------------------------
-    async def _serve(self, stop: asyncio.Event) -> None:
+    async def _serve(self, stop: asyncio.Event, lost: asyncio.Event | None = None) -> None:
         serve = asyncio.create_task(self._connect_loop(stop))
         stopped = asyncio.create_task(stop.wait())
+        deposed = asyncio.create_task((lost or asyncio.Event()).wait())
         try:
-            await asyncio.wait({serve, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({serve, stopped, deposed}, return_when=asyncio.FIRST_COMPLETED)
+            if deposed.done() and not serve.done():  # no grace, nothing more published: the topics are not ours
+                serve.cancel()
+                raise LeaseLost("lease lost while serving")
             if not serve.done():  # stop requested: the session winds down by itself, within a grace period
                 try:
                     await asyncio.wait_for(asyncio.shield(serve), self.config.limits.shutdown_grace_s)
@@ -74,9 +121,9 @@ class CloudAggregator:
             if serve.done():
                 serve.result()
         finally:
-            for t in (serve, stopped):
+            for t in (serve, stopped, deposed):
                 t.cancel()
-            await asyncio.gather(serve, stopped, return_exceptions=True)
+            await asyncio.gather(serve, stopped, deposed, return_exceptions=True)
 
     async def _connect_loop(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -98,6 +145,7 @@ class CloudAggregator:
         cfg, core = self.config, self._core
         for f in topics.subscriptions(topics.all_adapter_uplinks()):
             await client.subscribe(f, qos=1)
+        await self._call(core.check_lease)  # a deposed replica that has not noticed yet announces nothing
         await self._publish_status(client, ONLINE)
         async with self._busy:
             await self._send(client, await self._call(core.announce))
@@ -133,6 +181,8 @@ class CloudAggregator:
             async with self._busy:
                 try:
                     out = await self._call(core.ingest, str(msg.topic), payload)
+                except LeaseLost:
+                    raise  # another replica leads now: stop serving (the edge resends what is unacknowledged)
                 except Exception:  # a bug must cost one message, not the service
                     log.exception("failed to handle a message on %s", msg.topic)
                     continue

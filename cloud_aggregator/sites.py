@@ -15,6 +15,8 @@ from pathlib import Path
 from broker.wire import AdapterUpdate
 from megace_common.durable import atomic_write
 
+from .ledger_base import DocStore
+
 SITES_FILE = "sites.json"
 MAX_UNKNOWN = 1024
 
@@ -36,16 +38,20 @@ class SiteProfile:
 
 
 class SiteBook:
-    """Site profiles keyed by site id, persisted to ``sites.json``."""
+    """Site profiles keyed by site id, persisted to ``sites.json`` (or to ``store``: the replicated ledger's
+    documents, so that a replica taking over re-sends every site its view)."""
 
-    def __init__(self, state_dir: Path, history: int = 32) -> None:
+    def __init__(self, state_dir: Path, history: int = 32, store: DocStore | None = None) -> None:
         self.path = state_dir / SITES_FILE
+        self.store = store
         self.history = history
         self.profiles: dict[str, SiteProfile] = {}
         #: refusals of sites that never had an upload accepted
         self.unknown_rejections: dict[str, list[tuple[int, str]]] = {}
-        if self.path.exists():
-            for site, doc in json.loads(self.path.read_text()).items():
+        raw = store.read_doc(SITES_FILE) if store is not None else (
+            self.path.read_bytes() if self.path.exists() else None)
+        if raw is not None:
+            for site, doc in json.loads(raw).items():
                 doc["rejected"] = [tuple(r) for r in doc.get("rejected", [])]
                 self.profiles[site] = SiteProfile(**doc)
 
@@ -88,4 +94,8 @@ class SiteBook:
 
     def save(self) -> None:
         doc = {s: asdict(p) for s, p in sorted(self.profiles.items())}
-        atomic_write(self.path, json.dumps(doc, sort_keys=True).encode())
+        body = json.dumps(doc, sort_keys=True).encode()
+        if self.store is not None:
+            self.store.write_doc(SITES_FILE, body)
+        else:
+            atomic_write(self.path, body)
