@@ -103,7 +103,7 @@ def build_trainer(config: EdgeConfig) -> Trainer:
                           max_bytes_per_device=lim.replay_max_bytes_per_device)
     device = None if t.device == "auto" else t.device
     return Trainer(config.model, buffer=buffer, lr=t.lr, weight_decay=t.weight_decay,
-                   holdout_every=t.holdout_every, device=device)
+                   holdout_every=t.holdout_every, device=device, defer_global=t.defer_global)
 
 
 @dataclass(frozen=True)

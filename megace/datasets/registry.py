@@ -18,6 +18,7 @@ Loader = Callable[..., tuple[MultimodalDataset, MultimodalDataset]]
 DATASETS: dict[str, str] = {
     "basicmotions": "megace.datasets.basicmotions:load_basicmotions",
     "digits-av": "megace.datasets.digits_av:load_digits_av",
+    "mnist-av": "megace.datasets.mnist_av:load_mnist_av",
 }
 
 
