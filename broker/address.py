@@ -9,6 +9,7 @@ logged as is.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlparse
 
 from broker.compat import slotted_dataclass
+from broker.protocol import DEFAULT_PROTOCOL, DEFAULT_SESSION_EXPIRY_S, check_protocol, check_session_expiry
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,12 @@ _QUERY = {
     "key": "key_file", "key_file": "key_file", "keyfile": "key_file",
     "password_file": "password_file",
     "keepalive": "keepalive",
+    "protocol": "protocol", "session_expiry": "session_expiry",
+    "timeout": "timeout",
 }
 _ENV = {"CA": "ca_file", "CERT": "cert_file", "KEY": "key_file", "USERNAME": "username",
-        "PASSWORD_FILE": "password_file", "PASSWORD": "password"}  # a file beats a variable (rotation, ps)
+        "PASSWORD_FILE": "password_file", "PASSWORD": "password",
+        "PROTOCOL": "protocol", "SESSION_EXPIRY": "session_expiry"}  # a file beats a variable (rotation, ps)
 
 
 def read_secret(path: str | os.PathLike[str]) -> str:
@@ -67,6 +72,29 @@ class BrokerAddress:
     """Private key of ``cert_file``; ``None`` when the key is in ``cert_file``."""
     password_file: str | None = None
     """Where ``password`` was read from (kept so :meth:`url` can name the file, not the secret)."""
+    timeout: float = 10.0
+    """Seconds the services wait for a CONNACK or SUBACK (aiomqtt's default is 10). A NATS cluster makes a
+    replicated JetStream consumer per QoS 1 subscription of a persistent session: an edge's 36 took 14 s on
+    this machine under load, and a client that gives up first retries forever. Give it ``?timeout=60``."""
+    alternates: tuple[tuple[str, int], ...] = ()
+    """Further nodes of the same (clustered) broker, ``mqtt://h1:1883,h2:1883``: clients move to the next
+    one when a connection fails or is lost (same credentials and TLS settings for all)."""
+    protocol: str = DEFAULT_PROTOCOL
+    """MQTT version: ``auto`` (5, falling back to 3.1.1), ``5`` or ``3.1.1`` (see :mod:`broker.protocol`)."""
+    session_expiry: int = DEFAULT_SESSION_EXPIRY_S
+    """MQTT 5: seconds the broker keeps a durable session after the client left (3.1.1: forever)."""
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Every ``(host, port)`` this address names, the first one first."""
+        return [(self.host, self.port), *self.alternates]
+
+    def endpoint(self, i: int) -> BrokerAddress:
+        """The address of endpoint ``i`` (modulo their number) alone: what one connection attempt uses."""
+        if not self.alternates:
+            return self
+        host, port = self.endpoints[i % len(self.endpoints)]
+        return dataclasses.replace(self, host=host, port=port, alternates=())
 
     @classmethod
     def from_url(cls, url: str, env: Mapping[str, str] | None = None) -> BrokerAddress:
@@ -77,7 +105,8 @@ class BrokerAddress:
         still works, but a ``password_file`` keeps it out of configs and process listings.
         """
         env = os.environ if env is None else env
-        u = urlparse(url if "://" in url else f"mqtt://{url}")
+        url, more = cls._split_hosts(url if "://" in url else f"mqtt://{url}")
+        u = urlparse(url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ValueError(f"unsupported broker URL scheme {u.scheme!r}")
         tls = u.scheme in ("mqtts", "ssl")
@@ -109,9 +138,33 @@ class BrokerAddress:
         try:
             port = u.port or (8883 if tls else 1883)
             keepalive = int(opts.pop("keepalive", 30))
+            timeout = float(opts.pop("timeout", 10.0))
+            if not timeout > 0:
+                raise ValueError(f"timeout must be positive, got {timeout}")
+            if "protocol" in opts:
+                opts["protocol"] = check_protocol(opts["protocol"])
+            if "session_expiry" in opts:
+                opts["session_expiry"] = check_session_expiry(opts["session_expiry"])  # type: ignore[assignment]
         except ValueError as exc:
             raise ValueError(f"bad broker URL {cls._redact(url)!r}: {exc}") from None
-        return cls(host=host, port=port, tls=tls, keepalive=keepalive, **opts)  # type: ignore[arg-type]
+        try:  # a node without a port gets the scheme's default, as the first one does
+            alternates = tuple((urlparse(f"//{h}").hostname or "", urlparse(f"//{h}").port or (8883 if tls else 1883))
+                               for h in more)
+        except ValueError as exc:
+            raise ValueError(f"bad broker host list {','.join(more)!r}: {exc}") from None
+        if any(not h for h, _ in alternates):
+            raise ValueError(f"bad broker host list {','.join(more)!r}: an empty host")
+        return cls(host=host, port=port, tls=tls, keepalive=keepalive, timeout=timeout,  # type: ignore[arg-type]
+                   alternates=alternates, **opts)
+
+    @staticmethod
+    def _split_hosts(url: str) -> tuple[str, list[str]]:
+        """``mqtt://u@h1:1,h2:2?q`` -> (``mqtt://u@h1:1?q``, [``h2:2``]): urlparse reads one host only."""
+        scheme, rest = url.split("://", 1)
+        end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+        auth, sep, hosts = rest[:end].rpartition("@")
+        first, *more = hosts.split(",")
+        return f"{scheme}://{auth}{sep}{first}{rest[end:]}", [h.strip() for h in more]
 
     @staticmethod
     def _redact(url: str) -> str:
@@ -153,14 +206,24 @@ class BrokerAddress:
                                    ("password_file", self.password_file)) if v}
         if self.keepalive != 30:
             query["keepalive"] = str(self.keepalive)
+        if self.timeout != 10.0:
+            query["timeout"] = f"{self.timeout:g}"
+        if self.protocol != DEFAULT_PROTOCOL:
+            query["protocol"] = self.protocol
+        if self.session_expiry != DEFAULT_SESSION_EXPIRY_S:
+            query["session_expiry"] = str(self.session_expiry)
         tail = f"?{urlencode(query, safe='/')}" if query else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}{tail}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self._hosts()}{tail}"
+
+    def _hosts(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.endpoints)
 
     def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self._hosts()}"
 
     def __repr__(self) -> str:
         secret = "'***'" if self.password else "None"
         return (f"BrokerAddress(host={self.host!r}, port={self.port}, tls={self.tls}, ca_file={self.ca_file!r}, "
                 f"username={self.username!r}, password={secret}, keepalive={self.keepalive}, "
-                f"cert_file={self.cert_file!r}, key_file={self.key_file!r}, password_file={self.password_file!r})")
+                f"cert_file={self.cert_file!r}, key_file={self.key_file!r}, password_file={self.password_file!r}"
+                + (f", alternates={self.alternates!r})" if self.alternates else ")"))

@@ -14,6 +14,7 @@ import aiomqtt
 
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
+from broker.protocol import V5, V311, aiomqtt_options, watch_connect
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -27,8 +28,14 @@ def make_client(
     clean_session: bool = True,
     queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
     max_inflight: int | None = None,
+    version: str | None = None,
 ) -> aiomqtt.Client:
-    """An aiomqtt client that speaks MQTT 3.1.1 (works on every broker megace supports).
+    """An aiomqtt client that speaks MQTT ``version`` (``"5"`` or ``"3.1.1"``).
+
+    Without ``version``: MQTT 5 if the address asks for ``5``, else 3.1.1 (what every broker megace supports
+    speaks); ``auto`` needs a negotiation across attempts, which :class:`broker.session.Session` does. With
+    MQTT 5 a persistent session (``clean_session=False``) expires ``address.session_expiry`` seconds after
+    the client left; a connection closed before CONNACK fails at once (:func:`broker.protocol.watch_connect`).
 
     ``queue_type`` is aiomqtt's incoming queue class (built with ``maxsize=max_queued_incoming``);
     :class:`broker.session.CountingQueue` counts what a full queue drops.  ``max_inflight`` is how many
@@ -36,6 +43,8 @@ def make_client(
     sets it bounds its own concurrent publishes to it, so none wait inside paho, and aiomqtt's "pending
     publish calls" warning is raised to just above it (it warns at 10 by default, below paho's own limit).
     """
+    if version is None:
+        version = V5 if address.protocol == V5 else V311
     client = aiomqtt.Client(
         address.host,
         address.port,
@@ -44,14 +53,15 @@ def make_client(
         password=address.password,
         tls_context=address.ssl_context(),
         keepalive=address.keepalive,
+        timeout=address.timeout,
         will=will,
-        protocol=aiomqtt.ProtocolVersion.V311,
-        clean_session=clean_session,
+        **aiomqtt_options(version, clean_session=clean_session, session_expiry=address.session_expiry),
         max_queued_incoming_messages=max_queued_incoming,
         queue_type=queue_type,
         socket_options=NODELAY,
         max_inflight_messages=max_inflight,
     )
+    watch_connect(client)
     if max_inflight is not None:
         client.pending_calls_threshold = max_inflight + PUBLISH_HEADROOM
     return client

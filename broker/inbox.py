@@ -88,7 +88,7 @@ def publisher(parsed: topics.Parsed) -> str:
     c = parsed.channel
     if c is topics.Channel.DEVICE_UP:
         return f"device/{parsed.site}/{parsed.device}"
-    if c is topics.Channel.DEVICE_DOWN:
+    if c in (topics.Channel.DEVICE_DOWN, topics.Channel.SITE_REQUEST):
         return f"edge/{parsed.site}"
     if c is topics.Channel.ADAPTER_UP:
         return f"site/{parsed.site}"

@@ -20,6 +20,7 @@ import aiomqtt
 from broker.address import BrokerAddress
 from broker.aio import make_client, wait_event
 from broker.metrics import Counters
+from broker.protocol import Negotiator, probe_v5
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +162,21 @@ class Session:
         self._serve = serve
         self._on_error = on_error
         self._queue_type = CountingQueue.counting_into(self.counters)
+        self.negotiator = Negotiator(address.protocol, name=self.name, counters=self.counters)
+        """The MQTT version (``address.protocol``: auto, 5, 3.1.1), remembered across reconnects."""
+        self._endpoint = 0  # which of ``address.endpoints`` the next attempt uses (a cluster's nodes in turn)
 
     def client(self) -> aiomqtt.Client:
         """A fresh (not yet connected) client with this session's settings and drop-counting queue."""
         client = make_client(
-            self.address,
+            self.address.endpoint(self._endpoint),
             identifier=self.identifier,
             will=self.will,
             max_queued_incoming=self.max_queued_incoming,
             clean_session=self.clean_session,
             queue_type=self._queue_type,
             max_inflight=self.max_inflight,
+            version=self.negotiator.version,
         )
         if self.manual_ack:
             # aiomqtt 2.5 has no manual-ack option yet (empicano/aiomqtt#345); paho, underneath, does.
@@ -186,6 +191,9 @@ class Session:
         while stop is None or not stop.is_set():
             connected = False
             since = loop.time()
+            if self.negotiator.undecided and not self.clean_session:  # auto: ask before sending v5 properties
+                self.negotiator.probed(await loop.run_in_executor(
+                    None, probe_v5, self.address.endpoint(self._endpoint), self.identifier))
             try:
                 async with self.client() as client:
                     if not client._client.is_connected():
@@ -196,11 +204,16 @@ class Session:
                     connected = True
                     since = loop.time()
                     self.counters.inc("connects")
-                    log.info("%s connected to %s (attempt %d)", self.name, self.address, attempt)
+                    self.negotiator.connected()
+                    log.info("%s connected to %s (attempt %d)", self.name, self.address.endpoint(self._endpoint),
+                             attempt)
                     await self._serve(client, attempt)
                     return
             except aiomqtt.MqttError as exc:
+                if not connected and self.negotiator.refused_by(exc):
+                    continue  # auto: the broker speaks 3.1.1 only; retry at once in 3.1.1 (counted, logged)
                 self.counters.inc("disconnects" if connected else "connect_failures")
+                self._endpoint += 1  # with several nodes, the next attempt goes to the next one (failover)
                 log.warning("%s: broker connection %s: %s", self.name, "lost" if connected else "failed", exc)
                 if self._on_error is not None:
                     self._on_error()

@@ -6,6 +6,7 @@ and NATS refuses in MQTT topics)::
     megace/v1/site/{site}/device/{device}/up/{features|register|infer}     device -> edge
     megace/v1/site/{site}/device/{device}/down/{config|prediction|feedback|model|error}
                                                                             edge -> device
+    megace/v1/site/{site}/down/register                                     edge -> its site's devices
     megace/v1/cloud/up/{site}/adapter                                       edge -> cloud
     megace/v1/cloud/down/global                       (retained)            cloud -> all edges
     megace/v1/cloud/down/site/{site}/feedback         (retained)            cloud -> one edge
@@ -69,6 +70,7 @@ class Channel(StrEnum):
     ADAPTER_UP = "adapter_up"
     GLOBAL_DOWN = "global_down"
     SITE_FEEDBACK = "site_feedback"
+    SITE_REQUEST = "site_request"
     STATUS = "status"
     METRICS = "metrics"
     EVENTS = "events"
@@ -98,6 +100,14 @@ def site_device_uplinks(site: str) -> str:
 def device_downlinks(site: str, device: str) -> str:
     """Filter a device subscribes to: everything its edge sends it."""
     return f"{ROOT}/site/{check_id(site, 'site')}/device/{check_id(device, 'device')}/down/+"
+
+
+def register_request(site: str) -> str:
+    """Where an edge asks every device of its site to publish its registration again (not retained).
+
+    Devices subscribe to it by its exact name: some brokers (RabbitMQ) never deliver retained messages through
+    a ``+``/``#`` filter, so an edge that starts cannot rely on its wildcard seeing the retained registrations."""
+    return f"{ROOT}/site/{check_id(site, 'site')}/down/register"
 
 
 def adapter_up(site: str) -> str:
@@ -193,6 +203,8 @@ def _build(p: Parsed) -> str:
         return global_down()
     if c is Channel.SITE_FEEDBACK:
         return site_feedback(p.site or "")
+    if c is Channel.SITE_REQUEST:
+        return register_request(p.site or "")
     if c is Channel.STATUS:
         return status(p.role or Role.EDGE, p.ident or "", p.site)
     if c is Channel.EVENTS:
@@ -252,6 +264,8 @@ def _parse_levels(lv: list[str], chunk_index: int | None) -> Parsed:
         if direction == "down":
             return Parsed(Channel.DEVICE_DOWN, check_id(site), check_id(device), what=Downlink(what).value,
                           chunk_index=chunk_index)
+    elif head == "site" and n == 4 and lv[2:] == ["down", "register"]:
+        return Parsed(Channel.SITE_REQUEST, check_id(lv[1]), what="register", chunk_index=chunk_index)
     elif head == "cloud":
         if n == 4 and lv[1] == "up" and lv[3] == "adapter":
             return Parsed(Channel.ADAPTER_UP, check_id(lv[2]), what="adapter", chunk_index=chunk_index)

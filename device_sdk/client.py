@@ -34,13 +34,14 @@ from broker import topics
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
 from broker.metrics import Counters
+from broker.protocol import Negotiator, probe_v5
 from broker.signing import Verifier, load_public_key
 from broker.wire import CapabilityProfile, FeatureBatch, FeatureRecord, Kind, Prediction, Status, encode_envelope
 from broker.wire.status import OFFLINE, ONLINE
 from device_sdk.batcher import Batcher
 from device_sdk.downlink import DownlinkHandler, DownlinkReceiver
 from device_sdk.events import LinkEvents
-from device_sdk.link import paho_client
+from device_sdk.link import connect_args, paho_client
 from device_sdk.local_model import LocalModel
 from device_sdk.metrics import DeviceMetrics
 from device_sdk.model_installer import ModelInstaller
@@ -62,7 +63,9 @@ class DeviceClient(LinkEvents):
         device: This device's id, unique within its site; it names the MQTT client id
             (``megace-dev-<device>``) and the on-disk queue. Same character rules as ``site``.
         broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or
-            ``mqtts://user:pass@host:8883``.
+            ``mqtts://user:pass@host:8883``. ``?protocol=auto`` (MQTT 5 where the broker has it, else 3.1.1),
+            ``5`` or ``3.1.1`` (default) picks the MQTT version; with MQTT 5 the broker keeps the device's session
+            ``?session_expiry=`` seconds after it left (default one day; 3.1.1: no limit).
         on_downlink: Called from the network thread with the envelope kind and the decoded message
             (``DeviceConfig``, ``Prediction``, ``DeviceFeedback``, ...) for every downlink addressed to
             this device. Keep it short; an exception in it is counted (``callback_errors``)
@@ -144,8 +147,10 @@ class DeviceClient(LinkEvents):
         handler = on_downlink if self._installer is None else self._installer.wrap(on_downlink)
         self.metrics = DeviceMetrics(self, metrics_interval)
         handler = self.metrics.wrap(handler)
-        self._downlink = DownlinkReceiver(self.device, self.counters, handler, verifier)
+        self._downlink = DownlinkReceiver(self.device, self.counters, handler, verifier, self._on_reregister)
         self._supervisor: Supervisor | None = None
+        self.protocol = Negotiator(self.address.protocol, name=f"device {device}", counters=self.counters)
+        """The MQTT version (the address's ``protocol``: auto, 5 or 3.1.1), remembered across reconnects."""
         self._registration: tuple[str, dict[str, Any]] | None = None
         self._registration_seq: int | None = None  # the seq register() returned, until it is published
         self._events: deque[tuple[str, Any]] = deque()
@@ -377,6 +382,12 @@ class DeviceClient(LinkEvents):
         else:
             raise ConnectionError(f"paho refused to publish: {mqtt.error_string(info.rc)}")
 
+    def _connect_args(self) -> dict[str, Any]:
+        """The session arguments of the next connect (supervisor); ``auto`` asks the broker once, first."""
+        if self.protocol.undecided:
+            self.protocol.probed(probe_v5(self.address, f"megace-dev-{self.device}"))
+        return connect_args(self.address, self.protocol.version)
+
     def _status(self, state: str) -> bytes:
         detail: dict[str, Any] = {"site": self.site}
         if self.model is not None:
@@ -385,7 +396,7 @@ class DeviceClient(LinkEvents):
 
     def _new_client(self) -> mqtt.Client:
         c = paho_client(self.address, f"megace-dev-{self.device}", will=(self._status_topic, self._status(OFFLINE)),
-                        max_inflight=self.max_inflight)
+                        max_inflight=self.max_inflight, version=self.protocol.version)
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_publish, c.on_message = self._on_publish, self._on_message
         return c

@@ -16,11 +16,12 @@ from broker.errors import WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
 from broker.signing import Verifier
-from broker.wire import Kind
+from broker.wire import ErrorCode, Kind
 from broker.wire.bodies import decode_body
 
 log = logging.getLogger(__name__)
 
+UNREGISTERED = ErrorCode.UNREGISTERED.value
 DownlinkHandler = Callable[[Kind, Any], None]
 """Called with the envelope kind and the decoded message (DeviceConfig, Prediction, ...)."""
 
@@ -35,15 +36,20 @@ class DownlinkReceiver:
         handler: The user's callback, or None to only count.
         verifier: The edge's public key(s): every downlink must carry a valid signature by one, so a
             forged prediction or config never reaches ``handler``. None accepts unsigned downlinks.
+        on_reregister: Called with ``"request"`` for the edge's site-wide ``register_request`` and with
+            ``"unregistered"`` for an ``unregistered`` error: the edge lacks this device's registration (the
+            retained one may never reach an edge's wildcard filter, e.g. on RabbitMQ), so publish it again.
     """
 
     def __init__(self, device: str, counters: Counters, handler: DownlinkHandler | None,
-                 verifier: Verifier | None = None) -> None:
+                 verifier: Verifier | None = None, on_reregister: Callable[[str], None] | None = None) -> None:
         self.device = device
         self.counters = counters
         self.handler = handler
+        self.on_reregister = on_reregister
         opener = None if verifier is None else (lambda _parsed, payload: verifier.open(payload))
-        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN}), opener=opener)
+        self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN, topics.Channel.SITE_REQUEST}),
+                            opener=opener)
 
     def accept(self, topic: str, payload: bytes) -> None:
         """Decode one message (chunks are reassembled first); malformed ones are counted, never raised."""
@@ -58,6 +64,11 @@ class DownlinkReceiver:
             log.warning("device %s: rejected downlink on %s: %s", self.device, topic, exc)  # pragma: no mutate
             return
         self.counters.inc(f"received.{env.kind.value}")
+        if env.kind is Kind.REGISTER_REQUEST or (env.kind is Kind.ERROR and message.code == UNREGISTERED):
+            if self.on_reregister is not None:
+                self.on_reregister("request" if env.kind is Kind.REGISTER_REQUEST else "unregistered")
+            if env.kind is Kind.REGISTER_REQUEST:
+                return  # the SDK's business, not the application's
         if self.handler is not None:
             try:
                 self.handler(env.kind, message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +23,12 @@ from broker.wire.status import ONLINE
 from device_sdk.link import set_nodelay
 
 if TYPE_CHECKING:
+    from broker.protocol import Negotiator
     from device_sdk.downlink import DownlinkReceiver
     from device_sdk.store import DiskQueue
 
 log = logging.getLogger("device_sdk.client")
+REREGISTER_MIN_INTERVAL_S = 1.0
 
 
 class LinkEvents:
@@ -44,6 +47,8 @@ class LinkEvents:
     _last_sent_row: int | None
     _status_topic: str
     _downlink: DownlinkReceiver
+    protocol: Negotiator
+    _last_reregister: float = float("-inf")
 
     def _status(self, state: str) -> bytes:
         raise NotImplementedError
@@ -58,6 +63,8 @@ class LinkEvents:
     def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
             log.warning("device %s: broker refused connection: %s", self.device, reason)  # pragma: no mutate
+            self._events.append(("refused", (client, reason)))  # auto: maybe MQTT 5 was refused (3.1.1 next)
+            self._wake.set()
             return
         set_nodelay(client)
         self._events.append(("connected", client))
@@ -104,13 +111,19 @@ class LinkEvents:
                     if pending[3] is not None:
                         self.store.delete(pending[3])
                     acked += 1
+            elif what == "refused":
+                self.protocol.refused_code(arg[1])
+            elif what == "reregister":
+                self._reregister(arg)
             elif arg is not self._client:
                 continue  # an event from a connection already replaced
             elif what == "connected":
                 for f in topics.subscriptions(topics.device_downlinks(self.site, self.device)):
                     arg.subscribe(f, qos=1)
+                arg.subscribe(topics.register_request(self.site), qos=1)  # exact: the edge's "register again"
                 arg.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
                 self._online = True
+                self.protocol.connected()
                 self._publish_registration()
                 self._last_sent_row = None
                 self.counters.inc("connects")
@@ -122,6 +135,24 @@ class LinkEvents:
             self.counters.inc("acked", acked)
         if changed:
             self._lock.notify_all()
+
+    def _on_reregister(self, why: str) -> None:
+        """The edge asked for the registration again (paho's thread): queue it like any event."""
+        self._events.append(("reregister", why))
+        self._wake.set()
+
+    def _reregister(self, why: str) -> None:
+        """Publish the registration again under a fresh seq (caller holds the lock). The edge's request always
+        gets one; ``unregistered`` errors (a burst of refused records) get at most one per second."""
+        if not self._online:
+            return  # the next connect re-registers anyway
+        now = time.monotonic()
+        if why == "unregistered" and now - self._last_reregister < REREGISTER_MIN_INTERVAL_S:
+            self.counters.inc("reregister_skipped")
+            return
+        self._last_reregister = now
+        self._publish_registration()
+        self.counters.inc(f"reregistered.{why}")
 
     def _move_inflight_to_store(self) -> None:
         """Un-acked direct publishes go back to the front of the disk queue (caller holds the lock).

@@ -24,6 +24,7 @@ class Supervisor(threading.Thread):
     def __init__(self, client: DeviceClient) -> None:
         super().__init__(name=f"megace-sdk:{client.device}", daemon=True)
         self.client = client
+        self._endpoint = 0  # which of the address's nodes the next connect uses; the next one after a failure
 
     def run(self) -> None:
         c = self.client
@@ -56,10 +57,14 @@ class Supervisor(threading.Thread):
             if old is not None:
                 old.loop_stop()
                 old.disconnect()
+                self._endpoint += 1  # the connection was lost: try the cluster's next node (no-op with one)
+            session = c._connect_args()  # before the client: ``auto`` may settle the version here
             client = c._new_client()
+            node = c.address.endpoint(self._endpoint)
             try:
-                client.connect(c.address.host, c.address.port, keepalive=c.address.keepalive)
+                client.connect(node.host, node.port, keepalive=c.address.keepalive, **session)
             except OSError:
+                self._endpoint += 1
                 with c._lock:
                     c._client = None
                 c._wake.wait(min(delay, linger))

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiomqtt
 
@@ -28,9 +29,17 @@ from edge_agent.ingestlog import IngestLog
 log = logging.getLogger(__name__)
 
 
+class Ackable(Protocol):
+    """A received message as :func:`broker.session.ack` needs it: aiomqtt's, or paho's (the receiver process)."""
+
+    mid: int
+    qos: int
+    retain: bool
+
+
 @dataclass(slots=True)
 class _Entry:
-    message: aiomqtt.Message
+    message: Ackable
     index: int
     ready: bool
     deadline: float
@@ -49,7 +58,13 @@ class DurableAcks:
     """
 
     def __init__(self, ingest_log: IngestLog, counters: Counters, *, retry_s: float = 0.5,
-                 hold_timeout_s: float = 10.0) -> None:
+                 hold_timeout_s: float = 10.0, on_commit: Callable[[], None] | None = None,
+                 hold_acks: Callable[[], bool] | None = None) -> None:
+        self.on_commit = on_commit
+        """Called after each commit (a receiver process tells its reader that the log grew)."""
+        self.hold_acks = hold_acks
+        """While it returns True, nothing is acknowledged (commits go on): back-pressure, since the broker
+        sends a subscriber no more than its in-flight window of unacknowledged messages."""
         self.log = ingest_log
         self.counters = counters
         self.retry_s = retry_s
@@ -59,8 +74,13 @@ class DurableAcks:
         self._received = 0  # entries ever queued (this connection)
         self._durable = 0  # entries queued before the last completed commit
         self._wake = asyncio.Event()
+        self._holding = False
 
-    def received(self, message: aiomqtt.Message, topic: str, payload: bytes, *, durable: bool,
+    def wake(self) -> None:
+        """Re-check ``hold_acks`` now (the reader caught up)."""
+        self._wake.set()
+
+    def received(self, message: Ackable, topic: str, payload: bytes, *, durable: bool,
                  hold: bool = False) -> Callable[[], None] | None:
         """Note one handled message (loop thread); ``durable`` ones are logged before any later ack.
 
@@ -95,26 +115,40 @@ class DurableAcks:
             await wait_event(self._wake, timeout)
             self._wake.clear()
             queued = self._received
+            committed = False
             while True:
                 try:
                     if self.log.pending:
                         await loop.run_in_executor(self._pool, self.log.commit)
                         self.counters.inc("ingest_commits")
+                        committed = True
                     break
                 except OSError:
                     self.counters.inc("ingest_log_failures")
                     log.exception("ingest log commit failed; retrying without acknowledging")  # pragma: no mutate
                     await asyncio.sleep(self.retry_s)
             self._durable = max(self._durable, queued)
-            now = time.monotonic()
-            while self._waiting and self._waiting[0].index < self._durable:
-                head = self._waiting[0]
-                if not head.ready:
-                    if now < head.deadline:
-                        break  # later messages wait too: MQTT wants acknowledgements in arrival order
-                    self.counters.inc("ack_hold_timeouts")
-                self._waiting.popleft()
-                ack(client, head.message)
+            if committed and self.on_commit is not None:
+                self.on_commit()
+            if self.hold_acks is not None and self.hold_acks():
+                if not self._holding:
+                    self._holding = True
+                    self.counters.inc("ingest_backpressure")  # episodes; wake() resumes
+                continue
+            self._holding = False
+            self._ack_ready(client)
+
+    def _ack_ready(self, client: aiomqtt.Client, *, force: bool = False) -> None:
+        """Acknowledge, in arrival order, what the last commit covers (``force``: hold no request back)."""
+        now = time.monotonic()
+        while self._waiting and self._waiting[0].index < self._durable:
+            head = self._waiting[0]
+            if not head.ready and not force:
+                if now < head.deadline:
+                    break  # later messages wait too: MQTT wants acknowledgements in arrival order
+                self.counters.inc("ack_hold_timeouts")
+            self._waiting.popleft()
+            ack(client, head.message)
 
     def reset(self) -> None:
         """A connection ended: what it left un-acknowledged, the broker delivers again on the next one.
@@ -135,6 +169,16 @@ class DurableAcks:
     async def flush(self) -> None:
         """Commit what is buffered (shutdown)."""
         await asyncio.get_running_loop().run_in_executor(self._pool, self.log.commit)
+
+    async def drain(self, client: aiomqtt.Client) -> None:
+        """Commit and acknowledge everything received (a clean shutdown; back-pressure no longer matters)."""
+        queued = self._received
+        await self.flush()
+        self.counters.inc("ingest_commits")
+        self._durable = max(self._durable, queued)
+        if self.on_commit is not None:
+            self.on_commit()
+        self._ack_ready(client, force=True)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -11,6 +11,7 @@ The loop launcher writes config files, so :meth:`EdgeConfig.to_toml` emits a fil
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -56,6 +57,9 @@ class TrainingConfig:
     """Baseline "no personalization": personal tensors are uploaded and replaced by the global's too."""
     local_only: bool = False
     """Baseline "local only": never upload, ignore globals and site feedback."""
+    defer_global: bool = False
+    """Keep serving the site-tuned adapter; a global (or site view) becomes the start of the next round
+    (``Trainer(defer_global=...)``; reports/experiment-fleet.md)."""
     upload_fp16: bool = False
     startup_grace_s: float = 2.0
     """Before the first round, wait this long for the broker's retained global adapter."""
@@ -135,6 +139,9 @@ class LimitsConfig:
     max_pending_uploads: int = 8
     """Uploads kept for (re)publishing while the broker is unreachable; the oldest is dropped beyond."""
     shutdown_flush_s: float = 5.0
+    ingest_max_lag_bytes: int = 64 * 1024 * 1024
+    """``ingest_receiver = "process"``: logged bytes the agent may lag behind its receiver; beyond, the receiver
+    holds acknowledgements and the broker stops sending (its in-flight window) until the agent catches up."""
 
 
 @dataclass
@@ -151,7 +158,18 @@ class EdgeConfig:
     ingest_fsync: bool = True
     """fsync the ingest log before acknowledging device messages (survives power loss); ``false`` only
     writes to the OS, which survives a crash or ``kill -9`` of the agent but not of the machine."""
+    ingest_receiver: str = field(default_factory=lambda: os.environ.get(f"{ENV_PREFIX}INGEST_RECEIVER", "inline"))
+    """Where device data is received, logged and acknowledged: ``inline`` on the agent's event loop (one MQTT
+    connection), or ``process``: a receiver process (:mod:`edge_agent.receiver`) on its own core, the agent
+    reading its log (a second connection, client id ``megace-edge-<id>-ctl``, answers inference requests).
+    The default honours ``MEGACE_EDGE__INGEST_RECEIVER`` even where a config is built in code (tests run both)."""
     log_level: str = "INFO"
+    inference_workers: int = 0
+    """Extra processes answering this site's prediction requests beside the edge (``edge_agent/infer_worker.py``),
+    started once the broker accepted MQTT 5 (broker URL ``?protocol=auto`` or ``5``): they and the edge share
+    the request topic through a shared subscription. On MQTT 3.1.1 none start and the edge serves alone."""
+    infer_group: str = ""
+    """The shared-subscription group of the request topic; empty: ``megace-infer-<site>``."""
     model: EdgeModelConfig = field(default_factory=toy_config)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -199,6 +217,15 @@ class EdgeConfig:
             raise EdgeConfigError("limits.error_downlinks_per_s must be >= 0")
         if self.metrics_interval_s <= 0:
             raise EdgeConfigError("metrics_interval_s must be > 0")
+        if self.inference_workers < 0:
+            raise EdgeConfigError("inference_workers must be >= 0")
+        if self.infer_group:
+            try:
+                topics.check_id(self.infer_group, "infer_group")
+            except TopicError as exc:
+                raise EdgeConfigError(str(exc)) from exc
+        if self.ingest_receiver not in ("inline", "process") or lim.ingest_max_lag_bytes < 1:
+            raise EdgeConfigError("ingest_receiver must be inline or process; limits.ingest_max_lag_bytes >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what the TOML holds; ``None`` values are left out)."""

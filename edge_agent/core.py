@@ -39,6 +39,7 @@ from broker.wire import (
 )
 from broker.wire.bodies import FeedbackView
 from broker.wire.envelope import check_content_type
+from broker.wire.requests import RegisterRequest
 from edge_agent.batches import on_features_batch
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import BusyError, IngestError, SenderMismatchError, UnregisteredDeviceError, error_code
@@ -376,13 +377,23 @@ class EdgeCore:
 
     def down(self, device: str, kind: Kind, message: Any) -> Outgoing:
         """A device downlink envelope (this edge's own, increasing envelope seq)."""
+        return self._signed(topics.device_down(self.site, device, topics.Downlink(kind.value)), kind, message)
+
+    def _signed(self, topic: str, kind: Kind, message: Any) -> Outgoing:
+        """``message`` under the next downlink seq, signed when this edge signs."""
         self._down_seq += 1
         if self._reserve is not None and self._down_seq > self._down_reserved:
             self._down_reserved = self._down_seq + DOWN_SEQ_BLOCK - 1
             self._reserve(self._down_reserved)
-        topic = topics.device_down(self.site, device, topics.Downlink(kind.value))
         payload = encode_envelope(kind, self.edge_id, self._down_seq, message.to_body())
         return Outgoing(topic, payload if self.signer is None else self.signer.sign(payload))
+
+    def register_request(self) -> Outgoing:
+        """Ask every device of the site to publish its registration again (sent after each subscribe): the
+        retained registrations may never reach this edge's wildcard filter (RabbitMQ); a live one does."""
+        self.counters.inc("register_requests")
+        return self._signed(topics.register_request(self.site), Kind.REGISTER_REQUEST,
+                            RegisterRequest(self.site, self.edge_id))
 
     def down_frames(self, device: str, kind: Kind, message: Any, max_packet: int | None = None) -> list[Outgoing]:
         """:meth:`down` for a message that may not fit one packet (a model): the (signed) whole, chunked as

@@ -55,6 +55,8 @@ class IngestLog:
         self._segment = (existing[-1] + 1) if existing else 1
         self._file: IO[bytes] | None = None
         self._file_segment = 0
+        self.sizes: dict[int, int] = {n: self._path(n).stat().st_size for n in existing}
+        """Bytes on disk per segment (a receiver's back-pressure measures its reader's lag with it)."""
         self.frames_written = 0
         self.bytes_written = 0
 
@@ -71,6 +73,15 @@ class IngestLog:
         frame = _HEADER.pack(len(body), zlib.crc32(body)) + body
         with self._lock:
             self._pending.append((self._segment, frame))
+
+    def advance_to(self, segment: int) -> None:
+        """Write no frame below ``segment`` (the restored checkpoint's replay start; call before any append).
+
+        After a clean shutdown the last checkpoint names a segment no file holds yet; without this, new
+        frames went to ``seg-1`` (after the last existing file) and the next replay, which starts at that
+        checkpoint's segment, skipped them."""
+        with self._lock:
+            self._segment = max(self._segment, segment)
 
     def mark(self) -> int:
         """Start a new segment for what follows (call when a checkpoint snapshot is taken); returns it.
@@ -106,6 +117,7 @@ class IngestLog:
             f.flush()
             if self.fsync:
                 os.fsync(f.fileno())
+            self.sizes[segment] = f.tell()
             self.frames_written += j - i
             self.bytes_written += len(data)
             i = j
@@ -138,6 +150,7 @@ class IngestLog:
                         self._file.close()
                         self._file = None
                 self._path(n).unlink(missing_ok=True)
+                self.sizes.pop(n, None)
                 dropped += 1
         return dropped
 
@@ -157,34 +170,22 @@ class IngestLog:
                 continue
         return sorted(out)
 
-    def replay(self, since: int) -> Iterator[tuple[str, bytes, bool]]:
-        """Every intact ``(topic, payload, retained)`` in segments ``>= since``, in order.
+    def replay(self, since: int, offset: int = 0) -> Iterator[tuple[str, bytes, bool]]:
+        """Every intact ``(topic, payload, retained)`` from byte ``offset`` of segment ``since`` on, in order.
 
         A segment is read up to its first torn or corrupt frame. New frames always go to a segment
         after every existing one, never after a torn tail.
         """
         for n in self.segments():
             if n >= since:
-                yield from self._frames(n)
+                yield from self._frames(n, offset if n == since else 0)
 
-    def _frames(self, n: int) -> Iterator[tuple[str, bytes, bool]]:
+    def _frames(self, n: int, start: int = 0) -> Iterator[tuple[str, bytes, bool]]:
         data = self._path(n).read_bytes()
-        pos = 0
-        while pos < len(data):
-            if pos + _HEADER.size > len(data):
-                break
-            length, crc = _HEADER.unpack_from(data, pos)
-            body = data[pos + _HEADER.size: pos + _HEADER.size + length]
-            if length > MAX_FRAME or len(body) != length or zlib.crc32(body) != crc:
-                break
-            try:
-                topic, payload, retained = msgpack.unpackb(body, raw=False)
-            except (ValueError, TypeError, msgpack.ExtraData):
-                break
-            if not isinstance(topic, str) or not isinstance(payload, bytes) or not isinstance(retained, bool):
-                break
+        pos = start
+        for topic, payload, retained, end in read_frames(data, start):
             yield topic, payload, retained
-            pos += _HEADER.size + length
+            pos = end
         if pos != len(data):
             # a torn tail (the crash hit mid-write): those messages were never acknowledged, the
             # broker delivers them again; the next segment (a later run's) is still replayed
@@ -192,4 +193,32 @@ class IngestLog:
                         len(data) - pos, pos)
 
     def _path(self, segment: int) -> Path:
-        return self.directory / f"seg-{segment:08d}.log"
+        return segment_path(self.directory, segment)
+
+
+def segment_path(directory: Path, segment: int) -> Path:
+    """Where segment ``segment`` of the log in ``directory`` lives."""
+    return directory / f"seg-{segment:08d}.log"
+
+
+def read_frames(data: bytes | memoryview, pos: int = 0) -> Iterator[tuple[str, bytes, bool, int]]:
+    """Intact frames of ``data`` from byte ``pos``: ``(topic, payload, retained, end)``, ``end`` the byte after it.
+
+    Stops at the first incomplete, torn or corrupt frame: a writer may be in the middle of it (a
+    reader tailing the log), or a crash tore it (replay)."""
+    size = len(data)
+    unpackb = msgpack.unpackb
+    while pos + _HEADER.size <= size:
+        length, crc = _HEADER.unpack_from(data, pos)
+        start = pos + _HEADER.size
+        body = data[start: start + length]
+        if length > MAX_FRAME or len(body) != length or zlib.crc32(body) != crc:
+            return
+        try:
+            topic, payload, retained = unpackb(body, raw=False)
+        except (ValueError, TypeError, msgpack.ExtraData):
+            return
+        if not isinstance(topic, str) or not isinstance(payload, bytes) or not isinstance(retained, bool):
+            return
+        pos = start + length
+        yield topic, payload, retained, pos

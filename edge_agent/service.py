@@ -19,6 +19,11 @@ Concurrency model (one asyncio loop, two explicit executors):
   ``training.inference_process``, on a copy in a child process), so a
   prediction never waits for a training step and never blocks ingest.
 
+With ``ingest_receiver = "process"`` a receiver process (:mod:`edge_agent.receiver`, supervised by
+:mod:`edge_agent.receiver_host`) holds the data connection: it logs and acknowledges device uplinks on a
+core of its own, and this loop ingests them from its log; this process's own connection
+(``megace-edge-<id>-ctl``) answers inference requests, where the model is, and takes globals and feedback.
+
 Bounded everywhere: aiomqtt's incoming queue (``limits.mqtt_queue``, drops are counted),
 the inference queue (overflow answered ``busy``), the downlink queue (overflow counted),
 the replay buffer (per device / modality / total caps) and the upload outbox.
@@ -38,6 +43,7 @@ import aiomqtt
 
 from broker import topics
 from broker.aio import wait_event
+from broker.exact_chunks import ExactChunks
 from broker.metrics import Counters
 from broker.session import Session, payload_bytes
 from broker.wire.status import OFFLINE, ONLINE
@@ -46,12 +52,14 @@ from edge_agent.acks import DurableAcks
 from edge_agent.config import EdgeConfig
 from edge_agent.core import ApplyJob, EdgeCore, Effects
 from edge_agent.downlinks import DownlinkQueue
+from edge_agent.infer_worker import WorkerProcesses, group_name, sharing
 from edge_agent.inference import Predictor
 from edge_agent.inference_process import ProcessPredictor
 from edge_agent.ingestlog import IngestLog
 from edge_agent.model_push import publish_model
 from edge_agent.onnx_serving import OnnxServing
 from edge_agent.outbox import Outbox
+from edge_agent.receiver_host import ReceiverHost, infer_filters
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, Reporter, edge_metrics
 from edge_agent.serving import InferenceServer, make_predictor
@@ -84,7 +92,11 @@ class EdgeAgent:
         """Checkpointed uploads awaiting the cloud's verdict; see :class:`edge_agent.outbox.Outbox`."""
         self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue,
                                        window=config.limits.downlink_window)
-        self.acks = DurableAcks(IngestLog(self.store.root / "ingest", fsync=config.ingest_fsync), self.counters)
+        self.receiver = ReceiverHost.for_agent(config, self.store.root / "ingest", self.counters, self._from_log,
+                                               self._mark_ready) if config.ingest_receiver == "process" else None
+        """``ingest_receiver = "process"``: the receiver process and its log's reader (:mod:`edge_agent.receiver`)."""
+        ack_log = "ingest" if self.receiver is None else "ingest-ctl"  # process: the receiver owns ingest/
+        self.acks = DurableAcks(IngestLog(self.store.root / ack_log, fsync=config.ingest_fsync), self.counters)
         """Device messages are acknowledged to the broker only once logged; see :mod:`edge_agent.acks`."""
         self.last_round: dict[str, Any] = {}
         self.ready = asyncio.Event()
@@ -96,6 +108,10 @@ class EdgeAgent:
         self._train_wake = asyncio.Event()
         self._subscribed_once = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._mqtt: Session | None = None
+        self.workers = WorkerProcesses(config, config.inference_workers)
+        """``inference_workers``: processes sharing the request topic (MQTT 5 only; :mod:`edge_agent.infer_worker`)."""
+        self._receiver_task: asyncio.Task[None] | None = None
         self._closing = False
         self._last_round_t = time.monotonic()
         self._ingest_rate = IngestRate()
@@ -103,9 +119,13 @@ class EdgeAgent:
         self._train_pool: ThreadPoolExecutor | None = None
         self._filters = [
             *topics.subscriptions(topics.site_device_uplinks(self.site)),
-            *topics.subscriptions(topics.global_down()),
-            *topics.subscriptions(topics.site_feedback(self.site)),
         ]
+        self._exact = ExactChunks([topics.global_down(), topics.site_feedback(self.site)])
+        """The retained global and feedback (and their chunks) by exact name: RabbitMQ delivers no retained
+        message through a wildcard (:mod:`broker.exact_chunks`)."""
+        if self.receiver is not None:  # register and features go to the receiver process; inference stays here
+            device_up = topics.subscriptions(topics.site_device_uplinks(self.site))
+            self._filters = [*infer_filters(self.site), *(f for f in self._filters if f not in device_up)]
 
     # Delegating views of what the core owns (tests, launchers, the metrics below).
     @property
@@ -149,6 +169,8 @@ class EdgeAgent:
             self.outbox.extend(await loop.run_in_executor(self._train_pool, self._build_sync))
             self.core.resume_downlink_seqs(self.store.downlinks_reserved(), self.store.reserve_downlinks)
             self._replay()
+            if self.receiver is not None:
+                self._receiver_task = asyncio.create_task(self.receiver.run(), name="edge-receiver")
             await publish_model(self.core, self.model_artifact, self.downlinks,
                                 max_bytes=self.config.limits.model_push_max_bytes)  # the export a last run left
             checkpoints.freeze_startup_heap()
@@ -168,10 +190,16 @@ class EdgeAgent:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.receiver is not None:
+                self.receiver.kill()  # only if a clean stop did not happen
+            if self._receiver_task is not None:
+                self._receiver_task.cancel()
+                await asyncio.gather(self._receiver_task, return_exceptions=True)
             self._train_pool.shutdown(wait=True)
             self.acks.close()
             infer_pool.shutdown(wait=True)
             self.serving.close()
+            await asyncio.to_thread(self.workers.close)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Finish the running round, checkpoint, flush uploads, announce offline, disconnect."""
@@ -184,6 +212,9 @@ class EdgeAgent:
         inference.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.receiver is not None and self._receiver_task is not None:
+            await self.receiver.stop()  # it logs and acknowledges what it holds; the host reads the log to its end
+            await asyncio.gather(self._receiver_task, return_exceptions=True)
         await self._checkpoint()
         client = self._client
         if client is not None and self.connected.is_set():
@@ -215,8 +246,9 @@ class EdgeAgent:
     async def _connection_loop(self) -> None:
         """Connect forever; a fresh client per attempt, backoff reset after every healthy session."""
         will = self.reporter.will()
-        session = Session(
-            self.config.address, self._session, identifier=f"megace-edge-{self.edge_id}", counters=self.counters,
+        self._mqtt = session = Session(
+            self.config.address, self._session, counters=self.counters,
+            identifier=f"megace-edge-{self.edge_id}" + ("" if self.receiver is None else "-ctl"),
             will=will, clean_session=not self.config.persistent_session,
             max_queued_incoming=self.config.limits.mqtt_queue, name=f"edge {self.edge_id}", manual_ack=True,
             max_inflight=self.config.limits.downlink_window,
@@ -224,12 +256,18 @@ class EdgeAgent:
         await session.run()
 
     async def _session(self, client: aiomqtt.Client, attempt: int = 0) -> None:
-        await client.subscribe([(f, 1) for f in self._filters])
+        v5 = self._mqtt is not None and self._mqtt.negotiator.v5  # MQTT 5: requests through a shared subscription
+        filters, stale = sharing(self._filters, self.site, group_name(self.config)) if v5 else (self._filters, [])
+        await client.subscribe([(f, 1) for f in [*filters, *self._exact.filters()]])
+        if stale:  # what a 3.1.1 session of this client id left: a request would come twice (the guard drops it)
+            await client.unsubscribe(stale)
+        self.workers.on_connected(v5, self.counters)
         await client.publish(self.reporter.status_topic, self.reporter.status(ONLINE), qos=1, retain=True)
+        self.downlinks.emit([self.core.register_request()])  # devices answer live: retained may never reach us
         self._client = client
         self.connected.set()
         self._subscribed_once.set()
-        self.ready.set()
+        self._mark_ready()
         tasks = [
             asyncio.create_task(self._receive(client), name="edge-receive"),
             asyncio.create_task(self.acks.run(client), name="edge-acks"),
@@ -258,22 +296,72 @@ class EdgeAgent:
             inc("bytes_down", len(payload))
             inc("messages_in")
             topic = message.topic.value
+            if self._exact.covers(topic):
+                self._subscribe_more(client, self._exact.observe(topic, payload))
+            if self.receiver is not None and self._overtakes(topic):
+                self._spawn(self._after_registration(topic, payload, received(message, topic, payload, durable=False,
+                                                                              hold=True)))
+                continue
             fx = ingest(topic, payload, retained=bool(message.retain))
             release = received(message, topic, payload, durable=fx.durable, hold=bool(fx.infers))
             for request in fx.infers:
                 request.done = release
             dispatch(fx)
 
+    def _subscribe_more(self, client: aiomqtt.Client, filters: list[str]) -> None:
+        """Subscribe to the chunk names a retained transfer announced beyond those subscribed (in the background:
+        the receive loop must not wait for a SUBACK)."""
+        if filters:
+            task = asyncio.create_task(client.subscribe([(f, 1) for f in filters]), name="edge-subscribe-chunks")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     def _replay(self) -> None:
         """Re-ingest what was logged after the restored checkpoint (the loop's state as it was at a crash)."""
         since = self.state.ingest_segment
+        if self.receiver is not None:
+            self.receiver.seek(since, self.state.ingest_offset)  # its host reads (and ingests) from there
+            return
+        self.acks.log.advance_to(since)
         n = 0
-        for topic, payload, retained in self.acks.log.replay(since):
+        for topic, payload, retained in self.acks.log.replay(since, self.state.ingest_offset):
             self.core.ingest(topic, payload, retained=retained)  # its downlinks were sent before the crash
             n += 1
         if n:
             self.counters.inc("ingest_replayed", n)
             log.info("edge %s replayed %d logged messages since segment %d", self.edge_id, n, since)
+
+    def _from_log(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A message the receiver process logged (and acknowledged): handled as if it had just arrived."""
+        self.counters.inc("messages_in")
+        self._dispatch(self.core.ingest(topic, payload, retained=retained))
+
+    def _overtakes(self, topic: str) -> bool:
+        """Process mode: an inference request from a device whose registration may still be in the receiver's log."""
+        if not topic.endswith(topics.Uplink.INFER.value):
+            return False
+        try:
+            device = topics.parse(topic).device
+        except ValueError:  # a bad topic: the core rejects it (counted) as for any message
+            return False
+        return device is not None and device not in self.core.registry
+
+    async def _after_registration(self, topic: str, payload: bytes, release: Any) -> None:
+        """Answer the request once its device's registration came through the log (or, after a grace, as today:
+        ``unregistered``); its acknowledgement waits, in order, as for any request."""
+        device = topics.parse(topic).device
+        assert self.receiver is not None
+        await self.receiver.caught_up(lambda: device in self.core.registry)
+        fx = self.core.ingest(topic, payload)
+        for request in fx.infers:
+            request.done = release
+        if not fx.infers and release is not None:
+            release()
+        self._dispatch(fx)
+
+    def _mark_ready(self) -> None:
+        if self._subscribed_once.is_set() and (self.receiver is None or self.receiver.ready.is_set()):
+            self.ready.set()
 
     def handle(self, topic: str, payload: bytes, *, retained: bool = False) -> Effects:
         """Process one MQTT message (synchronous and cheap; heavy work is handed to executors)."""
@@ -377,7 +465,8 @@ class EdgeAgent:
         The snapshot (state, registry, samples) and the ingest log's new segment are taken together on
         the loop, so a replay after this checkpoint starts exactly where its samples end."""
         segment = self.acks.mark()
-        self.state.ingest_segment = segment
+        position = (segment, 0) if self.receiver is None else self.receiver.position
+        self.state.ingest_segment, self.state.ingest_offset = position
         snap = checkpoints.snapshot(self.core, self.last_round, [*self.outbox, *(new_upload or [])])
         loop = asyncio.get_running_loop()
         try:
@@ -389,6 +478,8 @@ class EdgeAgent:
             return False
         self.counters.inc("checkpoints")
         await self.acks.checkpointed(segment)
+        if self.receiver is not None:
+            self.receiver.checkpointed(position)
         return True
 
     # ================================================================= reporting

@@ -65,6 +65,8 @@ class AgentState:
     last_round: dict[str, Any] = field(default_factory=dict)
     ingest_segment: int = 0
     """The ingest log's first segment after this generation: replay starts there (see ``ingestlog``)."""
+    ingest_offset: int = 0
+    """Byte of ``ingest_segment`` replay starts at (a receiver process's log is read mid-segment; see ``logtail``)."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ Heavy modules (torch, the services, amqtt, matplotlib) are imported inside the c
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -182,7 +183,7 @@ def run(
 def experiment(
     quick: Annotated[bool, typer.Option(help="a reduced run (one task, fewer arms and seeds) in minutes")] = False,
     tasks: Annotated[str, typer.Option(help="comma-separated datasets")] = "basicmotions,digits-av",
-    seeds: Annotated[int, typer.Option(min=1, help="seeds per arm")] = 3,
+    seeds: Annotated[int | None, typer.Option(min=1, help="seeds per arm (default: 3; fleet: 5, quick: 1)")] = None,
     arms: Annotated[str | None, typer.Option(help="comma-separated arm names (default: all)")] = None,
     rounds: Annotated[int, typer.Option(min=1)] = 5,
     mosquitto: Annotated[bool, typer.Option(help="run on a private Mosquitto (default when installed) "
@@ -190,11 +191,22 @@ def experiment(
     out: Annotated[Path, typer.Option(help="where experiment.md, its PNGs and JSON go")] = Path("reports"),
     note: Annotated[str, typer.Option(help="a provenance note printed under the report's title")] = "",
     backbone: Annotated[str, typer.Option(help="tiny, or minilm (slower; writes experiment-minilm.md)")] = "tiny",
+    fleet: Annotated[bool, typer.Option(help="the fleet benchmark (mnist-av, 8+ edges, in-process edge and cloud "
+                                        "cores; writes experiment-fleet.md); implied by the options below")] = False,
+    alpha: Annotated[str | None, typer.Option(help="fleet: comma-separated Dirichlet alphas, inf = feature-skew "
+                                              "setting (default: 0.1,0.5,inf)")] = None,
+    edges: Annotated[int | None, typer.Option(min=2, help="fleet: edges (default 8)")] = None,
+    devices_per_edge: Annotated[int | None, typer.Option(min=1, help="fleet: devices per edge (default 3)")] = None,
 ) -> None:
     """Compare megace with local-only, FedIT, HetLoRA, FLoRA, FlexLoRA and ablations, over seeds."""
     from dataclasses import replace
 
     from rich.console import Console
+
+    if fleet or alpha is not None or edges is not None or devices_per_edge is not None:
+        _fleet_experiment(quick, seeds, arms, out, note, alpha, edges, devices_per_edge)
+        return
+    seeds = 3 if seeds is None else seeds
 
     from megace.experiment.plan import ExperimentPlan
     from megace.experiment.runner import run_experiment
@@ -210,20 +222,80 @@ def experiment(
     console.print(f"Report: [bold]{report}[/]")
 
 
+def _fleet_experiment(quick: bool, seeds: int | None, arms: str | None, out: Path, note: str, alpha: str | None,
+                      edges: int | None, devices_per_edge: int | None) -> None:
+    """``megace experiment --fleet``: see :mod:`megace.experiment.fleet_runner`."""
+    from rich.console import Console
+
+    from megace.experiment.fleet_arms import plan_from_options
+    from megace.experiment.fleet_runner import run_fleet_experiment
+
+    try:
+        plan = plan_from_options(quick=quick, seeds=seeds, arms=arms, alpha=alpha, edges=edges,
+                                 devices_per_edge=devices_per_edge)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _stop_on_signals()
+    report = run_fleet_experiment(plan, out, console=Console(), note=note)
+    Console().print(f"Report: [bold]{report}[/]")
+
+
+PROTOCOL_HELP = ("MQTT version: auto (5, falling back to 3.1.1), 5 or 3.1.1; sets MEGACE_BROKER_PROTOCOL "
+                 "(a protocol= in the broker URL wins)")
+
+
+def _protocol_env(protocol: str | None) -> None:
+    """``--protocol``: the default every broker address of this process takes (``broker.protocol``)."""
+    if protocol is not None:
+        from broker.protocol import ProtocolSettingError, check_protocol
+
+        try:
+            os.environ["MEGACE_BROKER_PROTOCOL"] = check_protocol(protocol)
+        except ProtocolSettingError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--protocol") from None
+
+
 @app.command()
-def edge(config: Annotated[Path, typer.Option("--config", "-c", help="edge agent TOML file")]) -> None:
+def edge(
+    config: Annotated[Path, typer.Option("--config", "-c", help="edge agent TOML file")],
+    protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP)] = None,
+    inference_workers: Annotated[int | None, typer.Option(
+        min=0, help="extra inference processes sharing the site's requests (MQTT 5 shared subscription; "
+        "none on a 3.1.1 broker); overrides the config's inference_workers")] = None,
+) -> None:
     """Run an edge agent (the service a systemd unit starts)."""
     from edge_agent.cli import serve
 
-    raise typer.Exit(serve(config))
+    _protocol_env(protocol)
+    raise typer.Exit(serve(config, None if inference_workers is None else {"inference_workers": inference_workers}))
 
 
 @app.command()
-def cloud(config: Annotated[Path, typer.Option("--config", "-c", help="cloud aggregator TOML file")]) -> None:
+def infer(
+    config: Annotated[Path, typer.Option("--config", "-c", help="the edge's TOML file (site, broker, state_dir)")],
+    worker_id: Annotated[str, typer.Option(help="this worker's id, unique in the site ([A-Za-z0-9_-])")],
+    protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP)] = None,
+) -> None:
+    """Answer a site's prediction requests beside its edge (MQTT 5 shared subscription; exits 3 on 3.1.1)."""
+    from edge_agent.infer_worker import serve
+
+    _protocol_env(protocol)
+    raise typer.Exit(serve(str(config), worker_id))
+
+
+@app.command()
+def cloud(
+    config: Annotated[Path, typer.Option("--config", "-c", help="cloud aggregator TOML file")],
+    protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP)] = None,
+    ledger: Annotated[str | None, typer.Option(help="postgresql://… to run as one of several replicas sharing "
+                                                    "that ledger (one leads); default: the config's [ledger] "
+                                                    "url, else sqlite under state_dir")] = None,
+) -> None:
     """Run the cloud aggregator."""
     from cloud_aggregator.cli import serve
 
-    raise typer.Exit(serve(config))
+    _protocol_env(protocol)
+    raise typer.Exit(serve(str(config), ledger))
 
 
 @app.command("export-global")

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from broker.address import BrokerAddress
-from broker.runners import EmbeddedBroker, MosquittoBroker
+from broker.runners import EmbeddedBroker, MosquittoBroker, NatsBroker, RabbitMQBroker
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,37 @@ def embedded_addr(embedded_broker: EmbeddedBroker) -> BrokerAddress:
     return BrokerAddress(embedded_broker.host, embedded_broker.port)
 
 
-@pytest.fixture(params=["mosquitto", "embedded"])
+@pytest.fixture(scope="session")
+def nats_broker() -> Iterator[NatsBroker]:
+    """A private single-node nats-server (JetStream + MQTT listener) for the session, not the system one."""
+    with NatsBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def nats_addr(nats_broker: NatsBroker) -> BrokerAddress:
+    return BrokerAddress(nats_broker.host, nats_broker.port)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker() -> Iterator[RabbitMQBroker]:
+    """A private RabbitMQ with its MQTT plugin for the session (about 10 s to start), not the system one."""
+    with RabbitMQBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_addr(rabbitmq_broker: RabbitMQBroker) -> BrokerAddress:
+    return BrokerAddress(rabbitmq_broker.host, rabbitmq_broker.port)
+
+
+BROKER_MATRIX = ["mosquitto", "embedded", "nats", "rabbitmq"]
+"""Every broker the bus tests run on; what each lacks is in :mod:`broker.capabilities`."""
+
+
+@pytest.fixture(params=BROKER_MATRIX)
 def any_broker(request: pytest.FixtureRequest) -> BrokerAddress:
-    """Run a test against both brokers megace ships support for."""
+    """Run a test against every broker of the matrix."""
     return request.getfixturevalue(f"{request.param}_addr")
 
 

@@ -36,6 +36,7 @@ class Kind(StrEnum):
     SITE_FEEDBACK = "site_feedback"
     CHUNK = "chunk"
     FEATURES_BATCH = "features_batch"
+    REGISTER_REQUEST = "register_request"
 
 
 def content_type(kind: Kind) -> str:

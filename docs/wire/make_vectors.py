@@ -25,6 +25,7 @@ from broker.wire import (
     ModalityProfile,
     ModelUpdate,
     Prediction,
+    RegisterRequest,
     encode_envelope,
 )
 
@@ -155,6 +156,15 @@ def vectors() -> list[dict]:
                             "sha256 is bin(32) of data; an edge that signs wraps this envelope (signed-prediction), "
                             "and one over the packet budget travels chunked (chunk-0-of-3)"},
         "hex": encode_envelope(Kind.MODEL, "edge-1", 13, model.to_body(), ts_ms=TS).hex(),
+    })
+    request = RegisterRequest("site-a", "edge-1")
+    out.append({
+        "name": "register-request",
+        "topic": topics.register_request("site-a"),
+        "meaning": {"kind": "register_request", "sender": "edge-1", "seq": 14, "ts_ms": TS, "site": "site-a",
+                    "edge": "edge-1",
+                    "note": "not retained; every device of site-a answers by publishing its registration again"},
+        "hex": encode_envelope(Kind.REGISTER_REQUEST, "edge-1", 14, request.to_body(), ts_ms=TS).hex(),
     })
     return out
 

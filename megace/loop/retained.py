@@ -20,10 +20,15 @@ import paho.mqtt.client as mqtt
 
 from broker import topics
 from broker.address import BrokerAddress
+from broker.exact_chunks import ExactChunks
 from megace.loop.configs import CLOUD_ID, EdgePlan
 
 if TYPE_CHECKING:
     from megace.loop.devices import SimulatedDevice
+
+
+DISCOVER_CHUNKS = 64
+"""Chunk names per cloud topic looked up by exact name (16 MiB of stale global at 256 KiB a chunk)."""
 
 
 def loop_topics(plans: Iterable[EdgePlan], devices: Iterable[SimulatedDevice]) -> list[str]:
@@ -100,7 +105,11 @@ def clear_retained(address: BrokerAddress, names: Iterable[str], timeout: float 
     """Delete the retained message of every topic in ``names`` and of every retained topic found under
     the cloud's downlink tree or under ``names``' chunk topics; returns the topics cleared."""
     names = list(names)
-    filters = [downlink_tree(), *(f"{n}/chunk/+" for n in names)]
+    # exact chunk names of the cloud's retained transfers too: RabbitMQ delivers no retained message through
+    # the wildcards above (broker.capabilities), but does to an exact name, which edges now read
+    cloud_down = [n for n in names if n.startswith(f"{topics.ROOT}/cloud/down/")]
+    filters = [downlink_tree(), *(f"{n}/chunk/+" for n in names),
+               *ExactChunks(cloud_down, initial=DISCOVER_CHUNKS).filters()]
     stale = sorted(set(names) | find_retained(address, filters))
     done = threading.Event()
     c = _client(address)

@@ -202,6 +202,12 @@ class ClosedLoop:
 
         return done
 
+    def _start_devices(self) -> None:
+        self.progress("status", "devices registering…")
+        for d in self.devices:
+            d.start()
+            self._stack.callback(d.close)
+
     def _evaluate(self, pool: ThreadPoolExecutor) -> list[InferenceResult]:
         futures = [pool.submit(d.evaluate) for d in self.devices]
         return [r for f in futures for r in f.result()]
@@ -301,12 +307,12 @@ class ClosedLoop:
                 retained.clear_retained(address, retained.loop_topics(plans, self.devices))
             self.monitor = Monitor(address, [(d.site, d.name) for d in self.devices]).start()
             self._stack.callback(self.monitor.stop)
+            if s.late_edges:  # registrations retained before any edge listens: each edge must ask for them again
+                self._start_devices()
             self._spawn(train, plans, address)
             self._wait_services(plans)
-            self.progress("status", "devices registering…")
-            for d in self.devices:
-                d.start()
-                self._stack.callback(d.close)
+            if not s.late_edges:
+                self._start_devices()
             for d in self.devices:
                 d.wait_configured(20.0)
             with self.monitor.lock:

@@ -56,6 +56,7 @@ class LoopSettings:
     password: str | None = None
     secure: bool = False  # a private Mosquitto with TLS, per-role identities, ACLs and signatures (megace.loop.secure)
     state_dir: Path | None = None  # secure: the provisioning folder (None: a temporary one, removed after the run)
+    late_edges: bool = False  # devices connect and register before the edges start (edges must ask them again)
     # output
     out: Path | None = None
     label: str = ""

@@ -135,6 +135,7 @@ def rules_for(ident: Identity) -> list[Rule]:
         return [
             _write(f"{R}/site/{site}/device/{name}/up/#"),
             _read(f"{R}/site/{site}/device/{name}/down/#", *topics.subscriptions(down)),
+            _read(topics.register_request(site)),  # the edge's "register again" (site-wide, exact)
             _write(topics.status(topics.Role.DEVICE, name, site)),
             _write(topics.metrics(topics.Role.DEVICE, name, site)),
         ]
@@ -142,6 +143,7 @@ def rules_for(ident: Identity) -> list[Rule]:
         return [
             _read(f"{R}/site/{site}/device/+/up/#", *topics.subscriptions(topics.site_device_uplinks(site))),
             _write(f"{R}/site/{site}/device/+/down/#"),
+            _write(topics.register_request(site)),
             _write(f"{topics.adapter_up(site)}/#"),
             _read(f"{topics.global_down()}/#", *topics.subscriptions(topics.global_down())),
             _read(f"{topics.site_feedback(site)}/#", *topics.subscriptions(topics.site_feedback(site))),

@@ -23,6 +23,7 @@ from broker.wire import (
     ModalityProfile,
     ModelUpdate,
     Prediction,
+    RegisterRequest,
     Rejection,
     SiteFeedback,
     decode_envelope,
@@ -59,7 +60,7 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         "register": "CapabilityProfile",
         "config": "DeviceConfig", "prediction": "Prediction", "feedback": "DeviceFeedback", "error": "ErrorReport",
         "adapter": "AdapterUpdate", "global": "GlobalAdapter", "site_feedback": "SiteFeedback",
-        "model": "ModelUpdate",
+        "model": "ModelUpdate", "register_request": "RegisterRequest",
     }
     samples = {
         Kind.FEATURES: FeatureRecord("d", 1, {"imu": np.ones(2, np.float32)}),
@@ -73,6 +74,7 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         Kind.MODEL: ModelUpdate(2, bytes(32), {"imu": (4, 6)}, ["imu"], 3, b"\x08\x01onnx"),
         Kind.GLOBAL: GlobalAdapter(1, "fp", "fedavg", 1, 1.0, {}),
         Kind.SITE_FEEDBACK: SiteFeedback("s", 1, 0, {}),
+        Kind.REGISTER_REQUEST: RegisterRequest("s-1", "edge_1"),
     }
     for kind, msg in samples.items():
         env = decode_envelope(encode_envelope(kind, "x", 1, msg.to_body()))

@@ -24,6 +24,7 @@ from broker.wire import (
     ModalityProfile,
     ModelUpdate,
     Prediction,
+    RegisterRequest,
     decode_envelope,
     encode_envelope,
 )
@@ -60,6 +61,8 @@ def _build(m: dict[str, Any]) -> Any:
         return ModelUpdate(m["model_version"], bytes.fromhex(m["sha256_hex"]),
                            {k: tuple(v) for k, v in m["inputs"].items()}, m["input_names"], m["classes"],
                            bytes.fromhex(m["data_hex"]), m["format"])
+    if m["kind"] == "register_request":
+        return RegisterRequest(m["site"], m["edge"])
     raise AssertionError(m["kind"])
 
 
@@ -85,8 +88,13 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
                                                                             m["ts_ms"])
     assert env.content_type == f"application/vnd.megace.{m['kind']}+msgpack"
     parsed = topics.parse(vector["topic"])
-    assert parsed.what == m["kind"].removesuffix("_batch") and parsed.device == "gw-7" and parsed.chunk_index is None
     msg = decode_body(env)
+    if m["kind"] == "register_request":  # the one site-wide topic: no device in it
+        assert (parsed.channel, parsed.site, parsed.what, parsed.chunk_index) == (
+            topics.Channel.SITE_REQUEST, m["site"], "register", None)
+        assert isinstance(msg, RegisterRequest) and (msg.site, msg.edge) == (m["site"], m["edge"])
+        return
+    assert parsed.what == m["kind"].removesuffix("_batch") and parsed.device == "gw-7" and parsed.chunk_index is None
     if m["kind"] == "features":
         assert isinstance(msg, FeatureRecord)
         assert (msg.device, msg.sample, msg.label, msg.quality) == (m["device"], m["sample"], m.get("label"),
@@ -138,7 +146,7 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
 def test_vectors_cover_the_documented_cases() -> None:
     assert [v["name"] for v in VECTORS] == ["features-accel", "features-two-modalities-no-label", "register",
                                             "config", "error", "feedback", "prediction", "signed-prediction",
-                                            "features-batch", "chunk-0-of-3", "model"]
+                                            "features-batch", "chunk-0-of-3", "model", "register-request"]
     spec = (Path(__file__).parents[2] / "docs" / "wire" / "SPEC.md").read_text()
     worked = next(v for v in VECTORS if v["name"] == "features-accel")
     block = spec.split("Vector `features-accel`", 1)[1].split("```")[1]

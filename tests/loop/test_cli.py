@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -70,3 +71,12 @@ def test_bad_options_are_refused(args: list[str], message: str) -> None:
 def test_edge_with_a_missing_config_fails_cleanly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     result = runner.invoke(app, ["edge", "--config", str(tmp_path / "absent.toml")])
     assert result.exit_code == 2
+
+
+def test_cloud_ledger_option_reaches_the_config(capfd: pytest.CaptureFixture[str]) -> None:
+    """``megace cloud --ledger`` overrides ``[ledger] url``: a URL that is neither empty nor PostgreSQL is refused
+    by the config's validation (exit 2) before anything connects; the example config alone is valid."""
+    example = str(Path(__file__).resolve().parents[2] / "deploy" / "cloud.example.toml")
+    result = runner.invoke(app, ["cloud", "--config", example, "--ledger", "mysql://db/megace"])
+    assert result.exit_code == 2
+    assert "ledger.url must be empty" in result.output + capfd.readouterr().err

@@ -17,6 +17,7 @@ import aiomqtt
 from broker import topics
 from broker.address import BrokerAddress
 from broker.aio import make_client
+from broker.exact_chunks import ExactChunks
 from broker.topics import Channel, Downlink, Uplink
 from megace.provision import Identity, Role
 from megace.provision.static import hash_password, new_password
@@ -51,7 +52,7 @@ def universe() -> list[str]:
         t.append(topics.chunk(topics.device_down(s, d, Downlink.MODEL), 3))
     for s in SITES:
         t += [topics.adapter_up(s), topics.chunk(topics.adapter_up(s), 0)]
-        t += [topics.site_feedback(s), topics.chunk(topics.site_feedback(s), 1)]
+        t += [topics.site_feedback(s), topics.chunk(topics.site_feedback(s), 1), topics.register_request(s)]
     t += [topics.global_down(), topics.chunk(topics.global_down(), 2)]
     ids: list[tuple[topics.Role, str, str | None]] = [(topics.Role.DEVICE, d, s) for s, ds in SITES.items() for d in ds]
     ids += [(topics.Role.EDGE, e, s) for s, e in EDGES.items()]
@@ -84,7 +85,7 @@ def may_write(ident: Identity, topic: str) -> bool:
     if ident.role is Role.DEVICE:
         return p.channel is Channel.DEVICE_UP and (p.site, p.device) == (ident.site, ident.name)
     if ident.role is Role.EDGE:
-        return p.channel in (Channel.DEVICE_DOWN, Channel.ADAPTER_UP) and p.site == ident.site
+        return p.channel in (Channel.DEVICE_DOWN, Channel.ADAPTER_UP, Channel.SITE_REQUEST) and p.site == ident.site
     if ident.role is Role.CLOUD:
         return p.channel in (Channel.GLOBAL_DOWN, Channel.SITE_FEEDBACK)
     return False
@@ -95,7 +96,8 @@ def may_read(ident: Identity, topic: str) -> bool:
     if p is None:
         return False
     if ident.role is Role.DEVICE:
-        return p.channel is Channel.DEVICE_DOWN and (p.site, p.device) == (ident.site, ident.name)
+        return ((p.channel is Channel.DEVICE_DOWN and (p.site, p.device) == (ident.site, ident.name))
+                or (p.channel is Channel.SITE_REQUEST and p.site == ident.site))  # its edge's "register again"
     if ident.role is Role.EDGE:
         return (p.channel is Channel.GLOBAL_DOWN
                 or (p.channel in (Channel.DEVICE_UP, Channel.SITE_FEEDBACK) and p.site == ident.site))
@@ -109,11 +111,13 @@ def may_read(ident: Identity, topic: str) -> bool:
 def code_filters(ident: Identity) -> list[str]:
     """The filters megace's own code subscribes with for this role (they must be granted)."""
     if ident.role is Role.DEVICE:
-        return topics.subscriptions(topics.device_downlinks(ident.site or "", ident.name))
+        return [*topics.subscriptions(topics.device_downlinks(ident.site or "", ident.name)),
+                topics.register_request(ident.site or "")]
     if ident.role is Role.EDGE:
         s = ident.site or ""
         return [*topics.subscriptions(topics.site_device_uplinks(s)), *topics.subscriptions(topics.global_down()),
-                *topics.subscriptions(topics.site_feedback(s))]
+                *topics.subscriptions(topics.site_feedback(s)),
+                *ExactChunks([topics.global_down(), topics.site_feedback(s)]).filters()]  # what the edge uses
     if ident.role is Role.CLOUD:
         return topics.subscriptions(topics.all_adapter_uplinks())
     return [topics.all_status(), topics.all_metrics(), topics.all_events()]
