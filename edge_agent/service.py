@@ -5,7 +5,8 @@ This module connects, runs and shuts down; the work is done by collaborators:
 :mod:`edge_agent.serving` (inference queue and batching), :mod:`edge_agent.downlinks` (the device
 downlink queue and its sender), :mod:`edge_agent.uploads` (a round's upload and the outbox that sends
 it), :mod:`edge_agent.checkpoints` (trainer build, restore, save, peft export) and
-:mod:`edge_agent.reporting` (metrics and status).
+:mod:`edge_agent.reporting` (metrics and status); the training side (rounds, globals, checkpoints) is the
+:class:`edge_agent.rounds.EdgeRounds` mixin.
 
 Concurrency model (one asyncio loop, two explicit executors):
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,15 +42,14 @@ from typing import Any
 import aiomqtt
 
 from broker import topics
-from broker.aio import wait_event
 from broker.exact_chunks import ExactChunks
 from broker.metrics import Counters
 from broker.session import Session, payload_bytes
 from broker.wire.status import OFFLINE, ONLINE
-from edge_agent import checkpoints, uploads
+from edge_agent import checkpoints
 from edge_agent.acks import DurableAcks
 from edge_agent.config import EdgeConfig
-from edge_agent.core import ApplyJob, EdgeCore, Effects
+from edge_agent.core import EdgeCore, Effects
 from edge_agent.downlinks import DownlinkQueue
 from edge_agent.infer_worker import WorkerProcesses, group_name, sharing
 from edge_agent.inference import Predictor
@@ -62,16 +61,16 @@ from edge_agent.outbox import Outbox
 from edge_agent.receiver_host import ReceiverHost, infer_filters
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, Reporter, edge_metrics
+from edge_agent.rounds import EdgeRounds
 from edge_agent.serving import InferenceServer, make_predictor
 from edge_agent.state import AgentState, StateStore
 from edge_agent.training.trainer import Trainer
-from megace_model.errors import AdapterMismatchError, InsufficientDataError
 from megace_model.onnx import OnnxArtifact
 
 log = logging.getLogger(__name__)
 
 
-class EdgeAgent:
+class EdgeAgent(EdgeRounds):
     """One edge: ``await EdgeAgent(config).run(stop)``; returns after a clean shutdown once ``stop`` is set."""
 
     def __init__(self, config: EdgeConfig) -> None:
@@ -93,7 +92,7 @@ class EdgeAgent:
         self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue,
                                        window=config.limits.downlink_window)
         self.receiver = ReceiverHost.for_agent(config, self.store.root / "ingest", self.counters, self._from_log,
-                                               self._mark_ready) if config.ingest_receiver == "process" else None
+                                               self._receiver_ready) if config.ingest_receiver == "process" else None
         """``ingest_receiver = "process"``: the receiver process and its log's reader (:mod:`edge_agent.receiver`)."""
         ack_log = "ingest" if self.receiver is None else "ingest-ctl"  # process: the receiver owns ingest/
         self.acks = DurableAcks(IngestLog(self.store.root / ack_log, fsync=config.ingest_fsync), self.counters)
@@ -359,6 +358,13 @@ class EdgeAgent:
             release()
         self._dispatch(fx)
 
+    def _receiver_ready(self) -> None:
+        """The receiver process (re)subscribed: ask the devices to register again, since answers to the request
+        sent when this process subscribed may have reached no subscriber (RabbitMQ keeps no retained copy we
+        could read through the receiver's wildcard)."""
+        self.downlinks.emit([self.core.register_request()])
+        self._mark_ready()
+
     def _mark_ready(self) -> None:
         if self._subscribed_once.is_set() and (self.receiver is None or self.receiver.ready.is_set()):
             self.ready.set()
@@ -379,108 +385,6 @@ class EdgeAgent:
         if fx.train_due:
             self._train_wake.set()
         return fx
-
-    async def _apply(self, job: ApplyJob) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._train_pool, self.core.apply, job.source, job.version,
-                                                job.tensors)
-        except (AdapterMismatchError, ValueError) as exc:
-            self.downlinks.emit(self.core.reject(exc, None, None))
-            return
-        except Exception as exc:  # never let one adapter take the service down
-            self.counters.inc("internal_errors")
-            log.exception("edge %s: applying %s v%d failed", self.edge_id, job.source, job.version)
-            self.downlinks.emit(self.core.reject(exc, None, None))
-            return
-        if result is None:
-            self.counters.inc("global_stale")
-            return
-        self.counters.inc("globals_applied")
-        self.counters.inc(f"globals_applied.{job.source}")
-        log.info("edge %s applied %s adapter v%d", self.edge_id, job.source, job.version)
-        await self.serving.sync(*result, job.version)
-        self.downlinks.emit(self.core.relay_feedback(job.version, job.stats, job.source))
-        self._metrics_wake.set()
-        await self._refresh_model(*result, job.version)
-
-    # ================================================================= training
-    async def _train_loop(self) -> None:
-        t = self.config.training
-        await wait_event(self._subscribed_once, t.startup_grace_s)  # let the retained global arrive first
-        await asyncio.sleep(min(0.5, t.startup_grace_s))
-        check = min(t.interval_s, 1.0)
-        while not self._closing:
-            await wait_event(self._train_wake, check)
-            self._train_wake.clear()
-            if self._closing:
-                break
-            new = self.core.new_samples
-            waited = time.monotonic() - self._last_round_t
-            if new >= t.min_new_samples or (new > 0 and waited >= t.interval_s):
-                await self._round()
-
-    async def _round(self) -> None:
-        """One local round: train, checkpoint (with the upload in the outbox), then publish."""
-        loop = asyncio.get_running_loop()
-        new, self.core.new_samples = self.core.new_samples, 0
-        self._last_round_t = time.monotonic()
-        seq = None if self.config.training.local_only else self.state.upload_seq + 1
-        try:
-            metrics, payload, shared, personal = await loop.run_in_executor(
-                self._train_pool, uploads.train_round, self.config, self.trainer, seq, self.state.global_version,
-                self.core.signer)
-        except InsufficientDataError:
-            self.core.new_samples += new
-            return
-        except Exception:
-            self.counters.inc("round_failures")
-            log.exception("edge %s: training round failed", self.edge_id)
-            return
-        assert self.trainer is not None
-        self.state.round = self.trainer.rounds
-        self.last_round = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.counters.inc("rounds")
-        new_upload = [] if payload is None or seq is None else [(seq, payload)]
-        if new_upload:
-            self.state.upload_seq = seq  # type: ignore[assignment]
-        if await self._checkpoint(new_upload, export=True):
-            self.outbox.extend(new_upload)
-        log.info("edge %s round %d: loss %.4f train_acc %.3f heldout_acc %s (%d samples, %.2f s)", self.edge_id,
-                 self.state.round, metrics["loss"], metrics["train_acc"], metrics["heldout_acc"], metrics["n_train"],
-                 metrics["duration_s"])
-        await self.serving.sync(shared, personal, self.state.global_version)
-        self.reporter.round_done(self.state, metrics, payload, self.counters)
-        await self._refresh_model(shared, personal, self.state.global_version)
-
-    async def _refresh_model(self, shared: Any, personal: Any, version: int) -> None:
-        """Export the served weights to ONNX (checked, maybe served) and send the model to devices that asked."""
-        await self.onnx.refresh(self._train_pool, self.trainer, shared, personal, version)
-        await publish_model(self.core, self.model_artifact, self.downlinks,
-                            max_bytes=self.config.limits.model_push_max_bytes)
-
-    async def _checkpoint(self, new_upload: list[tuple[int, bytes]] | None = None, *, export: bool = False) -> bool:
-        """Persist a generation (off the loop); False (logged, counted) if the disk refused.
-
-        The snapshot (state, registry, samples) and the ingest log's new segment are taken together on
-        the loop, so a replay after this checkpoint starts exactly where its samples end."""
-        segment = self.acks.mark()
-        position = (segment, 0) if self.receiver is None else self.receiver.position
-        self.state.ingest_segment, self.state.ingest_offset = position
-        snap = checkpoints.snapshot(self.core, self.last_round, [*self.outbox, *(new_upload or [])])
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._train_pool, functools.partial(
-                checkpoints.save, self.store, self.trainer, snap, export=export))
-        except OSError:
-            self.counters.inc("checkpoint_failures")
-            log.exception("edge %s: checkpoint failed", self.edge_id)
-            return False
-        self.counters.inc("checkpoints")
-        await self.acks.checkpointed(segment)
-        if self.receiver is not None:
-            self.receiver.checkpointed(position)
-        return True
 
     # ================================================================= reporting
     def metrics(self) -> dict[str, Any]:

@@ -213,3 +213,30 @@ async def test_a_lagging_agent_holds_the_receiver_back(fresh_mosquitto, tmp_path
         assert held >= 1
     finally:
         pub.close()
+
+
+async def test_each_start_of_the_receiver_asks_the_devices_to_register_again(fresh_mosquitto, tmp_path) -> None:
+    """A device's answer to the request the agent sends when it subscribes may reach no subscriber while the
+    receiver process is still starting; each time the receiver (re)subscribes, the edge asks again."""
+    config = _config(tmp_path, fresh_mosquitto)
+    seen: list[bytes] = []
+    tap = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tap-register", protocol=mqtt.MQTTv311)
+    subscribed = threading.Event()
+    tap.on_message = lambda _c, _u, msg: seen.append(msg.payload)
+    tap.on_subscribe = lambda *_: subscribed.set()
+    tap.connect(fresh_mosquitto.host, fresh_mosquitto.port)
+    tap.loop_start()
+    tap.subscribe(topics.register_request(config.site), qos=1)
+    assert subscribed.wait(10)
+    try:
+        async with running(config) as agent:
+            assert agent.receiver is not None and agent.receiver.pid is not None
+            # one request when this process subscribed, one when the receiver did
+            await eventually(lambda: len(seen) >= 2, 30, "a request per subscriber")
+            before, pid = len(seen), agent.receiver.pid
+            os.kill(pid, signal.SIGKILL)
+            await eventually(lambda: agent.receiver.pid not in (None, pid), 60, "a restarted receiver")
+            await eventually(lambda: len(seen) > before, 30, "a request after the receiver came back")
+    finally:
+        tap.loop_stop()
+        tap.disconnect()
