@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import figures_scaling  # beside this script (run as `python bench/readme_figures.py`)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 HEADING = "## Measured figures"
@@ -336,10 +338,7 @@ def section() -> str:
         "",
         "| what | figure | goal | source | command |",
         "|---|---|---|---|---|",
-        *(f"| {' | '.join(r[:4])} | `{r[4]}` |" for r in table),
-        "",
-        "The CUDA path (the trainer moves to CUDA when present) has not been measured: no GPU was",
-        "available to the sessions that produced these figures.",
+        *(f"| {' | '.join(r[:4])} | `{r[4]}` |" for r in [*table, *figures_scaling.rows()]),
         "", "",
     ]
     return "\n".join(lines)
