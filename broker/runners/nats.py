@@ -12,12 +12,10 @@ variables: nats-server resolves a ``$NAME`` it does not define from the environm
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,7 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from broker.runners.ports import free_port, wait_for_port
+from broker.runners.child import ChildProcessRunner
+from broker.runners.ports import free_port, wait_for_port, wait_mqtt_ready
 
 # One template for a single node and for cluster nodes; ``$NATS_*`` come from the environment.
 CONFIG_TEMPLATE = """\
@@ -49,47 +48,7 @@ def find_nats_server() -> str:
     raise FileNotFoundError("nats-server not found; install it with `apt-get install -y nats-server` (Debian/Ubuntu)")
 
 
-def mqtt_connack(host: str, port: int, timeout_s: float = 2.0) -> int:
-    """Return code of a bare MQTT 3.1.1 CONNECT (clean session) on ``host:port``; raises OSError if none.
-
-    Written by hand so that readiness does not depend on the client library under test."""
-    cid = f"megace-probe-{uuid.uuid4().hex[:12]}".encode()
-    variable = b"\x00\x04MQTT\x04\x02\x00\x0a"  # protocol name, level 4, clean session, keepalive 10 s
-    payload = len(cid).to_bytes(2, "big") + cid
-    body = variable + payload
-    with socket.create_connection((host, port), timeout=timeout_s) as s:
-        s.settimeout(timeout_s)
-        s.sendall(bytes([0x10, len(body)]) + body)
-        got = b""
-        while len(got) < 4:
-            chunk = s.recv(4 - len(got))
-            if not chunk:
-                raise ConnectionError(f"{host}:{port} closed the connection before CONNACK")
-            got += chunk
-        if got[0] != 0x20:
-            raise ConnectionError(f"{host}:{port} answered CONNECT with packet type {got[0]:#x}")
-        with contextlib.suppress(OSError):
-            s.sendall(b"\xe0\x00")  # DISCONNECT
-        return got[3]
-
-
-def wait_mqtt_ready(host: str, port: int, timeout_s: float = 30.0) -> None:
-    """Block until an MQTT CONNECT on ``host:port`` is accepted (CONNACK 0)."""
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            code = mqtt_connack(host, port)
-            if code == 0:
-                return
-            last = f"CONNACK {code}"
-        except OSError as exc:
-            last = repr(exc)
-        time.sleep(0.1)
-    raise TimeoutError(f"MQTT on {host}:{port} not ready after {timeout_s} s: {last}")
-
-
-class NatsBroker:
+class NatsBroker(ChildProcessRunner):
     """One nats-server with an MQTT listener; same interface as :class:`~broker.runners.MosquittoBroker`.
 
     ``port`` is the MQTT port (what megace connects to); ``client_port`` is the NATS protocol port.
@@ -110,13 +69,11 @@ class NatsBroker:
         self.cluster_port = (cluster_port or free_port(host)) if cluster_name else None
         self.routes = list(routes or [])
         self.ready_timeout_s = ready_timeout_s
-        self._tmp = tempfile.TemporaryDirectory(prefix="megace-nats-") if state_dir is None else None
-        self.state_dir = Path(self._tmp.name) if self._tmp else Path(state_dir)  # type: ignore[arg-type]
+        super().__init__(state_dir, prefix="megace-nats-")
         self.store_dir = self.state_dir / "jetstream"
         self.log_path = self.state_dir / "nats.log"
         self.config_path = Path(config_file) if config_file else self.state_dir / "nats.conf"
         self._generated = config_file is None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._log: object | None = None
 
     @property
@@ -182,14 +139,6 @@ class NatsBroker:
         except (OSError, ValueError):  # down, restarting, or a 503 with an error document
             return False
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def stop(self, *, kill: bool = False) -> None:
         """Stop the node (SIGTERM: clean shutdown; ``kill=True``: SIGKILL, a crash)."""
         if self._proc is not None:
@@ -205,16 +154,6 @@ class NatsBroker:
             self._log.close()  # type: ignore[attr-defined]
             self._log = None
 
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 class NatsCluster:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from broker.runners.child import ChildProcessRunner
 from broker.runners.ports import wait_for_port
 
 
@@ -41,20 +39,15 @@ def wait_sigterm_handler(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-class MosquittoProcess:
+class MosquittoProcess(ChildProcessRunner):
     """Base of the runners: ``state_dir`` (a temporary one unless given) holds the config and persistence.
 
     Subclasses write ``config_path`` and call :meth:`_launch` with the ports the config opens.
     """
 
     def __init__(self, state_dir: Path | None, *, prefix: str) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix=prefix) if state_dir is None else None
-        self.state_dir = Path(self._tmp.name) if self._tmp else Path(state_dir)  # type: ignore[arg-type]
+        super().__init__(state_dir, prefix=prefix)
         self.config_path = self.state_dir / "mosquitto.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Self:
-        raise NotImplementedError
 
     def _launch(self, host: str, ports: list[int], what: str) -> None:
         """Run mosquitto on ``config_path``; return once every port listens and SIGTERM is handled."""
@@ -74,14 +67,6 @@ class MosquittoProcess:
             self._proc.stderr = None
         wait_sigterm_handler(self._proc.pid)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def stop(self, *, kill: bool = False) -> None:
         """Stop the broker (SIGTERM saves persistence; ``kill=True`` simulates a crash)."""
         if self._proc is None:
@@ -96,14 +81,3 @@ class MosquittoProcess:
         if self._proc.stderr:
             self._proc.stderr.close()
         self._proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

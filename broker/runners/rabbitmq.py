@@ -23,14 +23,12 @@ import os
 import secrets
 import signal
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
-from broker.runners.nats import wait_mqtt_ready
-from broker.runners.ports import free_port, wait_for_port
+from broker.runners.child import ChildProcessRunner
+from broker.runners.ports import free_port, wait_for_port, wait_mqtt_ready
 
 SCRIPT_CANDIDATES = ("/usr/lib/rabbitmq/bin/rabbitmq-server",)
 CONFIG_TEMPLATE = """\
@@ -69,7 +67,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-class RabbitMQBroker:
+class RabbitMQBroker(ChildProcessRunner):
     """A private RabbitMQ with the MQTT plugin on ``host:port``; same interface as ``MosquittoBroker``.
 
     ``port`` is the MQTT port; ``amqp_port``, ``dist_port`` and ``epmd_port`` are the others it opens.
@@ -86,12 +84,10 @@ class RabbitMQBroker:
         self.epmd_port = free_port(host)
         self.node = f"megace-{uuid.uuid4().hex[:8]}@localhost"
         self.ready_timeout_s = ready_timeout_s
-        self._tmp = tempfile.TemporaryDirectory(prefix="megace-rabbitmq-") if state_dir is None else None
-        self.state_dir = Path(self._tmp.name) if self._tmp else Path(state_dir)  # type: ignore[arg-type]
+        super().__init__(state_dir, prefix="megace-rabbitmq-")
         self.config_path = self.state_dir / "rabbitmq.conf"
         self.log_dir = self.state_dir / "log"
         self._cookie = secrets.token_hex(16)
-        self._proc: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
 
     @property
@@ -166,14 +162,6 @@ class RabbitMQBroker:
             parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-n:]}")
         return "\n".join(parts)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def stop(self, *, kill: bool = False) -> None:
         """Stop the node: SIGTERM (the script stops the VM cleanly) or ``kill=True``, SIGKILL to all of it."""
         if self._proc is not None:
@@ -199,13 +187,3 @@ class RabbitMQBroker:
             self._epmd.wait()
             self._epmd = None
 
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
