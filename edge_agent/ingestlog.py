@@ -162,13 +162,7 @@ class IngestLog:
     # -- start-up ------------------------------------------------------------------------
 
     def segments(self) -> list[int]:
-        out = []
-        for p in self.directory.glob("seg-*.log"):
-            try:
-                out.append(int(p.stem.removeprefix("seg-")))
-            except ValueError:
-                continue
-        return sorted(out)
+        return list_segments(self.directory)
 
     def replay(self, since: int, offset: int = 0) -> Iterator[tuple[str, bytes, bool]]:
         """Every intact ``(topic, payload, retained)`` from byte ``offset`` of segment ``since`` on, in order.
@@ -194,6 +188,17 @@ class IngestLog:
 
     def _path(self, segment: int) -> Path:
         return segment_path(self.directory, segment)
+
+
+def list_segments(directory: Path) -> list[int]:
+    """The numbers of the log's segment files in ``directory``, ascending (other files are ignored)."""
+    out = []
+    for p in directory.glob("seg-*.log"):
+        try:
+            out.append(int(p.stem.removeprefix("seg-")))
+        except ValueError:
+            continue
+    return sorted(out)
 
 
 def segment_path(directory: Path, segment: int) -> Path:

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import IO
 
-from edge_agent.ingestlog import read_frames, segment_path
+from edge_agent.ingestlog import list_segments, read_frames, segment_path
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class LogTail:
         return True
 
     def _next_segment(self) -> int | None:
-        later = [n for n in _segments(self.directory) if n > self.segment]
+        later = [n for n in list_segments(self.directory) if n > self.segment]
         return min(later) if later else None
 
     def _switch(self, segment: int) -> None:
@@ -96,7 +96,7 @@ class LogTail:
     def drop_before(self, segment: int) -> int:
         """Delete segments older than ``segment`` (a committed checkpoint covers them); returns how many."""
         dropped = 0
-        for n in _segments(self.directory):
+        for n in list_segments(self.directory):
             if n < min(segment, self.segment):
                 segment_path(self.directory, n).unlink(missing_ok=True)
                 dropped += 1
@@ -106,13 +106,3 @@ class LogTail:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _segments(directory: Path) -> list[int]:
-    out = []
-    for p in directory.glob("seg-*.log"):
-        try:
-            out.append(int(p.stem.removeprefix("seg-")))
-        except ValueError:
-            continue
-    return sorted(out)
