@@ -101,5 +101,22 @@ def gpu_row() -> list[str]:
     ]
 
 
+def fleet_gpu_row() -> list[str]:
+    g = _load("fleet_minilm_gpu")
+    arms, base, plan = g["arms"], g["cuda_vs_same_machine_cpu"], g["plan"]
+    acc = "; ".join(f"{name} {100 * a['personal'][0]:.1f} ± {100 * a['personal'][1]:.1f} / "
+                    f"{100 * a['global'][0]:.1f} ({len(a['seeds'])} seeds)" for name, a in arms.items())
+    return [
+        f"fleet benchmark with the pretrained MiniLM backbone on a GPU ({g['machine']['gpu']}): "
+        f"{plan['edges']} edges, alpha {plan['settings'][0].removeprefix('alpha')}, {plan['rounds']} rounds, "
+        "personalized / global accuracy %",
+        f"{acc}; train step {1000 * arms['megace']['s_per_step']:.0f} ms on the GPU, "
+        f"{base['step_speedup']:.2f}x the same machine's CPU ({base['cpu_threads']} threads)",
+        "run the MiniLM arms on a GPU (issue 16): recorded; accuracy goals: see the fleet report",
+        "`fleet_minilm_gpu.json` arms.*, cuda_vs_same_machine_cpu.*",
+        g["command"].replace("/root/out/", "bench/results/"),
+    ]
+
+
 def rows() -> list[list[str]]:
-    return [receiver_row(), broker_row(), *failover_rows(), gpu_row()]
+    return [receiver_row(), broker_row(), *failover_rows(), gpu_row(), fleet_gpu_row()]

@@ -190,21 +190,24 @@ def experiment(
                                             "instead of the embedded broker")] = True,
     out: Annotated[Path, typer.Option(help="where experiment.md, its PNGs and JSON go")] = Path("reports"),
     note: Annotated[str, typer.Option(help="a provenance note printed under the report's title")] = "",
-    backbone: Annotated[str, typer.Option(help="tiny, or minilm (slower; writes experiment-minilm.md)")] = "tiny",
+    backbone: Annotated[str, typer.Option(help="tiny, or minilm (slower; writes experiment[-fleet]-minilm.md)")
+                        ] = "tiny",
     fleet: Annotated[bool, typer.Option(help="the fleet benchmark (mnist-av, 8+ edges, in-process edge and cloud "
                                         "cores; writes experiment-fleet.md); implied by the options below")] = False,
     alpha: Annotated[str | None, typer.Option(help="fleet: comma-separated Dirichlet alphas, inf = feature-skew "
                                               "setting (default: 0.1,0.5,inf)")] = None,
     edges: Annotated[int | None, typer.Option(min=2, help="fleet: edges (default 8)")] = None,
     devices_per_edge: Annotated[int | None, typer.Option(min=1, help="fleet: devices per edge (default 3)")] = None,
+    device: Annotated[str | None, typer.Option(help="fleet: cpu, cuda or auto (CUDA when torch sees one; "
+                                               "the default)")] = None,
 ) -> None:
     """Compare megace with local-only, FedIT, HetLoRA, FLoRA, FlexLoRA and ablations, over seeds."""
     from dataclasses import replace
 
     from rich.console import Console
 
-    if fleet or alpha is not None or edges is not None or devices_per_edge is not None:
-        _fleet_experiment(quick, seeds, arms, out, note, alpha, edges, devices_per_edge)
+    if fleet or alpha is not None or edges is not None or devices_per_edge is not None or device is not None:
+        _fleet_experiment(quick, seeds, arms, out, note, alpha, edges, devices_per_edge, backbone, device or "auto")
         return
     seeds = 3 if seeds is None else seeds
 
@@ -223,20 +226,22 @@ def experiment(
 
 
 def _fleet_experiment(quick: bool, seeds: int | None, arms: str | None, out: Path, note: str, alpha: str | None,
-                      edges: int | None, devices_per_edge: int | None) -> None:
+                      edges: int | None, devices_per_edge: int | None, backbone: str, device: str) -> None:
     """``megace experiment --fleet``: see :mod:`megace.experiment.fleet_runner`."""
     from rich.console import Console
 
     from megace.experiment.fleet_arms import plan_from_options
     from megace.experiment.fleet_runner import run_fleet_experiment
+    from megace.experiment.fleet_sim import fleet_device
 
     try:
         plan = plan_from_options(quick=quick, seeds=seeds, arms=arms, alpha=alpha, edges=edges,
-                                 devices_per_edge=devices_per_edge)
+                                 devices_per_edge=devices_per_edge, backbone=backbone)
+        device = fleet_device(device)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     _stop_on_signals()
-    report = run_fleet_experiment(plan, out, console=Console(), note=note)
+    report = run_fleet_experiment(plan, out, console=Console(), note=note, device=device)
     Console().print(f"Report: [bold]{report}[/]")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
@@ -38,6 +39,8 @@ def build_backbone(config: EdgeModelConfig) -> BertModel:
     hf_logging.set_verbosity_error()  # the unused pooler weights would print a load report on every build
     try:
         with seeded(config.seed, "backbone"):  # nothing random should happen; keep the caller's RNG intact anyway
-            return BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False, local_files_only=True)
+            # float32 whatever the file stores (an fp16 carry copy loads back as float32, see weights.MINILM_DIR_ENV)
+            return BertModel.from_pretrained(str(minilm_path()), add_pooling_layer=False, local_files_only=True,
+                                             dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(previous)

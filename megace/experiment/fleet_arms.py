@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from megace.experiment.personalization import Personalization
+from megace_model.config import BACKBONE_HIDDEN
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,16 @@ class FleetPlan:
     n_voices: int = 60  # espeak-ng voices of mnist-av (fewer: a faster first build, for tests)
     reduced: bool = False
     label: str = ""  # a suffix for the report's name (e.g. "ablation"); runs are shared through the cache
+    backbone: str = "tiny"  # "tiny" (seeded random BERT) or "minilm" (pretrained all-MiniLM-L6-v2)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_HIDDEN:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONE_HIDDEN)}")
 
     @property
     def name(self) -> str:
-        return "experiment-fleet" + ("-quick" if self.reduced else "") + (f"-{self.label}" if self.label else "")
+        return ("experiment-fleet" + ("-quick" if self.reduced else "") + (f"-{self.label}" if self.label else "")
+                + ("" if self.backbone == "tiny" else f"-{self.backbone}"))
 
     @classmethod
     def full(cls, seeds: int = 5, alphas: tuple[float, ...] | None = None, edges: int = 8,
@@ -143,7 +150,7 @@ def _settings(alphas: tuple[float, ...] | None) -> tuple[Setting, ...]:
 
 
 def plan_from_options(*, quick: bool, seeds: int | None, arms: str | None, alpha: str | None, edges: int | None,
-                      devices_per_edge: int | None) -> FleetPlan:
+                      devices_per_edge: int | None, backbone: str = "tiny") -> FleetPlan:
     """What ``megace experiment --fleet`` runs for its options (``ValueError`` on a bad one)."""
     alphas = tuple(float(a) for a in alpha.split(",") if a.strip()) if alpha else None
     if edges is not None and edges < 2:
@@ -153,4 +160,5 @@ def plan_from_options(*, quick: bool, seeds: int | None, arms: str | None, alpha
     make = FleetPlan.quick if quick else FleetPlan.full
     plan = make(seeds=seeds or (1 if quick else 5), alphas=alphas, edges=edges or 8,
                 devices_per_edge=devices_per_edge or (2 if quick else 3))
+    plan = replace(plan, backbone=backbone)
     return plan.restricted([a.strip() for a in arms.split(",") if a.strip()] if arms else None)

@@ -175,7 +175,7 @@ SETUP = [
     "each device has its own sensor (image gain/offset/noise/placement, audio gain/noise; `feature_skew` 0.5, 1.5 "
     "in the feature setting); edges cycle through both modalities / image only / audio only; 160 train samples "
     "per edge on average (16 per class: scarce on purpose); a late edge joins with 5 samples per class. Model: "
-    "the tiny frozen random BERT backbone, LoRA ranks 8/4/2 by edge (FedIT 8), AdamW lr 3e-3.",
+    "{model}, LoRA ranks 8/4/2 by edge (FedIT 8), AdamW lr 3e-3.",
     "",
     "**How it runs.** In-process, no bus: each edge is the edge service's `Trainer` (same model, replay "
     "buffer with every 5th sample held out, optimizer, `apply_global`), the cloud is the cloud service's "
@@ -209,7 +209,12 @@ def _paired_section(by: dict[str, dict[str, ArmSummary]]) -> list[str]:
     return [*lines, ""]
 
 
-def write_fleet_report(plan: FleetPlan, runs: list[FleetRun], out: Path, *, note: str = "") -> Path:
+MODELS = {"tiny": "the tiny frozen random BERT backbone",
+          "minilm": "the frozen pretrained all-MiniLM-L6-v2 backbone (6 layers, hidden 384)"}
+
+
+def write_fleet_report(plan: FleetPlan, runs: list[FleetRun], out: Path, *, note: str = "",
+                       machine: str = "a 2-core CPU machine") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     by: dict[str, dict[str, ArmSummary]] = {}
     for setting in plan.settings:
@@ -219,14 +224,16 @@ def write_fleet_report(plan: FleetPlan, runs: list[FleetRun], out: Path, *, note
                 by.setdefault(setting.name, {})[arm] = ArmSummary.of(rs)
     lines = [f"# megace fleet experiment{' (quick)' if plan.reduced else ''}", ""]
     lines += [f"Generated {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC by `megace experiment --fleet"
-              f"{' --quick' if plan.reduced else ''}` on a 2-core CPU machine: {len(runs)} runs; settings "
+              f"{' --quick' if plan.reduced else ''}"
+              f"{'' if plan.backbone == 'tiny' else ' --backbone ' + plan.backbone}` "
+              f"on {machine}: {len(runs)} runs; settings "
               f"{', '.join(s.name for s in plan.settings)}; seeds {', '.join(map(str, plan.seeds))}; "
               f"{plan.edges} edges x {plan.devices_per_edge} devices (+ 1 late edge joining at round "
               f"{plan.late_join}); {plan.rounds} rounds of {plan.steps} AdamW steps (batch {plan.batch_size}); "
               f"{plan.train_per_edge} train samples per edge on average.", ""]
     if note:
         lines += [f"> {note}", ""]
-    lines += SETUP
+    lines += [line.replace("{model}", MODELS[plan.backbone]) for line in SETUP]
     lines += ["## Goals (issue 16)", ""] if not plan.label else []
     for kept in GOAL_ARMS if not plan.label else ():
         if not any(kept in arms for arms in by.values()):

@@ -7,7 +7,8 @@ take most of a day on two cores; the learning is the same code either way. Each 
 the cloud is the service's :class:`~cloud_aggregator.strategies.base.Strategy` (``aggregate`` then
 ``view_for`` each edge's rank, alpha and modalities). Left out: the wire (bytes are the float32 tensors an
 upload or view carries, without envelope), the ledger, admission and staleness (every round is synchronous,
-every upload accepted).
+every upload accepted). ``device`` puts every edge's model and batches on CUDA (``megace experiment --fleet
+--device cuda``, ``bench/bench_fleet_gpu.py``); what travels between edge and cloud is CPU tensors either way.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class FleetRun:
     download_bytes: float = 0.0
     wall_s: float = 0.0
     gate: dict[str, float] = field(default_factory=dict)
+    train_steps: int = 0  # optimizer steps over all edges (the late edge and its alone twin included)
+    train_s: float = 0.0  # wall time inside Trainer.train_round (collation, steps, its held-out evaluation)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,11 +64,22 @@ class FleetRun:
         return cls(**d)
 
 
-def _config(schema: MultimodalDataset, arm: FleetArm, rank: int, seed: int) -> EdgeModelConfig:
+def fleet_device(name: str) -> str:
+    """``cpu`` / ``cuda`` / ``auto`` (CUDA when torch sees one) -> the device every edge of a run uses."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA device")
+    return name
+
+
+def _config(schema: MultimodalDataset, arm: FleetArm, rank: int, seed: int, backbone: str) -> EdgeModelConfig:
     return EdgeModelConfig(
         modalities={m: ModalitySpec(s.token_dim, s.tokens) for m, s in schema.modalities.items()},
         num_classes=len(schema.classes), lora_r=rank, lora_alpha=2 * rank,
-        contrastive_weight=arm.contrastive_weight, seed=seed,
+        contrastive_weight=arm.contrastive_weight, seed=seed, backbone=backbone,  # type: ignore[arg-type]
     )
 
 
@@ -73,10 +87,11 @@ class SimEdge:
     """One edge: its trainer fed by its devices, its uploads, and installing what the cloud sends."""
 
     def __init__(self, name: str, data: EdgeData, schema: MultimodalDataset, arm: FleetArm, rank: int,
-                 seed: int, plan: FleetPlan) -> None:
+                 seed: int, plan: FleetPlan, device: str = "cpu") -> None:
         self.name, self.data, self.arm, self.rank, self.plan = name, data, arm, rank, plan
-        self.trainer = FleetTrainer(_config(schema, arm, rank, seed), lr=3e-3, device="cpu",
+        self.trainer = FleetTrainer(_config(schema, arm, rank, seed, plan.backbone), lr=3e-3, device=device,
                                     personalization=arm.personalization)
+        self.train_steps, self.train_s = 0, 0.0
         for dev in data.devices:
             for s in dev.train.samples:
                 self.trainer.add_sample({"modalities": s["modalities"], "label": s["label"]},
@@ -85,7 +100,10 @@ class SimEdge:
         self.fleet_head: dict[str, torch.Tensor] | None = None
 
     def train(self) -> None:
-        self.trainer.train_round(steps=self.plan.steps, batch_size=self.plan.batch_size)
+        t0 = time.perf_counter()  # train_round reads its losses back every step: no CUDA sync needed here
+        metrics = self.trainer.train_round(steps=self.plan.steps, batch_size=self.plan.batch_size)
+        self.train_s += time.perf_counter() - t0
+        self.train_steps += int(metrics["steps"])
 
     def upload(self, seq: int) -> tuple[Contribution, int]:
         t = self.trainer
@@ -112,7 +130,7 @@ class SimEdge:
         elif self.trainer.personalization.active:
             self.trainer.apply_fleet(personal)
             self.fleet_head = {k.removeprefix("head."): torch.from_numpy(np.array(v, dtype=np.float32))
-                               for k, v in personal.items() if k.startswith("head.")}
+                               .to(self.trainer.device) for k, v in personal.items() if k.startswith("head.")}
         return sum(np.asarray(v).nbytes for v in view.values())
 
     # ---------------------------------------------------------------- evaluation
@@ -127,13 +145,14 @@ class SimEdge:
         try:
             for i in range(0, len(samples), 256):
                 batch = collate(samples[i:i + 256], self.trainer.config)
+                labels.append(batch.labels.numpy())
+                batch = batch.to(self.trainer.device)
                 with torch.no_grad():
                     model.eval()
-                    p_own.append(torch.softmax(model(**batch.model_inputs()).logits, -1).numpy())
+                    p_own.append(torch.softmax(model(**batch.model_inputs()).logits, -1).cpu().numpy())
                     if self.fleet_head is not None:
                         logits = functional_call(head, self.fleet_head, (seen[-1],))
-                        p_fleet.append(torch.softmax(logits, -1).numpy())
-                labels.append(batch.labels.numpy())
+                        p_fleet.append(torch.softmax(logits, -1).cpu().numpy())
         finally:
             hook.remove()
         return np.concatenate(p_own), (np.concatenate(p_fleet) if p_fleet else None), np.concatenate(labels)
@@ -168,7 +187,8 @@ def _ranks(arm: FleetArm, edges: list[EdgeData]) -> list[int]:
     return ranks
 
 
-def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet: Fleet | None = None) -> FleetRun:
+def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet: Fleet | None = None,
+              device: str = "cpu") -> FleetRun:
     """Rounds of train → upload → aggregate → install, with a late edge joining at ``plan.late_join``."""
     torch.manual_seed(seed)
     t0 = time.monotonic()
@@ -178,9 +198,10 @@ def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet
                                            seed=seed))
     schema = fleet.global_test
     ranks = _ranks(arm, fleet.edges)
-    edges = [SimEdge(f"edge-{e.edge_id}", e, schema, arm, r, seed, plan) for e, r in zip(fleet.edges, ranks,
-                                                                                          strict=True)]
-    late = SimEdge("edge-late", fleet.late, schema, arm, arm.ranks[0], seed, plan) if plan.late_join else None
+    edges = [SimEdge(f"edge-{e.edge_id}", e, schema, arm, r, seed, plan, device)
+             for e, r in zip(fleet.edges, ranks, strict=True)]
+    late = (SimEdge("edge-late", fleet.late, schema, arm, arm.ranks[0], seed, plan, device)
+            if plan.late_join else None)
     strategy = get_strategy(arm.strategy) if arm.federated else None
     glob: GlobalState | None = None
     up = down = 0
@@ -207,10 +228,12 @@ def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet
         curve.append(float(np.mean([e.accuracy(e.data.test) for e in edges])))
         if late is not None and rnd >= plan.late_join:
             late_curve.append(late.accuracy(late.data.test))
+    trained = list(edges)
     if late is not None:
-        alone = SimEdge("edge-late-alone", fleet.late, schema, arm, arm.ranks[0], seed, plan)
+        alone = SimEdge("edge-late-alone", fleet.late, schema, arm, arm.ranks[0], seed, plan, device)
         alone.train()
         late_local = alone.accuracy(alone.data.test)
+        trained += [late, alone]
     gates = {e.name: e.fit_gate() for e in edges} if arm.gate else {}
     return FleetRun(
         setting=setting.name, arm=arm.name, seed=seed,
@@ -221,4 +244,5 @@ def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet
         curve=curve, late_curve=late_curve, late_local=late_local,
         upload_bytes=up / plan.rounds, download_bytes=down / plan.rounds,
         wall_s=time.monotonic() - t0, gate=gates,
+        train_steps=sum(e.train_steps for e in trained), train_s=sum(e.train_s for e in trained),
     )
