@@ -27,6 +27,7 @@
 (d) shared-adapter size as % of all model parameters, MiniLM r=8 / r=4 (+ upload bytes).
 
     python bench/bench_edge.py [--records 20000] [--out bench/results/edge.json]
+    python bench/bench_edge.py --only ingest --out /tmp/ingest.json   # (a) alone: bare, inline and process
 
 Every wait is checked: a publish without its PUBACK, a drain that does not reach its count, or a
 request without its prediction stops the run with an error rather than writing a figure.
@@ -586,6 +587,20 @@ def bench_adapter_size() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ main
+def _write_ingest_only(result: dict[str, Any], out: str) -> int:
+    """``--only ingest``: (a)'s figures, each mode's ratio per interleaved repeat and their medians."""
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    a = result["ingest"]
+    print(f"bare per repeat {a['bare_runs_per_s']}, 1-minute load {a['loadavg_1min_per_repeat']}")
+    for mode, m in a["modes"].items():
+        print(f"{mode:<8} per repeat {m['agent_runs_per_s']}: ratio best/best {m['ratio']}, per repeat "
+              f"{m['ratio_per_repeat']}, median {statistics.median(m['ratio_per_repeat']):.3f}")
+    print(f"written to {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000)
@@ -597,6 +612,8 @@ def main() -> int:
     parser.add_argument("--receiver", choices=MODES, default=RECEIVER[0],
                         help="the agent's ingest_receiver for the batched and round-trip figures and the ratio")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "edge.json"))
+    parser.add_argument("--only", choices=("ingest",), default=None,
+                        help="run (a) alone (minutes instead of the whole run; never the committed JSON's figures)")
     args = parser.parse_args()
     RECEIVER[0] = args.receiver
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -614,6 +631,8 @@ def main() -> int:
         addr = BrokerAddress(broker.host, broker.port)
         print("(a) ingest ...", flush=True)
         result["ingest"] = bench_ingest(addr, tmp, args.records, default=args.receiver)
+        if args.only == "ingest":
+            return _write_ingest_only(result, args.out)
         print("(a') batched ingest ...", flush=True)
         result["ingest_batched"] = bench_ingest_batched(addr, tmp, args.batched_records, args.batch)
         print("(b) round trip ...", flush=True)

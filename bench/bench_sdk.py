@@ -172,17 +172,51 @@ def codec_rates(array: np.ndarray, seconds: float = 1.0) -> dict[str, float]:
     }
 
 
-def import_cost() -> dict[str, float]:
-    # VmRSS from /proc, not ru_maxrss: a child's ru_maxrss inherits the forking parent's peak.
-    code = ("import time; t=time.perf_counter(); import device_sdk; dt=time.perf_counter()-t; import sys; "
-            "rss=[int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0]/1024; "
-            "print(dt, rss, int(any(m in sys.modules for m in ('torch','transformers','onnxruntime'))))")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-            for _ in range(5)]
+_RSS = "int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024"
+_FIRST_PUBLISH = f"""
+import sys, tempfile, time
+t = time.perf_counter()
+import device_sdk
+dt = time.perf_counter() - t
+rss_import, numpy_loaded = {_RSS}, int("numpy" in sys.modules)
+from device_sdk import BrokerAddress, DeviceClient, FeatureRecord
+host, port, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if kind == "numpy":
+    import numpy as np
+    values = np.arange(218, dtype=np.float32)
+else:  # a gateway's own buffer: no numpy anywhere
+    import array
+    values = array.array("f", range(218))
+with tempfile.TemporaryDirectory() as tmp:
+    dev = DeviceClient("bench", "rss-" + kind, BrokerAddress(host, port), store_path=tmp + "/q.sqlite")
+    assert dev.connect(10)
+    dev.publish(FeatureRecord("rss-" + kind, 0, {{"accel": values}}))
+    assert dev.flush(10)
+    rss_published = {_RSS}
+    dev.close(5)
+heavy = int(any(m in sys.modules for m in ("torch", "transformers", "onnxruntime")))
+print(dt, rss_import, rss_published, numpy_loaded, int("numpy" in sys.modules), heavy)
+"""
+"""One fresh interpreter: import time and VmRSS after ``import device_sdk`` (from /proc, not ru_maxrss: a
+child's ru_maxrss inherits the forking parent's peak), then VmRSS after connecting and the first publish of a
+numpy record (``numpy``) or of an ``array.array`` record (``buffer``)."""
+
+
+def import_cost(addr: BrokerAddress, runs: int = 5) -> dict[str, float]:
+    out: dict[str, list[list[str]]] = {}
+    for kind in ("numpy", "buffer"):
+        out[kind] = [subprocess.run([sys.executable, "-c", _FIRST_PUBLISH, addr.host, str(addr.port), kind],
+                                    capture_output=True, text=True, check=True).stdout.split() for _ in range(runs)]
+    both = out["numpy"] + out["buffer"]
     return {
-        "import_s_median": statistics.median(float(r[0]) for r in runs),
-        "rss_MB_median": statistics.median(float(r[1]) for r in runs),
-        "heavy_modules_imported": max(int(r[2]) for r in runs),
+        "import_s_median": statistics.median(float(r[0]) for r in both),
+        "rss_MB_median": statistics.median(float(r[1]) for r in both),
+        "rss_after_first_numpy_publish_MB_median": statistics.median(float(r[2]) for r in out["numpy"]),
+        "rss_after_first_buffer_publish_MB_median": statistics.median(float(r[2]) for r in out["buffer"]),
+        "numpy_imported_by_import": max(int(r[3]) for r in both),
+        "numpy_imported_by_buffer_publish": max(int(r[4]) for r in out["buffer"]),
+        "heavy_modules_imported": max(int(r[5]) for r in both),
+        "runs": len(both),
     }
 
 
@@ -237,7 +271,8 @@ def main() -> None:
         }
     results["codec_384_floats"] = codec_rates(np.random.default_rng(1).random(384, dtype=np.float32))
     results["codec_1MiB_array"] = codec_rates(np.random.default_rng(2).random(1 << 18, dtype=np.float32), 2.0)
-    imp = import_cost()
+    with MosquittoBroker(persistence=False) as broker:
+        imp = import_cost(BrokerAddress(broker.host, broker.port))
     results["sdk_import"] = imp | {
         "goal_import_s": 0.3, "goal_rss_MB": 40,
         "met_import_s": imp["import_s_median"] < 0.3, "met_rss_MB": imp["rss_MB_median"] < 40,
@@ -261,6 +296,9 @@ def main() -> None:
     print(f"{'1 MiB array decode MB/s (memcpy MB/s)':<44}{c2['decode_MBps']:>7.0f}/{c2['memcpy_MBps']:<7.0f}")
     print(f"{'SDK import s / RSS MB (goals 0.3 / 40)':<44}"
           f"{imp['import_s_median']:>7.3f}/{imp['rss_MB_median']:<7.1f}  met: {imp['met']}")
+    print(f"{'RSS MB after first publish: numpy / buffer':<44}{imp['rss_after_first_numpy_publish_MB_median']:>7.1f}/"
+          f"{imp['rss_after_first_buffer_publish_MB_median']:<7.1f}  numpy loaded by import: "
+          f"{bool(imp['numpy_imported_by_import'])}")
     print(f"wrote {a.out}")
 
 

@@ -83,11 +83,19 @@ def rows() -> tuple[list[list[str]], str]:
     imp = sdk["sdk_import"]
     heavy = "torch/transformers/onnxruntime imported" if imp["heavy_modules_imported"] else \
         "no torch/transformers/onnxruntime"
+    first = "" if "rss_after_first_numpy_publish_MB_median" not in imp else (
+        f"; numpy {'imported' if imp['numpy_imported_by_import'] else 'not imported'}; after connecting and a first "
+        f"publish {imp['rss_after_first_numpy_publish_MB_median']:.1f} MB with a numpy record, "
+        f"{imp['rss_after_first_buffer_publish_MB_median']:.1f} MB with an `array.array` record (numpy "
+        f"{'loaded' if imp['numpy_imported_by_buffer_publish'] else 'never loaded'})")
     out.append([
         "`import device_sdk`",
-        f"{imp['rss_MB_median']:.1f} MB RSS, {imp['import_s_median']:.3f} s (median of 5 fresh interpreters); {heavy}",
+        f"{imp['rss_MB_median']:.1f} MB RSS, {imp['import_s_median']:.3f} s (median of "
+        f"{imp.get('runs', 5)} fresh interpreters); {heavy}{first}",
         f"< {imp['goal_rss_MB']} MB: {_mark(imp['met_rss_MB'])}; < {imp['goal_import_s']} s: "
-        f"{_mark(imp['met_import_s'])}", "`sdk.json` sdk_import.rss_MB_median, .import_s_median", sdk["command"],
+        f"{_mark(imp['met_import_s'])}", "`sdk.json` sdk_import.rss_MB_median, .import_s_median"
+        + (", .rss_after_first_numpy_publish_MB_median, .rss_after_first_buffer_publish_MB_median" if first else ""),
+        sdk["command"],
     ])
     ing = edge["ingest"]
     out.append([

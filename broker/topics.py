@@ -4,7 +4,7 @@ Layout (``{x}`` are ids matching ``[A-Za-z0-9_-]{1,64}``: no dots, which RabbitM
 and NATS refuses in MQTT topics)::
 
     megace/v1/site/{site}/device/{device}/up/{features|register|infer}     device -> edge
-    megace/v1/site/{site}/device/{device}/down/{config|prediction|feedback|model|error}
+    megace/v1/site/{site}/device/{device}/down/{config|prediction|feedback|model|error|receipt}
                                                                             edge -> device
     megace/v1/site/{site}/down/register                                     edge -> its site's devices
     megace/v1/cloud/up/{site}/adapter                                       edge -> cloud
@@ -51,6 +51,7 @@ class Downlink(StrEnum):
     FEEDBACK = "feedback"
     MODEL = "model"
     ERROR = "error"
+    RECEIPT = "receipt"
 
 
 class Role(StrEnum):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.wire import MAX_BATCH_RECORDS, FeatureBatch, FeatureRecord
+from broker.wire.arrays import array_layout
 
 Signature = tuple  # (labelled, (name, shape, dtype), ...)
 
@@ -25,7 +26,8 @@ def signature(record: FeatureRecord) -> Signature:
     """What records must share to be stacked: modality names, shapes and dtypes, and whether labelled."""
     parts: list[Any] = [record.label is not None]
     for name, array in record.modalities.items():
-        parts.append((name, array.shape, array.dtype.str))
+        shape, dtype, _ = array_layout(array)  # numpy arrays and plain buffers (array.array, memoryview)
+        parts.append((name, shape, dtype))
     return tuple(parts)
 
 
@@ -67,7 +69,7 @@ class Batcher:
     def add(self, record: FeatureRecord) -> int:
         """Queue ``record``; returns the seq of the envelope that will carry it."""
         sig = signature(record)
-        size = sum(a.nbytes for a in record.modalities.values())
+        size = sum(array_layout(a)[2] for a in record.modalities.values())
         if self._records and (sig != self._signature or self._bytes + size > self.batch_bytes):
             self.flush()
         if not self._records:

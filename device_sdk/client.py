@@ -9,7 +9,9 @@ that survives restarts. While the broker is reachable records go straight out;
 when it is not, they go to a bounded on-disk queue (:mod:`device_sdk.store`), and
 un-acknowledged ones are moved there too. After a reconnect the queue drains
 strictly in order before new records go direct, and the edge drops repeated
-sequence numbers, so each record arrives exactly once and in order.
+sequence numbers, so each record arrives exactly once and in order. With an edge
+that sends receipts, a record is kept until the edge says it logged it, and
+re-sent if the broker lost it after acknowledging (:mod:`device_sdk.receipts`).
 
 Threads: paho's network loop runs in its own thread (one per connection), and a
 supervisor thread named ``megace-sdk:<device>`` reconnects with backoff and
@@ -45,6 +47,7 @@ from device_sdk.link import connect_args, paho_client
 from device_sdk.local_model import LocalModel
 from device_sdk.metrics import DeviceMetrics
 from device_sdk.model_installer import ModelInstaller
+from device_sdk.receipts import DeliveryReceipts, ReceiptBook
 from device_sdk.store import DiskQueue, Overflow, default_store_path
 from device_sdk.supervisor import Supervisor
 
@@ -54,14 +57,14 @@ _SENT: dict[Kind, str] = {k: f"sent.{k.value}" for k in Kind}
 _SUCCESS, _NO_CONN = mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN
 
 
-class DeviceClient(LinkEvents):
+class DeviceClient(LinkEvents, DeliveryReceipts):
     """One device's connection to the bus (one instance per device id).
 
     Args:
         site: The site (edge) this device belongs to; it picks the topics the device publishes on
             and listens to. 1 to 64 characters from ``[A-Za-z0-9_-]`` (portable across brokers: no dots).
         device: This device's id, unique within its site; it names the MQTT client id
-            (``megace-dev-<device>``) and the on-disk queue. Same character rules as ``site``.
+            (``megace-dev-<site>-<device>``) and the on-disk queue. Same character rules as ``site``.
         broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or
             ``mqtts://user:pass@host:8883``. ``?protocol=auto`` (MQTT 5 where the broker has it, else 3.1.1),
             ``5`` or ``3.1.1`` (default) picks the MQTT version; with MQTT 5 the broker keeps the device's session
@@ -99,6 +102,12 @@ class DeviceClient(LinkEvents):
             :mod:`device_sdk.local_model`) and :meth:`predict` runs on the device. None: no local model.
         metrics_interval: Seconds between the device's retained JSON metrics (queue, drops, acks, round trip,
             last error, model version: :mod:`device_sdk.metrics`); 0 publishes them only on close.
+        max_unreceipted: With an edge that sends receipts, record messages acknowledged by the broker and not yet
+            receipted (plus those in flight) that the client keeps in memory before ``publish`` blocks
+            (back-pressure; nothing is dropped). On a disconnect or close they go back to the disk queue.
+        receipt_timeout_s: When the edge's receipts made no progress this long, the oldest held record is re-sent
+            (same seq, ``resent``) as a probe, backing off; records a receipt lists as missing, or that a
+            receipted record acknowledged later overtook, go again at once. :meth:`wait_delivered` waits for receipts.
     """
 
     def __init__(
@@ -121,6 +130,8 @@ class DeviceClient(LinkEvents):
         batch_bytes: int | None = None,
         model_dir: str | Path | None = None,
         metrics_interval: float = 5.0,
+        max_unreceipted: int = 10_000,
+        receipt_timeout_s: float = 5.0,
     ) -> None:
         self.site = topics.check_id(site, "site")
         self.device = topics.check_id(device, "device")
@@ -147,7 +158,8 @@ class DeviceClient(LinkEvents):
         handler = on_downlink if self._installer is None else self._installer.wrap(on_downlink)
         self.metrics = DeviceMetrics(self, metrics_interval)
         handler = self.metrics.wrap(handler)
-        self._downlink = DownlinkReceiver(self.device, self.counters, handler, verifier, self._on_reregister)
+        self._downlink = DownlinkReceiver(self.device, self.counters, handler, verifier, self._on_reregister,
+                                          self._on_delivery)
         self._supervisor: Supervisor | None = None
         self.protocol = Negotiator(self.address.protocol, name=f"device {device}", counters=self.counters)
         """The MQTT version (the address's ``protocol``: auto, 5 or 3.1.1), remembered across reconnects."""
@@ -157,6 +169,7 @@ class DeviceClient(LinkEvents):
         self._wake = threading.Event()
         self._status_topic = topics.status(topics.Role.DEVICE, self.device, self.site)
         self._features_topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
+        self._book = ReceiptBook(self._features_topic, max(max_unreceipted, 1), receipt_timeout_s, self.counters)
         self.linger_ms = linger_ms
         self._batcher = Batcher(self._send_batch, self._next_seq, linger_ms=linger_ms, batch_max=batch_max,
                                 batch_bytes=batch_bytes if batch_bytes is not None else max_packet - 4096)
@@ -189,7 +202,10 @@ class DeviceClient(LinkEvents):
         """Flush what can be flushed within ``timeout``, announce offline, disconnect. True if nothing is left."""
         with self._lock:
             self._batcher.flush()  # offline, an open batch goes to the store like any record
+        start = time.monotonic()
         drained = self.flush(timeout) if self._online else len(self.store) == 0
+        if drained and self._online and self._book.held:  # give the edge's receipts a moment, then keep them
+            self.wait_delivered(min(timeout - (time.monotonic() - start), self._book.timeout_s))
         with self._lock:
             self._closing = True
             client = self._client
@@ -245,6 +261,7 @@ class DeviceClient(LinkEvents):
         topic, body = self._registration
         seq = self._registration_seq if self._registration_seq is not None else self._next_seq()
         self._registration_seq = None
+        body = {**body, "resend_from": self._resend_from(seq)}  # receipts: no seq below it will come again
         self._client.publish(topic, encode_envelope(Kind.REGISTER, self.device, seq, body), qos=1, retain=True)
 
     def publish(self, record: FeatureRecord) -> int:
@@ -312,27 +329,6 @@ class DeviceClient(LinkEvents):
             if self._online and self._client is not None:
                 self._client.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every record so far is acknowledged by the broker; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self._batcher.flush()
-            while True:
-                self._process_events()
-                if not self._inflight and len(self.store) == 0:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._wait_for_acks(min(left, 0.01))
-
-    @property
-    def pending(self) -> int:
-        """Records not yet acknowledged by the broker (in flight or on disk)."""
-        with self._lock:
-            self._process_events()
-            return len(self._inflight) + len(self.store)
-
     def _next_seq(self) -> int:
         if self._seq >= self._seq_end:
             self._seq, self._seq_end = self.store.reserve_seq()
@@ -361,6 +357,7 @@ class DeviceClient(LinkEvents):
                 low = self.max_unacked * 3 // 4
                 while self._online and len(self.store) == 0 and len(self._inflight) > low:
                     self._wait_for_acks(0.005)
+            self._hold_back()  # receipts: at most max_unreceipted held (device_sdk.receipts)
             if self._online and len(self.store) == 0:
                 self._publish_now(t, p, seq=seq)
             else:
@@ -385,8 +382,13 @@ class DeviceClient(LinkEvents):
     def _connect_args(self) -> dict[str, Any]:
         """The session arguments of the next connect (supervisor); ``auto`` asks the broker once, first."""
         if self.protocol.undecided:
-            self.protocol.probed(probe_v5(self.address, f"megace-dev-{self.device}"))
+            self.protocol.probed(probe_v5(self.address, self.client_id))
         return connect_args(self.address, self.protocol.version)
+
+    @property
+    def client_id(self) -> str:
+        """``megace-dev-<site>-<device>``: a device id is unique within its site only (brokers may be shared)."""
+        return f"megace-dev-{self.site}-{self.device}"
 
     def _status(self, state: str) -> bytes:
         detail: dict[str, Any] = {"site": self.site}
@@ -395,7 +397,7 @@ class DeviceClient(LinkEvents):
         return Status(role=topics.Role.DEVICE.value, id=self.device, state=state, detail=detail).encode()
 
     def _new_client(self) -> mqtt.Client:
-        c = paho_client(self.address, f"megace-dev-{self.device}", will=(self._status_topic, self._status(OFFLINE)),
+        c = paho_client(self.address, self.client_id, will=(self._status_topic, self._status(OFFLINE)),
                         max_inflight=self.max_inflight, version=self.protocol.version)
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_publish, c.on_message = self._on_publish, self._on_message

@@ -12,12 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 from broker import topics
+from broker.dedup import RecentEnvelopes
 from broker.errors import WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
 from broker.signing import Verifier
 from broker.wire import ErrorCode, Kind
 from broker.wire.bodies import decode_body
+from broker.wire.receipt import ReceiptMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +41,23 @@ class DownlinkReceiver:
         on_reregister: Called with ``"request"`` for the edge's site-wide ``register_request`` and with
             ``"unregistered"`` for an ``unregistered`` error: the edge lacks this device's registration (the
             retained one may never reach an edge's wildcard filter, e.g. on RabbitMQ), so publish it again.
+        on_delivery: Called with each ``Receipt`` (which the application never sees) and each ``DeviceConfig``
+            (whether the edge sends receipts): see :mod:`device_sdk.receipts`.
     """
 
     def __init__(self, device: str, counters: Counters, handler: DownlinkHandler | None,
-                 verifier: Verifier | None = None, on_reregister: Callable[[str], None] | None = None) -> None:
+                 verifier: Verifier | None = None, on_reregister: Callable[[str], None] | None = None,
+                 on_delivery: Callable[[Any], None] | None = None) -> None:
         self.device = device
+        self.on_delivery = on_delivery
         self.counters = counters
         self.handler = handler
         self.on_reregister = on_reregister
         opener = None if verifier is None else (lambda _parsed, payload: verifier.open(payload))
         self._inbox = Inbox(channels=frozenset({topics.Channel.DEVICE_DOWN, topics.Channel.SITE_REQUEST}),
                             opener=opener)
+        self._recent = RecentEnvelopes()
+        """A prediction the broker delivered twice reaches the application once (``downlink_duplicates``)."""
 
     def accept(self, topic: str, payload: bytes) -> None:
         """Decode one message (chunks are reassembled first); malformed ones are counted, never raised."""
@@ -59,11 +67,21 @@ class DownlinkReceiver:
                 return
             _, env = got
             message = decode_body(env)
+            if env.kind is Kind.RECEIPT and message.device != self.device:
+                raise ReceiptMismatchError(f"a receipt for {message.device!r} reached {self.device!r}")
         except WireError as exc:
             self.counters.reject(exc)
             log.warning("device %s: rejected downlink on %s: %s", self.device, topic, exc)  # pragma: no mutate
             return
+        if not self._recent.accept(env.sender, env.seq):
+            self.counters.inc("downlink_duplicates")
+            return
         self.counters.inc(f"received.{env.kind.value}")
+        if env.kind is Kind.RECEIPT or env.kind is Kind.CONFIG:
+            if self.on_delivery is not None:
+                self.on_delivery(message)
+            if env.kind is Kind.RECEIPT:
+                return  # the SDK's business, not the application's
         if env.kind is Kind.REGISTER_REQUEST or (env.kind is Kind.ERROR and message.code == UNREGISTERED):
             if self.on_reregister is not None:
                 self.on_reregister("request" if env.kind is Kind.REGISTER_REQUEST else "unregistered")

@@ -25,6 +25,7 @@ from device_sdk.link import set_nodelay
 if TYPE_CHECKING:
     from broker.protocol import Negotiator
     from device_sdk.downlink import DownlinkReceiver
+    from device_sdk.receipts import ReceiptBook
     from device_sdk.store import DiskQueue
 
 log = logging.getLogger("device_sdk.client")
@@ -47,6 +48,7 @@ class LinkEvents:
     _last_sent_row: int | None
     _status_topic: str
     _downlink: DownlinkReceiver
+    _book: ReceiptBook
     protocol: Negotiator
     _last_reregister: float = float("-inf")
 
@@ -55,6 +57,11 @@ class LinkEvents:
 
     def _publish_registration(self) -> None:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # device_sdk.receipts.DeliveryReceipts, the client's other mixin
+        def _delivery_event(self, message: Any) -> None: ...
+        def _resend_due(self) -> None: ...
+        def _held_to_store(self) -> None: ...
 
     # -- paho callbacks (paho's network thread) ----------------------------------------------
     # paho holds its own mutexes while calling these, so they never take ``self._lock``
@@ -102,6 +109,7 @@ class LinkEvents:
         changed = False
         acked = 0
         events, inflight = self._events, self._inflight
+        hold = self._book.hold if self._book.enabled else None  # PUBACKed records wait for the edge's receipt
         while events:
             what, arg = events.popleft()
             changed = True
@@ -110,7 +118,12 @@ class LinkEvents:
                 if pending is not None:
                     if pending[3] is not None:
                         self.store.delete(pending[3])
+                    if hold is not None:
+                        hold(pending)
                     acked += 1
+            elif what == "receipt":
+                self._delivery_event(arg)
+                hold = self._book.hold if self._book.enabled else None
             elif what == "refused":
                 self.protocol.refused_code(arg[1])
             elif what == "reregister":
@@ -133,6 +146,8 @@ class LinkEvents:
                 self.counters.inc("disconnects")
         if acked:
             self.counters.inc("acked", acked)
+        if self._book.held:
+            self._resend_due()
         if changed:
             self._lock.notify_all()
 
@@ -163,4 +178,5 @@ class LinkEvents:
         self.counters.inc("requeued", len(self._inflight))
         direct = sorted((p for p in self._inflight.values() if p[3] is None), key=lambda p: p[0])
         self.store.prepend([(seq, topic, payload) for seq, topic, payload, _ in direct])
+        self._held_to_store()  # PUBACKed, not receipted: re-sent first after the next connect
         self._inflight.clear()  # the next "connected" event restarts the drain at the head of the queue

@@ -26,9 +26,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from broker.metrics import Counters
 from broker.wire import CapabilityProfile, FeatureRecord, Prediction
@@ -46,6 +44,9 @@ from device_sdk.model_errors import (
     StaleModelError,
 )
 from device_sdk.model_runner import LoadedModel, onnxruntime_module
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class LocalModel:
         if active is None:
             raise LookupError("no local model installed")
         probs = active.run(record.modalities if isinstance(record, FeatureRecord) else record)
-        return int(np.argmax(probs)), probs
+        return int(probs.argmax()), probs
 
     def prediction(self, record: FeatureRecord) -> Prediction | None:
         """A :class:`Prediction` as the edge would send it, or None when there is no model to run or it failed

@@ -100,7 +100,7 @@ class DeviceMetrics:
         c = self.client
         with c._lock:  # the store and the in-flight map belong to whoever holds the client's lock
             c._process_events()  # reap the acknowledgements paho queued since (as ``pending`` does)
-            queued, inflight = len(c.store), len(c._inflight)
+            queued, inflight, unreceipted = len(c.store), len(c._inflight), len(c._book.held)
             dropped, overflow = int(c.store.dropped), c.store.overflow.value
         counts = _counters(c)
         with self._lock:
@@ -124,6 +124,9 @@ class DeviceMetrics:
             "sent_by_kind": sent_by_kind,
             "acked": int(counts.get("acked", 0)),
             "requeued": int(counts.get("requeued", 0)),
+            "receipted": int(counts.get("receipted", 0)),
+            "resent": int(counts.get("resent", 0)),
+            "unreceipted": unreceipted,
             "connects": int(counts.get("connects", 0)),
             "disconnects": int(counts.get("disconnects", 0)),
             "predictions": int(counts.get("received.prediction", 0)),

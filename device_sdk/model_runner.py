@@ -7,11 +7,13 @@ session and numpy per prediction; the store decides which model is trusted and k
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from broker.wire.arrays import as_ndarray, numpy
 from device_sdk.model_errors import ModelInputError, ModelShapeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRESENCE_NAMES = ("presence", "present", "modality_mask")
 
@@ -35,11 +37,12 @@ class LoadedModel:
         self.classes = int(meta["classes"])
         self.session = session
         self.order = sorted(self.inputs)
-        self.feeds: list[tuple[str, str, str, Any]] = []  # (input name, role, modality, numpy dtype)
+        self.feeds: list[tuple[str, str, str, Any]] = []  # (input name, role, modality, wire dtype)
         self.output = ""
         self._bind(list(meta["input_names"]))
 
     def _bind(self, announced: list[str]) -> None:
+        np = numpy()
         graph = {i.name: i for i in self.session.get_inputs()}
         if set(graph) != set(announced):
             raise ModelShapeError(f"the graph's inputs {sorted(graph)} are not the announced {sorted(announced)}")
@@ -50,7 +53,7 @@ class LoadedModel:
             shape = list(node.shape)
             if role == "features":
                 want: list[Any] = [None, *self.inputs[modality]]
-                ok = dtype is np.float32
+                ok = dtype == "<f4"
                 seen.add(modality)
             elif role == "mask":
                 want, ok = [None, self.inputs[modality][0]], dtype is not None
@@ -79,12 +82,13 @@ class LoadedModel:
 
     def run(self, modalities: Mapping[str, Any]) -> np.ndarray:
         """Class probabilities for one sample (``modality -> [tokens, token_dim]`` or ``[token_dim]``)."""
+        np = numpy()
         unknown = set(modalities) - set(self.inputs)
         if unknown:
             raise ModelInputError(f"the local model does not read {sorted(unknown)} (it reads {self.order})")
         tokens: dict[str, np.ndarray] = {}
         for m, value in modalities.items():
-            arr = np.asarray(value, dtype=np.float32)
+            arr = as_ndarray(value).astype(np.float32, copy=False)  # numpy arrays and plain buffers
             arr = arr[None, :] if arr.ndim == 1 else arr
             t, d = self.inputs[m]
             if arr.ndim != 2 or arr.shape[1] != d or arr.shape[0] < 1:
@@ -109,8 +113,8 @@ class LoadedModel:
         return np.asarray(self.session.run([self.output], feed)[0], dtype=np.float32)[0]
 
 
-_DTYPES = {"tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(int64)": np.int64,
-           "tensor(int32)": np.int32}
+_DTYPES = {"tensor(float)": "<f4", "tensor(bool)": "|b1", "tensor(int64)": "<i8", "tensor(int32)": "<i4"}
+"""onnxruntime's input types to the numpy dtypes (by wire name) fed to them."""
 
 
 def _role(name: str, modalities: list[str]) -> tuple[str, str]:

@@ -108,6 +108,12 @@ class DiskQueue:
             )
         return cur.fetchall()
 
+    def min_seq(self) -> int | None:
+        """The lowest seq queued (re-sends may sit behind newer rows), None when empty (receipts' ``resend_from``)."""
+        if not self._count:
+            return None
+        return self._db.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]  # pragma: no mutate
+
     def delete(self, row_id: int) -> None:
         if self._db.execute(
             "DELETE FROM outbox WHERE id = ?",  # pragma: no mutate

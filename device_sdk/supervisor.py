@@ -98,6 +98,8 @@ class Supervisor(threading.Thread):
         if not c._online or len(c.store) == 0:
             return False
         room = c.max_unacked - len(c._inflight)
+        if c._book.enabled:  # receipts: what awaits one counts against max_unreceipted too
+            room = min(room, c._book.max_unreceipted - len(c._book.held) - len(c._inflight))
         for row_id, seq, topic, payload in c.store.peek(c._last_sent_row, max(room, 0)):
             c._publish_now(topic, payload, seq=seq, row_id=row_id)
             c._last_sent_row = row_id

@@ -62,6 +62,10 @@ class DurableAcks:
                  hold_acks: Callable[[], bool] | None = None) -> None:
         self.on_commit = on_commit
         """Called after each commit (a receiver process tells its reader that the log grew)."""
+        self.on_seal: Callable[[], None] | None = None
+        self.on_durable: Callable[[], None] | None = None
+        """Called just before each commit cycle and after it completed (:mod:`edge_agent.receipts`: a receipt
+        reports what was received before the seal, once the commit made it durable)."""
         self.hold_acks = hold_acks
         """While it returns True, nothing is acknowledged (commits go on): back-pressure, since the broker
         sends a subscriber no more than its in-flight window of unacknowledged messages."""
@@ -116,6 +120,8 @@ class DurableAcks:
             self._wake.clear()
             queued = self._received
             committed = False
+            if self.on_seal is not None:
+                self.on_seal()
             while True:
                 try:
                     if self.log.pending:
@@ -128,6 +134,8 @@ class DurableAcks:
                     log.exception("ingest log commit failed; retrying without acknowledging")  # pragma: no mutate
                     await asyncio.sleep(self.retry_s)
             self._durable = max(self._durable, queued)
+            if self.on_durable is not None:
+                self.on_durable()
             if committed and self.on_commit is not None:
                 self.on_commit()
             if self.hold_acks is not None and self.hold_acks():
@@ -173,9 +181,13 @@ class DurableAcks:
     async def drain(self, client: aiomqtt.Client) -> None:
         """Commit and acknowledge everything received (a clean shutdown; back-pressure no longer matters)."""
         queued = self._received
+        if self.on_seal is not None:
+            self.on_seal()
         await self.flush()
         self.counters.inc("ingest_commits")
         self._durable = max(self._durable, queued)
+        if self.on_durable is not None:
+            self.on_durable()
         if self.on_commit is not None:
             self.on_commit()
         self._ack_ready(client, force=True)

@@ -24,12 +24,14 @@ def on_features_batch(core: EdgeCore, fx: Effects, device: str, env: Envelope) -
     entry = registry.devices.get(device)
     if entry is None:
         raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
+    fx.receipt = device
     if registry.is_duplicate("features", device, env.seq):
         core.counters.inc("duplicates")
         return
     batch = FeatureBatch.from_body(env.body, max_record_bytes=core.config.limits.max_array_bytes)
     checked = registry.check_batch(device, batch)
     registry.is_new("features", device, env.seq)  # only now: a refused batch must not advance the guard
+    fx.durable = True  # unlabeled too: a replay rebuilds the guard (and so the receipts) from the log
     count = batch.count
     entry.count("records", count)
     core.counters.inc("batches")

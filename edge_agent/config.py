@@ -164,12 +164,22 @@ class EdgeConfig:
     reading its log (a second connection, client id ``megace-edge-<id>-ctl``, answers inference requests).
     The default honours ``MEGACE_EDGE__INGEST_RECEIVER`` even where a config is built in code (tests run both)."""
     log_level: str = "INFO"
+    receipts: bool = True
+    """Send each device ``receipt`` downlinks (``edge_agent/receipts.py``): which of its records the ingest log
+    holds, so the device keeps and re-sends what a broker acknowledged and then lost. Announced in the config
+    downlink; ``false`` behaves as edges did before (devices forget a record once the broker acknowledged it)."""
+    receipt_interval_s: float = 0.2
+    """At most one receipt per device this often (coalesced); each follows the ingest-log commit it reports."""
     inference_workers: int = 0
     """Extra processes answering this site's prediction requests beside the edge (``edge_agent/infer_worker.py``),
     started once the broker accepted MQTT 5 (broker URL ``?protocol=auto`` or ``5``): they and the edge share
     the request topic through a shared subscription. On MQTT 3.1.1 none start and the edge serves alone."""
     infer_group: str = ""
     """The shared-subscription group of the request topic; empty: ``megace-infer-<site>``."""
+    worker_identities: str = ""
+    """An edge that logs in as an identity (secure set-up): the folder holding its workers' identity folders,
+    ``megace-infer-<edge_id>-w<n>/`` as ``megace provision workers`` writes them (credentials, signing key,
+    the edge's grant). Each worker logs in and signs as its own; empty: such an edge starts no worker."""
     model: EdgeModelConfig = field(default_factory=toy_config)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -217,6 +227,8 @@ class EdgeConfig:
             raise EdgeConfigError("limits.error_downlinks_per_s must be >= 0")
         if self.metrics_interval_s <= 0:
             raise EdgeConfigError("metrics_interval_s must be > 0")
+        if not self.receipt_interval_s >= 0:
+            raise EdgeConfigError("receipt_interval_s must be >= 0")
         if self.inference_workers < 0:
             raise EdgeConfigError("inference_workers must be >= 0")
         if self.infer_group:

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from broker import topics
-from broker.chunking import frames
 from broker.errors import UnknownKindError, WireError
 from broker.inbox import Inbox
 from broker.metrics import Counters
-from broker.signing import unsigned
+from broker.signing import Signer, unsigned
 from broker.wire import (
     CapabilityProfile,
     DeviceFeedback,
@@ -35,7 +34,6 @@ from broker.wire import (
     Kind,
     Prediction,
     SiteFeedback,
-    encode_envelope,
 )
 from broker.wire.bodies import FeedbackView
 from broker.wire.envelope import check_content_type
@@ -44,6 +42,7 @@ from edge_agent.batches import on_features_batch
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import BusyError, IngestError, SenderMismatchError, UnregisteredDeviceError, error_code
 from edge_agent.model_push import push_to_device
+from edge_agent.outgoing import DownlinkWriter, Outgoing
 from edge_agent.registry import DeviceRegistry
 from edge_agent.state import AgentState
 from edge_agent.training.trainer import Trainer
@@ -57,23 +56,7 @@ log = logging.getLogger(__name__)
 
 _FROM_CLOUD = frozenset({topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK})
 
-DOWN_SEQ_BLOCK = 10_000
-"""Downlink seqs reserved (persisted) at a time: one small fsync'd write per block."""
-
 UPLINK_KINDS = {"register": Kind.REGISTER, "features": Kind.FEATURES, "infer": Kind.INFER}
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One message to publish."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-    done: Callable[[], None] | None = field(default=None, compare=False)
-    """Called once the broker acknowledged (or the queue dropped) this message: an inference request's
-    own acknowledgement waits for its answer (see :mod:`edge_agent.acks`)."""
 
 
 @dataclass(slots=True)
@@ -96,10 +79,13 @@ class Effects:
     infers: list[InferRequest] = field(default_factory=list)
     train_due: bool = False
     durable: bool = False
-    verdicts: list[tuple[int, str | None]] = field(default_factory=list)
-    """The cloud's verdicts on this edge's uploads: ``(seq, None)`` accepted, ``(seq, reason)`` refused."""
     """The message changed state that a checkpoint holds (a buffered sample, a registration): the service
     logs it before acknowledging it to the broker (:mod:`edge_agent.acks`)."""
+    verdicts: list[tuple[int, str | None]] = field(default_factory=list)
+    """The cloud's verdicts on this edge's uploads: ``(seq, None)`` accepted, ``(seq, reason)`` refused."""
+    receipt: str | None = None
+    """The device whose record stream this message touched (new, filled or repeated): it is owed a receipt once
+    the ingest log's commit covers it (:mod:`edge_agent.receipts`)."""
 
 
 class EdgeCore:
@@ -125,17 +111,14 @@ class EdgeCore:
         self.model_update: Any = None
         """The inference model devices that ask for one get (a ``ModelUpdate``); set by
         :func:`edge_agent.model_push.push_model`, sent to each such device when it registers."""
-        self.signer = config.signing.signer()
-        """Signs uploads and device downlinks (None: unsigned); see :mod:`broker.signing`."""
+        self.writer = DownlinkWriter(self.site, self.edge_id, config.signing.signer(), config.limits.max_packet)
+        """Builds and signs device downlinks under this edge's increasing seq (:mod:`edge_agent.outgoing`)."""
         self._verifier = config.signing.verifier()
         self._inbox = Inbox(
             max_payload=config.limits.max_payload,
             channels=frozenset({topics.Channel.DEVICE_UP, topics.Channel.GLOBAL_DOWN, topics.Channel.SITE_FEEDBACK}),
             opener=self._open,
         )
-        self._down_seq = 0
-        self._down_reserved = 0
-        self._reserve: Callable[[int], None] | None = None
         self._last_log: dict[str, float] = {}
         self._error_downlinks = TokenBuckets(lim.error_downlinks_per_s, lim.error_downlink_burst,
                                              max_keys=lim.max_devices)
@@ -247,11 +230,16 @@ class EdgeCore:
             restarted = not retained and any(g.last.get(device, -1) >= seq for g in self.registry.guards.values())
         evicted = self.registry.evicted
         entry = self.registry.register(device, profile, fresh=restarted)
+        self.registry.features.foreign(device, seq)  # the registration's seq is no missing record
+        if profile.resend_from is not None:  # nothing below it will come again: no gap there (receipts)
+            self.registry.features.floor(device, profile.resend_from)
         if self.registry.evicted > evicted:
             self.counters.inc("devices_evicted", self.registry.evicted - evicted)
         self.counters.inc("registrations")
         fx.durable = True
-        fx.out.append(self.down(device, Kind.CONFIG, entry.config(model_version=max(self.state.global_version, 0))))
+        config = entry.config(model_version=max(self.state.global_version, 0))
+        config.receipts = self.config.receipts  # the device keeps records until receipted (edge_agent/receipts.py)
+        fx.out.append(self.down(device, Kind.CONFIG, config))
         if entry.local_model and self.model_update is not None:
             fx.out.extend(push_to_device(self, device))
 
@@ -262,6 +250,7 @@ class EdgeCore:
         entry = registry.devices.get(device)
         if entry is None:
             raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
+        fx.receipt = device
         if registry.is_duplicate("features", device, seq):
             self.counters.inc("duplicates")
             return
@@ -269,6 +258,7 @@ class EdgeCore:
         sample = registry.check(device, record, need_label=True)
         registry.is_new("features", device, seq)  # only now: a rejected record must not advance the guard
         entry.count("records")
+        fx.durable = True  # unlabeled too: a replay rebuilds the guard (and so the receipts) from the log
         label = sample["label"]
         if label is None:
             self.counters.inc("unlabeled")
@@ -298,6 +288,7 @@ class EdgeCore:
         record = FeatureRecord.from_body(body, max_array_bytes=self.config.limits.max_array_bytes)
         sample = self.registry.check(device, record, need_label=False)
         self.registry.is_new("infer", device, seq)
+        self.registry.features.foreign(device, seq)  # a request's seq is no missing record
         fx.infers.append(InferRequest(device, record.sample, sample, time.perf_counter(), seq))
 
     # ------------------------------------------------------------ cloud downlinks
@@ -369,39 +360,32 @@ class EdgeCore:
                                                                      version))
 
     def resume_downlink_seqs(self, reserved: int, reserve: Callable[[int], None]) -> None:
-        """Continue downlink seqs after ``reserved`` (the last bound persisted), persisting each new bound
-        through ``reserve`` before any seq under it is used: seqs keep increasing across restarts, as the
-        wire spec promises devices, at the cost of a gap of at most one block per restart."""
-        self._down_seq = self._down_reserved = max(self._down_seq, int(reserved))
-        self._reserve = reserve
+        """Downlink seqs continue after ``reserved``; see :meth:`DownlinkWriter.resume`."""
+        self.writer.resume(reserved, reserve)
 
     def down(self, device: str, kind: Kind, message: Any) -> Outgoing:
         """A device downlink envelope (this edge's own, increasing envelope seq)."""
-        return self._signed(topics.device_down(self.site, device, topics.Downlink(kind.value)), kind, message)
-
-    def _signed(self, topic: str, kind: Kind, message: Any) -> Outgoing:
-        """``message`` under the next downlink seq, signed when this edge signs."""
-        self._down_seq += 1
-        if self._reserve is not None and self._down_seq > self._down_reserved:
-            self._down_reserved = self._down_seq + DOWN_SEQ_BLOCK - 1
-            self._reserve(self._down_reserved)
-        payload = encode_envelope(kind, self.edge_id, self._down_seq, message.to_body())
-        return Outgoing(topic, payload if self.signer is None else self.signer.sign(payload))
+        return self.writer.device(device, kind, message)
 
     def register_request(self) -> Outgoing:
         """Ask every device of the site to publish its registration again (sent after each subscribe): the
         retained registrations may never reach this edge's wildcard filter (RabbitMQ); a live one does."""
         self.counters.inc("register_requests")
-        return self._signed(topics.register_request(self.site), Kind.REGISTER_REQUEST,
-                            RegisterRequest(self.site, self.edge_id))
+        return self.writer.signed(topics.register_request(self.site), Kind.REGISTER_REQUEST,
+                                  RegisterRequest(self.site, self.edge_id))
 
     def down_frames(self, device: str, kind: Kind, message: Any, max_packet: int | None = None) -> list[Outgoing]:
-        """:meth:`down` for a message that may not fit one packet (a model): the (signed) whole, chunked as
-        SPEC §4 says; every chunk carries the envelope's seq and the device verifies after reassembly."""
-        whole = self.down(device, kind, message)
-        limit = self.config.limits.max_packet if max_packet is None else max_packet
-        return [Outgoing(t, p) for t, p in frames(whole.topic, whole.payload, sender=self.edge_id, seq=self._down_seq,
-                                                  max_packet=limit)]
+        """A device downlink that may not fit one packet (a model), chunked; see :meth:`DownlinkWriter.frames`."""
+        return self.writer.frames(device, kind, message, max_packet)
+
+    @property
+    def signer(self) -> Signer | None:
+        """Signs uploads and device downlinks (None: unsigned); see :mod:`broker.signing`."""
+        return self.writer.signer
+
+    @signer.setter
+    def signer(self, signer: Signer | None) -> None:
+        self.writer.signer = signer
 
 
 def _check_like(reference: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> None:

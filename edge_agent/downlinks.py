@@ -15,7 +15,7 @@ import aiomqtt
 
 from broker.aio import publish_one
 from broker.metrics import Counters
-from edge_agent.core import Outgoing
+from edge_agent.outgoing import Outgoing
 
 
 class DownlinkQueue:
@@ -56,6 +56,7 @@ class DownlinkQueue:
         """Publish queued downlinks at QoS 1 until cancelled or a publish fails (which ends the session)."""
         slots = asyncio.Semaphore(self.window)
         pending: set[asyncio.Task[None]] = set()
+        failed: list[Exception] = []
 
         async def one(message: Outgoing) -> None:
             try:
@@ -63,6 +64,8 @@ class DownlinkQueue:
                 self.counters.inc("bytes_up", len(message.payload))
                 if message.done is not None:
                     message.done()
+            except Exception as exc:  # kept for the loop to raise: a done task's own error went unretrieved (logged)
+                failed.append(exc)
             finally:
                 slots.release()
 
@@ -73,8 +76,8 @@ class DownlinkQueue:
                 task = asyncio.create_task(one(message))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-                for t in [t for t in pending if t.done() and not t.cancelled() and t.exception()]:
-                    raise t.exception()  # type: ignore[misc]
+                if failed:
+                    raise failed[0]
         finally:
             for task in pending:
                 task.cancel()

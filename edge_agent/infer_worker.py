@@ -7,8 +7,14 @@ topic as ``$share/<group>/megace/v1/site/<site>/device/+/up/infer`` and each wor
 to exactly one member, the edge included. A worker answers from the ONNX model the edge exported last
 (``<state_dir>/export/``, reloaded when it changes) and learns the devices' profiles from their (retained)
 registrations, which every member receives (a plain subscription), so it validates a request as the edge does
-(:class:`~edge_agent.core.EdgeCore` without a trainer) and signs its answer with the edge's key. Its answers
-name the worker as sender (``<edge_id>-w<n>``) and the model version they were computed with.
+(:class:`~edge_agent.core.EdgeCore` without a trainer). Its answers name the worker as sender
+(``<edge_id>-w<n>``) and the model version they were computed with.
+
+Identities (secure set-up; ``docs/SECURITY.md``): with ``worker_identities`` (``megace provision workers``)
+each worker logs in as its own ``megace-infer-<edge_id>-w<n>`` (role ``infer``: its site's request group and
+registrations, its site's predictions and errors, nothing else) and signs with its own key plus the edge's
+grant for it, which devices pinning their edge's key accept, for that site only. Without, on an anonymous bus,
+it signs with the edge's key (if any).
 
 Deliberate limits:
 
@@ -18,15 +24,13 @@ Deliberate limits:
 * Chunked requests (a sample larger than one packet) stay with the edge: chunks of one transfer must meet
   in one process, so the chunk topic is a plain subscription of the edge's.
 * A worker starts serving only once an export exists (``training.onnx`` ``auto`` or ``on``).
-* Workers use clean sessions: a worker that dies leaves the group at once. Requests the broker had already
-  handed it and it had not answered are lost (Mosquitto 2.0.11 does not give them to another member: a worker
-  hung with SIGSTOP, then killed, lost the 20 of 60 requests round-robin had given it; see
-  ``tests/edge/test_shared_inference.py``); the device sees no answer for them. Durable sessions would be
-  worse: Mosquitto 2.0.11 kept handing every second message to a member whose durable MQTT 5 session was
-  offline (10 of 20, delivered only when it came back).
+* Workers use clean sessions: a worker that dies leaves the group at once; requests handed to it and not
+  answered are lost (Mosquitto 2.0.11 gives them to no other member: a hung, then killed worker lost the 20
+  of 60 round-robin had given it; ``tests/edge/test_shared_inference.py``). Durable sessions were worse:
+  every second message went to an offline member's durable session (10 of 20, delivered when it came back).
 * The edge starts a dead worker of its own again (every ``WATCH_S``; ``inference_worker_restarts``).
-* An edge that logs in as an identity spawns none: its workers would log in as the same one, which a broker
-  with ``use_username_as_clientid`` (megace's secure set-up) makes the edge's own client id.
+* An edge that logs in as an identity without ``worker_identities`` spawns none: as the edge, a worker would
+  take over the edge's session (``use_username_as_clientid``, megace's secure set-up).
 """
 
 from __future__ import annotations
@@ -38,18 +42,18 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiomqtt
 
 from broker import topics
+from broker.address import BrokerAddress, read_secret
 from broker.metrics import Counters
 from broker.protocol import V311
 from broker.session import Session, ack, payload_bytes
+from broker.signing import DelegatedSigner, SignatureError, load_private_key
 from edge_agent.config import EdgeConfig, EdgeConfigError, load_edge_config
 from edge_agent.core import EdgeCore, Outgoing
 from edge_agent.onnx_serving import OnnxPredictor, last_export
@@ -65,18 +69,58 @@ RETAINED_QUIET_S = 0.5
 """After subscribing to registrations, a worker waits until none arrived for this long (at most
 :data:`RETAINED_WAIT_S`) before joining the group: a request from a device it has not seen would be refused."""
 RETAINED_WAIT_S = 5.0
-_ROOT = str(Path(__file__).resolve().parent.parent)
-WATCH_S = 2.0
-"""How often an edge looks for a dead worker of its own to start again."""
+
+
+IDENTITY_PREFIX = "megace-infer-"
+"""Username prefix of role ``infer`` (``megace.provision.identity``): a worker's folder and login name."""
 
 
 class SharedUnavailable(RuntimeError):
     """The connection is MQTT 3.1.1: shared subscriptions do not exist there, so a worker must not serve."""
 
 
+class GroupRefused(RuntimeError):
+    """The broker refused the worker's ``$share`` subscription (its ACL lacks the group): exit 2, no restart."""
+
+
+def refused(filters: Sequence[str], granted: object, counters: Counters, who: str) -> list[str]:
+    """The filters a SUBACK refused, counted (``subscribe_refused``) and logged: a refused ``$share`` (dynsec
+    checks it literally: a group its ACL does not name) would otherwise lose its requests silently."""
+    codes = list(granted) if isinstance(granted, (list, tuple)) else []
+    out = [f for f, c in zip(filters, codes, strict=False)
+           if (c.is_failure if hasattr(c, "is_failure") else isinstance(c, int) and c >= 0x80)]
+    if out:
+        counters.inc("subscribe_refused", len(out))
+        log.error("%s: the broker refused the subscription(s) %s (not authorized?)", who, ", ".join(out))
+    return out
+
+
 def group_name(config: EdgeConfig) -> str:
     """The shared-subscription group of a site's request topic: ``megace-infer-<site>`` unless configured."""
     return config.infer_group or f"megace-infer-{config.site}"
+
+
+def worker_login(config: EdgeConfig, worker_id: str) -> tuple[BrokerAddress, DelegatedSigner | None]:
+    """How worker ``worker_id`` logs in and signs: as the edge (no ``worker_identities``), or as its own
+    identity from ``<worker_identities>/megace-infer-<worker_id>/``; missing or unusable files: EdgeConfigError."""
+    edge = config.address
+    if not config.worker_identities:
+        return edge, None
+    folder = Path(config.worker_identities) / f"{IDENTITY_PREFIX}{worker_id}"
+    try:
+        if edge.cert_file:  # the edge's listener decides: mutual TLS, or TLS + password
+            address = dataclasses.replace(edge, username=folder.name, password=None, password_file=None,
+                                          cert_file=str(folder / "client.crt"), key_file=str(folder / "client.key"))
+            for path in (address.cert_file, address.key_file):
+                Path(str(path)).read_bytes()
+        else:
+            secret = folder / "password"
+            address = dataclasses.replace(edge, username=folder.name, password=read_secret(secret),
+                                          password_file=str(secret), cert_file=None, key_file=None)
+        signer = DelegatedSigner(load_private_key(folder / "signing.ed25519"), (folder / "grant.msgpack").read_bytes())
+    except (OSError, ValueError, SignatureError) as exc:
+        raise EdgeConfigError(f"worker identity {folder}: {exc}") from None
+    return address, signer
 
 
 def request_filter(site: str) -> str:
@@ -123,8 +167,12 @@ class InferWorker:
         self.worker_id = topics.check_id(worker_id, "worker id")
         self.group = group_name(config)
         self.counters = Counters()
-        self.core = EdgeCore(dataclasses.replace(config, edge_id=worker_id), self.counters)
+        self.address, signer = worker_login(config, self.worker_id)
+        own = {} if signer is None else {"signing": dataclasses.replace(config.signing, key_file="")}
+        self.core = EdgeCore(dataclasses.replace(config, edge_id=worker_id, **own), self.counters)
         """Validation and answers exactly as the edge's (no trainer: requests and registrations only)."""
+        if signer is not None:
+            self.core.signer = signer  # its own key and the edge's grant, never the edge's key
         self.export_dir = config.state_path / EXPORT_DIR
         self.predictor: OnnxPredictor | None = None
         self.serving = asyncio.Event()
@@ -165,12 +213,13 @@ class InferWorker:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set; refuses at once when the configured protocol is 3.1.1."""
         stop = stop or asyncio.Event()
-        address = self.config.address
+        address = self.address
         if address.protocol == V311:
             raise SharedUnavailable("the broker protocol is set to 3.1.1; inference workers need MQTT 5 "
                                     "(protocol=auto or 5)")
+        identifier = address.username or f"megace-infer-{self.config.site}-{self.worker_id}"
         self.session = Session(address, lambda client, _attempt: self._serve(client, stop),
-                               identifier=f"megace-infer-{self.config.site}-{self.worker_id}", counters=self.counters,
+                               identifier=identifier, counters=self.counters,
                                clean_session=True, name=f"infer worker {self.worker_id}", manual_ack=True)
         await self.session.run(stop)
 
@@ -191,7 +240,9 @@ class InferWorker:
         await client.subscribe([(f, 1) for f in topics.subscriptions(register)])
         messages = aiomqtt_messages(client)
         await self._settle_registrations(client, messages)
-        await client.subscribe(shared(self.group, request_filter(self.config.site)), qos=1)
+        group = shared(self.group, request_filter(self.config.site))
+        if refused([group], await client.subscribe(group, qos=1), self.counters, f"infer worker {self.worker_id}"):
+            raise GroupRefused(f"the broker refused {group}: grant role infer this group (megace provision)")
         self.serving.set()
         log.info("infer worker %s joined group %s", self.worker_id, self.group)
         stopper = asyncio.create_task(stop.wait())
@@ -249,101 +300,6 @@ def aiomqtt_messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
     return client.messages.__aiter__()
 
 
-class WorkerProcesses:
-    """The ``--inference-workers`` children of an edge: started once the edge's connection is MQTT 5, and
-    started again (``inference_worker_restarts``) when one dies, unless it exited for a bad config (2) or
-    because the broker has no MQTT 5 (3)."""
-
-    def __init__(self, config: EdgeConfig, count: int, *, watch_s: float = WATCH_S) -> None:
-        self.config = config
-        self.count = count
-        self.watch_s = watch_s
-        self.procs: list[subprocess.Popen[bytes]] = []
-        """One per worker id ``<edge_id>-w<i>``, in order; a restarted worker replaces its entry."""
-        self.decided = False
-        self.counters = Counters()
-        self._path = config.state_path / "infer-worker.toml"
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-
-    def on_connected(self, v5: bool, counters: Counters) -> None:
-        """Start the workers on the first MQTT 5 connection; on 3.1.1 say once that none will run."""
-        if self.decided or self.count < 1:
-            return
-        self.decided = True
-        self.counters = counters
-        if not v5:
-            counters.inc("inference_workers_refused")
-            log.warning("edge %s: inference_workers = %d not started: the broker speaks MQTT 3.1.1 (no shared "
-                        "subscriptions); the edge serves every prediction itself", self.config.edge_id, self.count)
-            return
-        address = self.config.address
-        if address.username or address.cert_file:
-            counters.inc("inference_workers_refused")
-            log.warning("edge %s: inference_workers = %d not started: the edge connects as an identity (%s) and a "
-                        "worker with the same one would take over the edge's session on a broker that makes the "
-                        "user name the client id (megace's secure set-up); run workers with identities of their "
-                        "own (megace infer --config with another broker URL)", self.config.edge_id, self.count,
-                        address.username or address.cert_file)
-            return
-        self.config.write(self._path)
-        with self._lock:
-            self.procs = [self._spawn(i) for i in range(1, self.count + 1)]
-        counters.set("inference_workers", float(self.count))
-        log.info("edge %s: started %d inference workers in group %s", self.config.edge_id, self.count,
-                 group_name(self.config))
-        self._watcher = threading.Thread(target=self._watch, name=f"megace-infer-watch-{self.config.edge_id}",
-                                         daemon=True)
-        self._watcher.start()
-
-    def worker_id(self, i: int) -> str:
-        return f"{self.config.edge_id}-w{i}"
-
-    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
-        worker_id = self.worker_id(i)
-        command = [sys.executable, "-m", "edge_agent.infer_worker", "--config", str(self._path), "--worker-id",
-                   worker_id]
-        with open(self.log_path(worker_id), "ab") as out:  # the child keeps its own descriptor
-            return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def _watch(self) -> None:
-        """Every ``watch_s``: start again a worker that died (a crash, a kill), never one that refused."""
-        while not self._stop.wait(self.watch_s):
-            with self._lock:
-                for n, proc in enumerate(self.procs):
-                    code = proc.poll()
-                    if code is None or code in (2, EXIT_NO_V5) or self._stop.is_set():
-                        continue
-                    self.counters.inc("inference_worker_restarts")
-                    log.warning("edge %s: inference worker %s exited (%s); starting it again", self.config.edge_id,
-                                self.worker_id(n + 1), code)
-                    self.procs[n] = self._spawn(n + 1)
-
-    def log_path(self, worker_id: str) -> Path:
-        """Where a spawned worker's output goes: ``<state_dir>/infer-<worker_id>.log``."""
-        return self.config.state_path / f"infer-{worker_id}.log"
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop watching, SIGTERM every worker, then SIGKILL what is left after ``timeout``."""
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout)
-        with self._lock:
-            procs = list(self.procs)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
-
 def serve(config_path: str | None, worker_id: str) -> int:
     """Run one worker until SIGTERM/SIGINT: 0 clean, 2 bad config, 3 no MQTT 5 at the broker, 1 crash."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -367,6 +323,9 @@ def serve(config_path: str | None, worker_id: str) -> int:
     except SharedUnavailable as exc:
         log.error("infer worker %s not serving: %s", worker_id, exc)
         return EXIT_NO_V5
+    except GroupRefused as exc:
+        log.error("infer worker %s not serving: %s", worker_id, exc)
+        return 2
     except Exception:
         log.exception("infer worker %s crashed", worker_id)
         return 1
@@ -386,5 +345,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["EXIT_NO_V5", "InferWorker", "SharedUnavailable", "WorkerProcesses", "group_name", "request_filter", "serve",
-           "shared", "sharing"]
+__all__ = ["EXIT_NO_V5", "IDENTITY_PREFIX", "GroupRefused", "InferWorker", "SharedUnavailable",
+           "group_name", "refused", "request_filter", "serve", "shared", "sharing", "worker_login"]

@@ -13,6 +13,8 @@ frame torn by a crash, never acknowledged (the broker delivers that message agai
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import IO
 
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 * 1024 * 1024
 """Bytes read from a segment at a time."""
+SETTLED_NS = 2_000_000_000
+"""A directory mtime this old is trusted to show every segment created before it (file systems stamp
+mtimes at a coarse tick, so a segment made within the tick of a listing may leave the mtime unchanged)."""
 
 
 class LogTail:
@@ -37,6 +42,7 @@ class LogTail:
         self._file: IO[bytes] | None = None
         self._data = b""
         self._pos = 0  # in _data; _data[0] is byte ``offset - _pos`` of the segment
+        self._listed_mtime = -1  # the directory's mtime when a listing last found no later segment
 
     @property
     def position(self) -> tuple[int, int]:
@@ -85,7 +91,17 @@ class LogTail:
         return True
 
     def _next_segment(self) -> int | None:
+        """The first segment after the current one, if any: listed only when the directory changed, since
+        the reader asks each time it reaches the end of the data (hundreds of times a second under load)."""
+        try:
+            mtime = os.stat(self.directory).st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if mtime == self._listed_mtime:
+            return None
+        settled = time.time_ns() - mtime > SETTLED_NS  # else a segment made later in this tick keeps this mtime
         later = [n for n in list_segments(self.directory) if n > self.segment]
+        self._listed_mtime = mtime if settled and not later else -1
         return min(later) if later else None
 
     def _switch(self, segment: int) -> None:

@@ -45,6 +45,7 @@ from broker.address import BrokerAddress
 from broker.metrics import Counters
 from broker.protocol import AUTO, DEFAULT_PROTOCOL, V5
 from broker.session import Session
+from edge_agent import receiver_mqtt
 from edge_agent.acks import DurableAcks
 from edge_agent.ingestlog import IngestLog
 
@@ -124,8 +125,10 @@ class WindowedSession(Session):
     def client(self) -> aiomqtt.Client:
         client = super().client()
         # paho's messages straight to the receiver, on the loop's thread as aiomqtt drives paho: no Message
-        # conversion, no queue, no task per message (aiomqtt's iterator cost about half this loop's time)
+        # conversion, no queue, no task per message (aiomqtt's iterator cost about half this loop's time);
+        # QoS 1 publishes, reads and PUBACKs through the fast paths of :mod:`edge_agent.receiver_mqtt`
         client._client.on_message = self.on_message
+        receiver_mqtt.install(client._client, self.on_message, asyncio.get_running_loop())
         if self.negotiator.version == V5 and self.receive_maximum:
             props = client._properties or Properties(PacketTypes.CONNECT)
             props.ReceiveMaximum = self.receive_maximum
@@ -210,6 +213,7 @@ class IngestReceiver:
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks[1]
                 await self.acks.drain(client)  # everything received is logged and acknowledged
+                receiver_mqtt.flush_acks(client._client)  # those PUBACKs go before the DISCONNECT
                 return
             for task in done:
                 if task.exception() is not None:
@@ -221,7 +225,7 @@ class IngestReceiver:
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
             self.acks.reset()
 
-    def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage | receiver_mqtt.Received) -> None:
         """paho's callback: log (buffered; committed in groups by :class:`DurableAcks`), to be acknowledged after."""
         payload = message.payload
         self.counters.inc("bytes_down", len(payload))

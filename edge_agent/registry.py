@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.dedup import SequenceGuard
+from broker.dedup import GapGuard, SequenceGuard
 from broker.wire import CapabilityProfile, DeviceConfig, ErrorCode, FeatureBatch, FeatureRecord
 from edge_agent.errors import (
     BadLabelError,
@@ -111,7 +111,9 @@ class DeviceRegistry:
         self.max_sequence_factor = max_sequence_factor
         self.clock = clock
         self.devices: dict[str, DeviceEntry] = {}
-        self.guards = {stream: SequenceGuard() for stream in STREAMS}
+        self.guards: dict[str, SequenceGuard] = {stream: SequenceGuard() for stream in STREAMS}
+        self.features = self.guards["features"] = GapGuard()
+        """Records are gap-aware: a device re-sends what a receipt said is missing, below the mark (``receipts``)."""
         self.evicted = 0
         """Devices evicted to make room for newcomers (the service publishes it as ``devices_evicted``)."""
 
@@ -226,6 +228,7 @@ class DeviceRegistry:
     def reset_sequence(self, device: str) -> None:
         for guard in self.guards.values():
             guard.last.pop(device, None)
+        self.features.forget(device)
 
     # ------------------------------------------------------------------ records
     def is_new(self, stream: str, device: str, seq: int) -> bool:
@@ -293,6 +296,8 @@ class DeviceRegistry:
         return {
             "devices": [e.to_dict() for e in self.devices.values()],
             "guards": {stream: dict(g.last) for stream, g in self.guards.items()},
+            "holes": self.features.holes_dict(),
+            "floors": dict(self.features.floors),
         }
 
     def load_dict(self, data: dict[str, Any]) -> None:
@@ -311,6 +316,9 @@ class DeviceRegistry:
         for stream, last in dict(data.get("guards", {})).items():
             if stream in self.guards:
                 self.guards[stream].last.update({k: int(v) for k, v in dict(last).items()})
+        for device, holes in dict(data.get("holes", {})).items():
+            self.features.holes[str(device)] = {int(s) for s in holes}
+        self.features.floors.update({str(k): int(v) for k, v in dict(data.get("floors", {})).items()})
 
 
 _isfinite = np.isfinite

@@ -51,13 +51,14 @@ from edge_agent.acks import DurableAcks
 from edge_agent.config import EdgeConfig
 from edge_agent.core import EdgeCore, Effects
 from edge_agent.downlinks import DownlinkQueue
-from edge_agent.infer_worker import WorkerProcesses, group_name, sharing
+from edge_agent.infer_worker import group_name, refused, sharing
 from edge_agent.inference import Predictor
 from edge_agent.inference_process import ProcessPredictor
 from edge_agent.ingestlog import IngestLog
 from edge_agent.model_push import publish_model
 from edge_agent.onnx_serving import OnnxServing
 from edge_agent.outbox import Outbox
+from edge_agent.receipts import ReceiptTracker
 from edge_agent.receiver_host import ReceiverHost, infer_filters
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, Reporter, edge_metrics
@@ -65,6 +66,7 @@ from edge_agent.rounds import EdgeRounds
 from edge_agent.serving import InferenceServer, make_predictor
 from edge_agent.state import AgentState, StateStore
 from edge_agent.training.trainer import Trainer
+from edge_agent.worker_processes import WorkerProcesses
 from megace_model.onnx import OnnxArtifact
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class EdgeAgent(EdgeRounds):
         ack_log = "ingest" if self.receiver is None else "ingest-ctl"  # process: the receiver owns ingest/
         self.acks = DurableAcks(IngestLog(self.store.root / ack_log, fsync=config.ingest_fsync), self.counters)
         """Device messages are acknowledged to the broker only once logged; see :mod:`edge_agent.acks`."""
+        self.receipts = ReceiptTracker.attach(self)  # a device's records, receipted after their commit
         self.last_round: dict[str, Any] = {}
         self.ready = asyncio.Event()
         """Set once state is restored and the first subscription is in place (tests, launchers)."""
@@ -257,7 +260,8 @@ class EdgeAgent(EdgeRounds):
     async def _session(self, client: aiomqtt.Client, attempt: int = 0) -> None:
         v5 = self._mqtt is not None and self._mqtt.negotiator.v5  # MQTT 5: requests through a shared subscription
         filters, stale = sharing(self._filters, self.site, group_name(self.config)) if v5 else (self._filters, [])
-        await client.subscribe([(f, 1) for f in [*filters, *self._exact.filters()]])
+        wanted = [*filters, *self._exact.filters()]
+        refused(wanted, await client.subscribe([(f, 1) for f in wanted]), self.counters, f"edge {self.edge_id}")
         if stale:  # what a 3.1.1 session of this client id left: a request would come twice (the guard drops it)
             await client.unsubscribe(stale)
         self.workers.on_connected(v5, self.counters)
@@ -375,6 +379,7 @@ class EdgeAgent(EdgeRounds):
 
     def _dispatch(self, fx: Effects) -> Effects:
         """Hand what the core asked for to the collaborators: serving, training thread, downlinks, outbox."""
+        self.receipts.touched(fx.receipt)
         for request in fx.infers:
             self.serving.submit(request)
         for job in fx.applies:

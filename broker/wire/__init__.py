@@ -16,6 +16,7 @@ from broker.wire.device import (
 )
 from broker.wire.envelope import Envelope, Kind, decode_envelope, encode_envelope
 from broker.wire.model import ModelUpdate
+from broker.wire.receipt import Receipt
 from broker.wire.requests import RegisterRequest
 from broker.wire.status import Status, decode_metrics, metrics_payload
 
@@ -38,6 +39,7 @@ __all__ = [
     "ModalityProfile",
     "ModelUpdate",
     "Prediction",
+    "Receipt",
     "RegisterRequest",
     "Rejection",
     "SiteFeedback",

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from broker.compat import slotted_dataclass
 from broker.errors import DecodeError
 from broker.wire.arrays import decode_array, encode_array
 from broker.wire.fields import body_map, count_map, get_float, get_int, get_list, get_map, get_str, number_map
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _MODALITY_TAG = re.compile(r"(?:^|\.)modality_proj\.([a-z][a-z0-9_]{0,31})\.")
 

@@ -12,15 +12,16 @@ others following it by one). Every record of a batch carries the same modalities
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from broker.compat import slotted_dataclass
 from broker.errors import ArrayFormatError, DecodeError, OversizeError, UnknownModalityError
-from broker.wire.arrays import decode_array, encode_array
+from broker.wire.arrays import as_ndarray, decode_array, encode_array, numpy
 from broker.wire.device import FeatureRecord
 from broker.wire.fields import body_map, check_modality, get_int, get_map, get_str
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_BATCH_RECORDS = 4096
 """Most records one ``features_batch`` may carry (receivers refuse more: ``OversizeError``)."""
@@ -48,6 +49,7 @@ class FeatureBatch:
 
     def sample_ids(self) -> np.ndarray:
         """Every record's sample id, in order (uint64)."""
+        np = numpy()
         if self.samples is not None:
             return self.samples.astype(np.uint64)
         return np.arange(self.count, dtype=np.uint64) + np.uint64(self.first)
@@ -61,7 +63,10 @@ class FeatureBatch:
 
     @classmethod
     def stack(cls, records: Sequence[FeatureRecord], *, times: Sequence[int] | None = None) -> FeatureBatch:
-        """Stack records that carry the same modalities, shapes and dtypes (``ValueError`` otherwise)."""
+        """Stack records that carry the same modalities, shapes and dtypes (``ValueError`` otherwise).
+
+        A modality may be a numpy array or a buffer :func:`broker.wire.arrays.encode_array` takes."""
+        np = numpy()
         if not records:
             raise ValueError("a batch needs at least one record")
         head = records[0]
@@ -73,11 +78,12 @@ class FeatureBatch:
             if (r.label is not None) != labelled:
                 raise ValueError("a batch is labelled all or nothing")
         try:
-            mods = {n: np.stack([np.asarray(r.modalities[n]) for r in records]) for n in names}
+            arrays = {n: [as_ndarray(r.modalities[n]) for r in records] for n in names}
+            mods = {n: np.stack(arrays[n]) for n in names}
         except ValueError as exc:
             raise ValueError(f"records of one batch need the same shapes: {exc}") from None
         for n in names:
-            if any(np.asarray(r.modalities[n]).dtype != mods[n].dtype for r in records):
+            if any(a.dtype != mods[n].dtype for a in arrays[n]):
                 raise ValueError(f"modality {n!r}: records of one batch need the same dtype")
         ids = [int(r.sample) for r in records]
         first = ids[0]

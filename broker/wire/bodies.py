@@ -20,6 +20,7 @@ from broker.wire.device import (
 from broker.wire.envelope import Envelope, Kind
 from broker.wire.fields import body_map, check_modality, get_list, get_map, get_str
 from broker.wire.model import ModelUpdate
+from broker.wire.receipt import Receipt
 from broker.wire.requests import RegisterRequest
 
 BODY_TYPES: dict[Kind, Any] = {
@@ -36,6 +37,7 @@ BODY_TYPES: dict[Kind, Any] = {
     Kind.SITE_FEEDBACK: SiteFeedback,
     Kind.MODEL: ModelUpdate,
     Kind.REGISTER_REQUEST: RegisterRequest,
+    Kind.RECEIPT: Receipt,
 }
 
 

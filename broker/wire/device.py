@@ -8,13 +8,11 @@ the same sample always travel together, so the edge never has to join streams.
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from broker.compat import StrEnum, slotted_dataclass
 from broker.errors import DecodeError, UnknownModalityError
-from broker.wire.arrays import DTYPES, MAX_EXTENT, MAX_NDIM, decode_array, encode_array
+from broker.wire.arrays import DTYPES, MAX_EXTENT, MAX_NDIM, decode_array, encode_array, numpy
 from broker.wire.fields import (
     body_map,
     check_modality,
@@ -25,6 +23,9 @@ from broker.wire.fields import (
     get_str,
     number_map,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @slotted_dataclass()
@@ -145,6 +146,9 @@ class CapabilityProfile:
     when False, so registrations of devices that do not ask stay byte-identical to older ones."""
     model_version: int | None = None
     """The version of the model the device holds (None: none, not sent), so an edge does not send it again."""
+    resend_from: int | None = None
+    """The lowest seq of a record the device may still (re-)send (None: not sent): an edge with receipts
+    forgets the gaps below it and never opens one there (a restarted device skips the rest of its seq block)."""
 
     def to_body(self) -> dict[str, Any]:
         body = {
@@ -159,6 +163,8 @@ class CapabilityProfile:
             body["local_model"] = True
         if self.model_version is not None:
             body["model_version"] = int(self.model_version)
+        if self.resend_from is not None:
+            body["resend_from"] = int(self.resend_from)
         return body
 
     @classmethod
@@ -175,6 +181,7 @@ class CapabilityProfile:
             epoch=_epoch(get_int(b, "epoch", optional=True)),
             local_model=_flag(b, "local_model"),
             model_version=_model_version(get_int(b, "model_version", optional=True)),
+            resend_from=_resend_from(get_int(b, "resend_from", optional=True)),
         )
 
 
@@ -194,6 +201,12 @@ def _model_version(value: int | None) -> int | None:
     return value
 
 
+def _resend_from(value: int | None) -> int | None:
+    if value is not None and value >= 2**63:
+        raise DecodeError(f"resend_from {value} is out of range (0 <= seq < 2^63)")
+    return value
+
+
 def _epoch(value: int | None) -> int:
     if value is not None and value >= 2**63:
         raise DecodeError(f"epoch {value} is out of range (0 <= epoch < 2^63)")
@@ -208,14 +221,20 @@ class DeviceConfig:
     rate_hz: dict[str, float] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     model_version: int = 0
+    receipts: bool = False
+    """The edge sends ``receipt`` downlinks: the device keeps each record until one covers it (SPEC, "Receipts").
+    Encoded only when true, so an older edge's config (and its test vector) stays byte-identical."""
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "modalities": [check_modality(m) for m in self.modalities],
             "rate_hz": {k: float(v) for k, v in self.rate_hz.items()},
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "model_version": int(self.model_version),
         }
+        if self.receipts:
+            body["receipts"] = True
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> DeviceConfig:
@@ -231,6 +250,7 @@ class DeviceConfig:
             rate_hz=number_map(get_map(b, "rate_hz", optional=True), "rate_hz"),
             shapes=shapes,
             model_version=get_int(b, "model_version", optional=True) or 0,
+            receipts=b.get("receipts") is True,
         )
 
 
@@ -249,7 +269,7 @@ class Prediction:
             "device": self.device,
             "sample": int(self.sample),
             "label": int(self.label),
-            "probs": encode_array(np.asarray(self.probs, dtype=np.float32)),
+            "probs": encode_array(numpy().asarray(self.probs, dtype="<f4")),
             "model_version": int(self.model_version),
         }
 

@@ -37,6 +37,7 @@ class Kind(StrEnum):
     CHUNK = "chunk"
     FEATURES_BATCH = "features_batch"
     REGISTER_REQUEST = "register_request"
+    RECEIPT = "receipt"
 
 
 def content_type(kind: Kind) -> str:

@@ -25,6 +25,7 @@ from broker.wire import (
     ModalityProfile,
     ModelUpdate,
     Prediction,
+    Receipt,
     RegisterRequest,
     encode_envelope,
 )
@@ -165,6 +166,16 @@ def vectors() -> list[dict]:
                     "edge": "edge-1",
                     "note": "not retained; every device of site-a answers by publishing its registration again"},
         "hex": encode_envelope(Kind.REGISTER_REQUEST, "edge-1", 14, request.to_body(), ts_ms=TS).hex(),
+    })
+    receipt = Receipt("gw-7", 12, (9,))
+    out.append({
+        "name": "receipt",
+        "topic": topics.device_down("site-a", "gw-7", topics.Downlink.RECEIPT),
+        "meaning": {"kind": "receipt", "sender": "edge-1", "seq": 15, "ts_ms": TS, "device": "gw-7", "upto": 12,
+                    "missing": [9],
+                    "note": "edge-1's ingest log holds every features envelope of gw-7 with n <= 12 except n = 9 "
+                            "(re-send it, same n); an edge that signs wraps it like signed-prediction"},
+        "hex": encode_envelope(Kind.RECEIPT, "edge-1", 15, receipt.to_body(), ts_ms=TS).hex(),
     })
     return out
 

@@ -117,6 +117,30 @@ def edge(folder: Folder, site: str, edge_id: str, no_cert: NoCert = False, no_pa
 
 
 @app.command()
+def workers(folder: Folder, site: str, edge_id: str,
+            count: Annotated[int, typer.Option(min=1, help="how many workers (<edge_id>-w1 .. -wN)")] = 1,
+            grant_days: Annotated[int, typer.Option(min=1, help="how long devices accept the edge's grant of "
+                                                    "each worker's signing key")] = 365,
+            no_cert: NoCert = False, no_password: NoPassword = False, reload_pid: ReloadPid = None) -> None:
+    """Issue (or rotate) an edge's inference workers: identities of role infer, own signing keys, the edge's grants."""
+    from megace.provision.static import reload_broker
+    from megace.provision.workers import issue_workers
+
+    if no_cert and no_password:
+        raise typer.BadParameter("an identity needs a certificate or a password")
+    try:
+        folders = issue_workers(_open(folder), site, edge_id, count, cert=not no_cert, password=not no_password,
+                                days=grant_days)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if reload_pid:
+        reload_broker(reload_pid)
+    for out in folders:
+        typer.echo(f"infer {out.name.removeprefix('megace-infer-')} (site {site}): files in {out}")
+    typer.echo(f"  give the edge host {folders[0].parent} (or these folders) and set worker_identities to it")
+
+
+@app.command()
 def cloud(folder: Folder, cloud_id: Annotated[str, typer.Argument()] = "cloud", no_cert: NoCert = False,
           no_password: NoPassword = False,
           signing_key: Annotated[bool, typer.Option(help="also an Ed25519 payload-signing key")] = True,

@@ -14,6 +14,9 @@ device     ``megace-dev-<device>``     write its own uplinks, status, metrics; r
 edge       ``megace-edge-<edge_id>``   read its site's uplinks, write its site's downlinks,
                                        its site's adapter upload, its own status/metrics;
                                        read the global adapter and its site's feedback
+infer      ``megace-infer-<worker>``   an edge's inference worker (``<edge_id>-w<n>``): join its site's shared
+                                       request group, read its site's registrations, write its site's
+                                       predictions and errors; nothing else
 cloud      ``megace-cloud-<cloud_id>`` read adapter uploads, write cloud downlinks, own status/metrics
 dashboard  ``megace-dash-<name>``      read status, metrics and events
 monitor    ``megace-mon-<name>``       read everything under ``megace/v1/``, write nothing (the
@@ -40,6 +43,7 @@ class Role(StrEnum):
 
     DEVICE = "device"
     EDGE = "edge"
+    INFER = "infer"
     CLOUD = "cloud"
     DASHBOARD = "dashboard"
     MONITOR = "monitor"
@@ -49,12 +53,13 @@ class Role(StrEnum):
 PREFIX: dict[Role, str] = {
     Role.DEVICE: "megace-dev-",
     Role.EDGE: "megace-edge-",
+    Role.INFER: "megace-infer-",
     Role.CLOUD: "megace-cloud-",
     Role.DASHBOARD: "megace-dash-",
     Role.MONITOR: "megace-mon-",
     Role.ADMIN: "megace-admin-",
 }
-SITED = (Role.DEVICE, Role.EDGE)
+SITED = (Role.DEVICE, Role.EDGE, Role.INFER)
 
 
 class Access(StrEnum):
@@ -141,7 +146,8 @@ def rules_for(ident: Identity) -> list[Rule]:
         ]
     if ident.role is Role.EDGE:
         return [
-            _read(f"{R}/site/{site}/device/+/up/#", *topics.subscriptions(topics.site_device_uplinks(site))),
+            _read(f"{R}/site/{site}/device/+/up/#", *topics.subscriptions(topics.site_device_uplinks(site)),
+                  shared_request(site)),
             _write(f"{R}/site/{site}/device/+/down/#"),
             _write(topics.register_request(site)),
             _write(f"{topics.adapter_up(site)}/#"),
@@ -151,6 +157,8 @@ def rules_for(ident: Identity) -> list[Rule]:
             _write(topics.metrics(topics.Role.EDGE, name, site)),
             _write(topics.events(topics.Role.EDGE, name, site)),
         ]
+    if ident.role is Role.INFER:
+        return infer_rules(site)
     if ident.role is Role.CLOUD:
         return [
             _read(f"{R}/cloud/up/+/adapter/#", *topics.subscriptions(topics.all_adapter_uplinks())),
@@ -166,3 +174,31 @@ def rules_for(ident: Identity) -> list[Rule]:
         # see every payload but change nothing: signatures, not secrecy, protect what it reads
         return [_read(f"{R}/#")]
     return []  # admin: only the plugin's $CONTROL topics, granted in the dynsec module
+
+
+def shared_request(site: str) -> str:
+    """The site's request filter in its default shared group (``edge_agent.infer_worker.group_name``).
+
+    Mosquitto's ``acl_file`` checks a ``$share/<group>/<filter>`` subscription against ``<filter>``; the
+    dynamic-security plugin checks the whole string, and only a literal grant matched it (2.0.11: a
+    ``subscribePattern`` of ``$share/+/...`` did not). So dynsec grants this group only: a configured
+    ``infer_group`` needs its own grant there."""
+    return f"$share/megace-infer-{site}/{R}/site/{site}/device/+/up/{topics.Uplink.INFER.value}"
+
+
+INFER_KINDS = (topics.Downlink.PREDICTION.value, topics.Downlink.ERROR.value)
+"""What an inference worker answers with (a refused request gets its error); its grant names these kinds."""
+
+
+def infer_rules(site: str) -> list[Rule]:
+    """An inference worker's grants: whole requests through its site's shared group (any group name: the
+    topic part pins the site), its site's registrations (to validate requests as the edge does, chunks
+    included), its site's predictions and errors. Not features, uploads, globals, status or other sites."""
+    base = f"{R}/site/{site}/device/+"
+    request = f"{base}/up/{topics.Uplink.INFER.value}"
+    register = f"{base}/up/{topics.Uplink.REGISTER.value}"
+    return [
+        _read(request, request, shared_request(site)),
+        _read(f"{register}/#", *topics.subscriptions(register)),
+        *(_write(f"{base}/down/{kind}") for kind in INFER_KINDS),
+    ]

@@ -13,7 +13,8 @@ Layout (``megace provision`` manages it; keep it on the operator's machine, ``ca
         broker.url                mutual TLS URL (certificate identity)
         broker-password.url       TLS + password URL
         broker.env                MEGACE_BROKER_* and the service's broker variable
-        signing.ed25519[.pub]     payload signing key (cloud and edges; signatures are planned)
+        signing.ed25519[.pub]     payload signing key (cloud, edges, inference workers)
+        grant.msgpack             an inference worker's grant from its edge's key (megace.provision.workers)
 
 Every change rewrites the derived broker files from the registry, so they can never drift.
 """

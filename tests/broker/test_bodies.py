@@ -33,6 +33,7 @@ from broker.wire import (
 )
 from broker.wire.adapters import decode_tensors, encode_tensors
 from broker.wire.bodies import BODY_TYPES, decode_body
+from broker.wire.receipt import Receipt
 from tests.support.wire import raises_exactly
 
 
@@ -60,7 +61,7 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         "register": "CapabilityProfile",
         "config": "DeviceConfig", "prediction": "Prediction", "feedback": "DeviceFeedback", "error": "ErrorReport",
         "adapter": "AdapterUpdate", "global": "GlobalAdapter", "site_feedback": "SiteFeedback",
-        "model": "ModelUpdate", "register_request": "RegisterRequest",
+        "model": "ModelUpdate", "register_request": "RegisterRequest", "receipt": "Receipt",
     }
     samples = {
         Kind.FEATURES: FeatureRecord("d", 1, {"imu": np.ones(2, np.float32)}),
@@ -75,6 +76,7 @@ def test_each_kind_decodes_to_its_message_type() -> None:
         Kind.GLOBAL: GlobalAdapter(1, "fp", "fedavg", 1, 1.0, {}),
         Kind.SITE_FEEDBACK: SiteFeedback("s", 1, 0, {}),
         Kind.REGISTER_REQUEST: RegisterRequest("s-1", "edge_1"),
+        Kind.RECEIPT: Receipt("d", 9, (3, 5)),
     }
     for kind, msg in samples.items():
         env = decode_envelope(encode_envelope(kind, "x", 1, msg.to_body()))

@@ -24,6 +24,7 @@ from broker.wire import (
     ModalityProfile,
     ModelUpdate,
     Prediction,
+    Receipt,
     RegisterRequest,
     decode_envelope,
     encode_envelope,
@@ -63,6 +64,8 @@ def _build(m: dict[str, Any]) -> Any:
                            bytes.fromhex(m["data_hex"]), m["format"])
     if m["kind"] == "register_request":
         return RegisterRequest(m["site"], m["edge"])
+    if m["kind"] == "receipt":
+        return Receipt(m["device"], m["upto"], tuple(m["missing"]))
     raise AssertionError(m["kind"])
 
 
@@ -139,6 +142,9 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
         assert {k: list(v) for k, v in msg.inputs.items()} == m["inputs"]
         assert msg.data.hex() == m["data_hex"] and hashlib.sha256(msg.data).hexdigest() == m["sha256_hex"]
         assert msg.sha256.hex() == m["sha256_hex"]
+    elif m["kind"] == "receipt":
+        assert isinstance(msg, Receipt)
+        assert (msg.device, msg.upto, list(msg.missing)) == (m["device"], m["upto"], m["missing"])
     else:
         raise AssertionError(f"vector {vector['name']} has a kind this test does not know: {m['kind']}")
 
@@ -146,7 +152,8 @@ def test_vector_decodes_to_its_meaning(vector: dict[str, Any]) -> None:
 def test_vectors_cover_the_documented_cases() -> None:
     assert [v["name"] for v in VECTORS] == ["features-accel", "features-two-modalities-no-label", "register",
                                             "config", "error", "feedback", "prediction", "signed-prediction",
-                                            "features-batch", "chunk-0-of-3", "model", "register-request"]
+                                            "features-batch", "chunk-0-of-3", "model", "register-request",
+                                            "receipt"]
     spec = (Path(__file__).parents[2] / "docs" / "wire" / "SPEC.md").read_text()
     worked = next(v for v in VECTORS if v["name"] == "features-accel")
     block = spec.split("Vector `features-accel`", 1)[1].split("```")[1]

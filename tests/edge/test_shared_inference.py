@@ -23,8 +23,9 @@ from broker.address import BrokerAddress
 from broker.metrics import Counters
 from broker.wire import ErrorReport, Kind, Prediction, decode_envelope
 from edge_agent.config import EdgeConfig
-from edge_agent.infer_worker import InferWorker, WorkerProcesses
+from edge_agent.infer_worker import InferWorker
 from edge_agent.training.toy_task import ToyTask
+from edge_agent.worker_processes import WorkerProcesses
 from tests.edge.test_edge_onnx import run_onnx
 from tests.support.collector import Collector
 from tests.support.edge_testkit import Device, edge_config, eventually, record, running, uid
@@ -241,7 +242,8 @@ def _error() -> ErrorReport:
 
 def test_an_edge_with_an_identity_spawns_no_worker_that_would_take_over_its_session(tmp_path: Path) -> None:
     """With ``use_username_as_clientid`` (the secure set-up) a worker logging in as the edge would become the
-    edge's client id and kick it off; the edge refuses to spawn such workers, and says so."""
+    edge's client id and kick it off; without ``worker_identities`` (workers' own, ``megace provision workers``:
+    ``tests/security/test_secure_workers.py``) the edge refuses to spawn such workers, and says so."""
     config = edge_config(tmp_path / "state", BrokerAddress("127.0.0.1", 9), {
         "broker": "mqtt://megace-edge-e0@127.0.0.1:9?protocol=auto", "inference_workers": 2})
     workers = WorkerProcesses(config, config.inference_workers)
@@ -253,3 +255,18 @@ def test_an_edge_with_an_identity_spawns_no_worker_that_would_take_over_its_sess
     refused = WorkerProcesses(plain, 2)
     refused.on_connected(False, counters)  # 3.1.1: none either
     assert refused.procs == [] and counters["inference_workers_refused"] == 2
+
+
+async def test_an_auto_edge_with_a_clean_session_falls_back_on_amqtt_which_never_answers_its_connect(
+    embedded_addr: BrokerAddress, tmp_path: Path
+) -> None:
+    """amqtt never answers an MQTT 5 CONNECT carrying a will (every service sends one); a clean session makes no
+    probe first, so ``auto`` must take the missing CONNACK as a refusal (``megace run``'s edges, on its embedded
+    broker, retried MQTT 5 forever). ``timeout=3``: each silent CONNECT costs the address's CONNACK timeout."""
+    config = edge_config(tmp_path / "state", embedded_addr, {
+        "broker": f"mqtt://{embedded_addr.host}:{embedded_addr.port}?protocol=auto&timeout=3",
+        "persistent_session": False})
+    async with running(config, timeout=40) as agent:
+        assert agent._mqtt is not None and agent._mqtt.negotiator.version == "3.1.1"
+        assert agent.counters["protocol_fallbacks"] == 1 and agent.counters["mqtt_protocol.3.1.1"] >= 1
+        assert agent.counters["mqtt_protocol.5"] == 0

@@ -102,6 +102,8 @@ class FailoverResult:
     #: per kill, the records each device had published at the kill and once the cluster was healthy again
     kill_marks: list[list[int]] = field(default_factory=list)
     recovered_marks: list[list[int]] = field(default_factory=list)
+    #: per device, its SDK's delivery counters: acked (PUBACKs), receipted (by its edge), resent (same seq)
+    delivery: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lost_outside_failover(self) -> list[int]:
         """Lost records published outside every window from a node's kill to the cluster's health again: what a
@@ -170,11 +172,25 @@ class ClusterSystem(System):
         """As ``System._settle``, with a longer quiet time: a session's redelivery after failover can pause."""
         super()._settle(value, target, max(quiet_s, 30.0), max(timeout, 240.0))
 
+    def finish(self, out: PhaseResult, answer_timeout: float) -> None:
+        """``System.finish`` once every record is receipted by its edge, not only acknowledged by the broker:
+        NATS acknowledged records in a failover and then lost them; the devices re-send those (receipts)."""
+        self.stop_streaming()
+        for dev in self.devices:
+            if not dev.client.wait_delivered(180):
+                raise AssertionError(f"{dev.name}: {dev.client.unreceipted} records never receipted by its edge")
+        super().finish(out, answer_timeout)
+
     def who(self, client_id: str) -> str | None:
-        """The system's name of an MQTT client id (``megace-edge-edge-0`` -> ``edge-0``); None: not ours."""
+        """The system's name of an MQTT client id (``megace-edge-edge-0`` -> ``edge-0``, ``megace-dev-site-1-dev-1``
+        -> ``dev-1``: a device's id names its site first); None: not ours."""
         for prefix in ("megace-dev-", "megace-edge-", "megace-cloud-"):
             if client_id.startswith(prefix):
-                return client_id[len(prefix):]
+                name = client_id[len(prefix):]
+                if prefix == "megace-dev-":
+                    site = next((c.site for c in self.edge_cfgs if name.startswith(c.site + "-")), None)
+                    return None if site is None else name[len(site) + 1:]
+                return name
         return None
 
     def placement(self) -> dict[str, int]:
@@ -257,6 +273,8 @@ def run_failover(schedule: list[int | str], *, workdir: Path, seed: int = 0, rat
             result.kills.append(system.kill_node(target, down_s))
             time.sleep(gap_s)
         system.finish(phase, answer_timeout)
+        result.delivery = {d.name: {k: int(d.client.counters[k]) for k in ("acked", "receipted", "resent")}
+                           for d in system.devices}
         phase.recovery_s = [k.recovered_s for k in result.kills]
         result.kill_marks, result.recovered_marks = system.broker_marks, system.recovered_marks
     finally:
@@ -272,7 +290,7 @@ def summary(r: FailoverResult) -> str:
     return (f"{kills}; records acked {p.records_acked} lost {p.records_lost} dup {p.records_duplicated}; uploads "
             f"{p.uploads_accepted} twice {p.uploads_accepted_twice} applied twice {p.uploads_applied_twice}; versions "
             f"{p.versions_committed} forked {p.versions_forked}; predictions {p.predictions_requested} unanswered "
-            f"{p.predictions_unanswered}; {p.seconds} s")
+            f"{p.predictions_unanswered}; delivery {r.delivery}; {p.seconds} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "uploads_accepted": p.uploads_accepted, "uploads_accepted_twice": p.uploads_accepted_twice,
         "versions_applied_twice": p.uploads_applied_twice, "versions_committed": p.versions_committed,
         "versions_forked": p.versions_forked, "predictions_requested": p.predictions_requested,
-        "predictions_unanswered": p.predictions_unanswered, "phase": asdict(p),
+        "predictions_unanswered": p.predictions_unanswered, "delivery": r.delivery, "phase": asdict(p),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -27,11 +27,11 @@ def test_the_deployed_acl_example_matches_what_provision_generates(tmp_path: Pat
     pki = str(tmp_path / "pki")
     for args in (["init", pki, "--host", "broker.example"],
                  ["site", pki, "site-0", "--edge-id", "e0", "--devices", "gw1"],
-                 ["cloud", pki], ["dashboard", pki, "ops"]):
+                 ["workers", pki, "site-0", "e0", "--count", "1"], ["cloud", pki], ["dashboard", pki, "ops"]):
         result = runner.invoke(app, ["provision", *args])
         assert result.exit_code == 0, result.output
     generated = _blocks((tmp_path / "pki" / "broker" / "megace.acl").read_text())
     example = _blocks(EXAMPLE.read_text())
-    assert set(example) == {"# device gw1 (site site-0)", "# edge e0 (site site-0)", "# cloud cloud",
-                            "# dashboard ops"}
+    assert set(example) == {"# device gw1 (site site-0)", "# edge e0 (site site-0)", "# infer e0-w1 (site site-0)",
+                            "# cloud cloud", "# dashboard ops"}
     assert example == generated
