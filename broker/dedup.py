@@ -158,9 +158,15 @@ class GapGuard(SequenceGuard):
         if last is None:
             return None, []
         gaps = sorted(self.holes.get(sender, ()))
-        if len(gaps) > limit:
-            return gaps[limit] - 1, gaps[:limit]
-        return last, gaps
+        if len(gaps) <= limit:
+            return last, gaps
+        # ``upto`` must be a seq that arrived (every listed gap lies below it): the seq just under the first gap
+        # not listed, stepping back while that seq is itself a listed gap (a run of consecutive losses)
+        k = limit
+        while k > 0 and gaps[k - 1] == gaps[k] - 1:
+            k -= 1
+        upto = gaps[k] - 1
+        return (upto, gaps[:k]) if upto >= 0 else (None, [])
 
     def holes_dict(self) -> dict[str, list[int]]:
         """The gaps as plain lists (a checkpoint holds them beside ``last``)."""

@@ -17,14 +17,18 @@ receiver process the records reach the agent already logged, so a touch is durab
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
 from broker.dedup import GapGuard
+from broker.errors import WireError
 from broker.metrics import Counters
 from broker.wire import Kind
 from broker.wire.receipt import MAX_MISSING, Receipt
 from edge_agent.core import EdgeCore, Outgoing
+
+log = logging.getLogger(__name__)
 
 Snapshot = tuple[int, tuple[int, ...]]
 """``(upto, missing)`` of one device, taken at a seal."""
@@ -123,7 +127,11 @@ class ReceiptTracker:
                 continue
             del self._ready[device]
             last_sent[device] = now
-            out.append(self.core.down(device, Kind.RECEIPT, Receipt(device, upto, missing)))
+            try:
+                out.append(self.core.down(device, Kind.RECEIPT, Receipt(device, upto, missing)))
+            except WireError:  # a bug here must not stop every later receipt: the devices would only probe
+                self.counters.inc("receipt_errors")
+                log.exception("edge: receipt for %s (upto %d, %d missing) not sent", device, upto, len(missing))
         if out:
             self.counters.inc("receipts_sent", len(out))
             self.emit(out)

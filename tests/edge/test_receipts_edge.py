@@ -75,6 +75,27 @@ def test_a_receipt_lists_at_most_limit_gaps_and_stops_below_the_next() -> None:
     assert g.missing("other", 2) == (None, [])
 
 
+def test_a_receipt_over_a_run_of_consecutive_gaps_claims_only_seqs_that_arrived() -> None:
+    """A broker loses runs of consecutive records: ``upto`` must be a seq that arrived, every listed gap below it
+    (the receipt codec refuses anything else; a receipt that skipped a gap would release a lost record)."""
+    g = GapGuard()
+    for s in (0, 1, 6, 7, 12):
+        g.accept("d", s)  # gaps 2-5 and 8-11
+    assert g.missing("d", 256) == (12, [2, 3, 4, 5, 8, 9, 10, 11])
+    assert g.missing("d", 5) == (7, [2, 3, 4, 5])  # 8 is the first not listed; 6 and 7 arrived
+    assert g.missing("d", 4) == (7, [2, 3, 4, 5])
+    assert g.missing("d", 3) == (1, [])  # 2, 3, 4 listed would leave upto 4 on a gap: back to 1
+    g2 = GapGuard()
+    for s in (3, 9):
+        g2.accept("d", s)
+    g2.holes["d"] |= {0, 1, 2}  # a device whose first seqs never arrived
+    assert g2.missing("d", 2) == (None, [])
+    for limit in range(0, 10):  # every answer is a valid receipt body
+        upto, missing = g.missing("d", limit)
+        assert upto is not None and all(m < upto for m in missing) and missing == sorted(set(missing))
+        Receipt("d", upto, tuple(missing)).to_body()
+
+
 def test_holes_survive_the_registrys_checkpoint_round_trip() -> None:
     reg = DeviceRegistry(toy_config())
     for s in (0, 1, 5):
