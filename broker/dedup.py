@@ -8,6 +8,7 @@ exactly-once for every in-order stream.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 
@@ -174,12 +175,13 @@ class GapGuard(SequenceGuard):
 
 
 class RecentEnvelopes:
-    """The last ``capacity`` (sender, seq) pairs seen: a repeat among them is a duplicate.
+    """The last ``capacity`` messages seen, by (sender, seq, digest of the bytes): a repeat among them is a duplicate.
 
-    For a receiver of several topics from one sender (a device's downlinks: predictions, configs,
-    receipts): MQTT orders QoS 1 messages per topic only, so a high-water mark across topics could drop a
-    new message that overtook an older one; a redelivery (a publisher's resend after its connection
-    dropped before the PUBACK, as a broker failing over does) repeats a recent pair exactly.
+    For a receiver of several topics from one sender (a device's downlinks: predictions, configs, receipts):
+    MQTT orders QoS 1 messages per topic only, so a high-water mark across topics could drop a new message
+    that overtook an older one; a redelivery (a publisher's resend after its connection dropped before the
+    PUBACK, as a broker failing over does) repeats a recent message byte for byte. The digest keeps a sender
+    whose seqs started over (an edge re-installed with an empty state directory) from being taken for a repeat.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
@@ -187,11 +189,11 @@ class RecentEnvelopes:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
         self.duplicates = 0
-        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int, bytes], None] = OrderedDict()
 
-    def accept(self, sender: str, seq: int) -> bool:
-        """True if (sender, seq) is new (and remember it, forgetting the oldest beyond capacity)."""
-        key = (sender, seq)
+    def accept(self, sender: str, seq: int, payload: bytes) -> bool:
+        """True if this message is new (and remember it, forgetting the oldest beyond capacity)."""
+        key = (sender, seq, hashlib.blake2b(payload, digest_size=16).digest())
         if key in self._seen:
             self.duplicates += 1
             return False
@@ -199,4 +201,3 @@ class RecentEnvelopes:
         if len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
         return True
-

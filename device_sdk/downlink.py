@@ -73,7 +73,7 @@ class DownlinkReceiver:
             self.counters.reject(exc)
             log.warning("device %s: rejected downlink on %s: %s", self.device, topic, exc)  # pragma: no mutate
             return
-        if not self._recent.accept(env.sender, env.seq):
+        if not self._recent.accept(env.sender, env.seq, payload):
             self.counters.inc("downlink_duplicates")
             return
         self.counters.inc(f"received.{env.kind.value}")

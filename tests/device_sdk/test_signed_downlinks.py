@@ -67,7 +67,8 @@ def test_only_the_edges_signed_downlinks_reach_the_callback(mosquitto_addr: Brok
 
 def test_a_downlink_delivered_twice_reaches_the_callback_once(mosquitto_addr: BrokerAddress, tmp_path: Path) -> None:
     """A publisher's resend after a lost PUBACK (a broker failing over) repeats an envelope exactly: the app sees
-    it once. Another seq of the same sender, and the same seq of another sender (an inference worker), are new."""
+    it once. Another seq of the same sender, the same seq of another sender (an inference worker), and the same seq
+    with other bytes (an edge re-installed with an empty state, its seqs started over) are new."""
     site = f"s{uuid.uuid4().hex[:6]}"
     labels: list[tuple[int, int]] = []
     done = threading.Event()
@@ -87,12 +88,13 @@ def test_a_downlink_delivered_twice_reaches_the_callback_once(mosquitto_addr: Br
         pub.loop_start()
         topic = topics.device_down(site, "d1", topics.Downlink.PREDICTION)
         for payload in (prediction("edge", 20, 1), prediction("edge", 20, 1), prediction("edge", 21, 2),
-                        prediction("edge-w1", 20, 3), prediction("edge", 20, 1), prediction("edge", 22, 4)):
+                        prediction("edge-w1", 20, 3), prediction("edge", 20, 1), prediction("edge", 20, 5),
+                        prediction("edge", 22, 4)):
             pub.publish(topic, payload, qos=1).wait_for_publish(5)
         assert done.wait(10)
-        assert labels == [(True, 1), (True, 2), (True, 3), (True, 4)]
+        assert labels == [(True, 1), (True, 2), (True, 3), (True, 5), (True, 4)]
         assert dev.counters["downlink_duplicates"] == 2
-        assert dev.counters["received.prediction"] == 4
+        assert dev.counters["received.prediction"] == 5
     finally:
         pub.loop_stop()
         pub.disconnect()
