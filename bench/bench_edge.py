@@ -136,12 +136,14 @@ def config_for(addr: BrokerAddress, state: Path, edge_id: str, **extra: Any) -> 
         "metrics_interval_s": 1.0, "log_level": "WARNING",
         "training": {"min_new_samples": 10**9, "interval_s": 10**6, "torch_threads": 1, "device": "cpu",
                      "startup_grace_s": 0.2},
-        "limits": {"mqtt_queue": 50_000}, "ingest_receiver": RECEIVER[0],
+        "limits": {"mqtt_queue": 50_000}, "ingest_receiver": RECEIVER[0], "receipts": RECEIPTS[0],
     }
     return EdgeConfig.from_dict(deep_merge(base, extra))
 
 
 RECEIVER = ["process"]
+RECEIPTS = [os.environ.get("BENCH_RECEIPTS", "1") == "1"]
+"""The agent's ``receipts`` (``BENCH_RECEIPTS=0``: off, to measure what end-to-end receipts cost the ingest)."""
 """The agent's ``ingest_receiver`` for (a'), (b) and the ratio of (a) (``--receiver``)."""
 
 

@@ -58,6 +58,7 @@ class ReceiptTracker:
         self.enabled = enabled
         self.durable_on_touch = durable_on_touch
         self._pending: set[str] = set()
+        self._touch_scheduled = False
         self._sealed: dict[str, Snapshot] = {}
         self._ready: dict[str, Snapshot] = {}
         self._last_sent: dict[str, float] = {}
@@ -84,9 +85,16 @@ class ReceiptTracker:
         if device is None or not self.enabled:
             return
         self._pending.add(device)
-        if self.durable_on_touch:
-            self.seal()
-            self.durable()
+        if self.durable_on_touch and not self._touch_scheduled:
+            # already logged: one seal and flush per turn of the loop, not per record (the log tail hands over
+            # records in bursts; a per-record seal cost the receiver process two thirds of its throughput)
+            self._touch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._logged)
+
+    def _logged(self) -> None:
+        self._touch_scheduled = False
+        self.seal()
+        self.durable()
 
     def seal(self) -> None:
         """A commit is about to start: snapshot what the guard says of each touched device (loop)."""
