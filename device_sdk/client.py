@@ -48,6 +48,7 @@ from device_sdk.local_model import LocalModel
 from device_sdk.metrics import DeviceMetrics
 from device_sdk.model_installer import ModelInstaller
 from device_sdk.receipts import DeliveryReceipts, ReceiptBook
+from device_sdk.requests import InferenceRequests, RequestBook
 from device_sdk.store import DiskQueue, Overflow, default_store_path
 from device_sdk.supervisor import Supervisor
 
@@ -57,7 +58,7 @@ _SENT: dict[Kind, str] = {k: f"sent.{k.value}" for k in Kind}
 _SUCCESS, _NO_CONN = mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN
 
 
-class DeviceClient(LinkEvents, DeliveryReceipts):
+class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
     """One device's connection to the bus (one instance per device id).
 
     Args:
@@ -66,8 +67,8 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
         device: This device's id, unique within its site; it names the MQTT client id
             (``megace-dev-<site>-<device>``) and the on-disk queue. Same character rules as ``site``.
         broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or
-            ``mqtts://user:pass@host:8883``. ``?protocol=auto`` (MQTT 5 where the broker has it, else 3.1.1),
-            ``5`` or ``3.1.1`` (default) picks the MQTT version; with MQTT 5 the broker keeps the device's session
+            ``mqtts://user:pass@host:8883``. ``?protocol=auto`` (the default: MQTT 5 where the broker has it,
+            else 3.1.1), ``5`` or ``3.1.1`` picks the MQTT version; with MQTT 5 the broker keeps the device's session
             ``?session_expiry=`` seconds after it left (default one day; 3.1.1: no limit).
         on_downlink: Called from the network thread with the envelope kind and the decoded message
             (``DeviceConfig``, ``Prediction``, ``DeviceFeedback``, ...) for every downlink addressed to
@@ -108,6 +109,9 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
         receipt_timeout_s: When the edge's receipts made no progress this long, the oldest held record is re-sent
             (same seq, ``resent``) as a probe, backing off; records a receipt lists as missing, or that a
             receipted record acknowledged later overtook, go again at once. :meth:`wait_delivered` waits for receipts.
+        infer_retry_s: A request the broker acknowledged and no answer completed this long is published again (same
+            seq and bytes), doubling the wait; 0: never. Each request gets one answer (:mod:`device_sdk.requests`).
+        infer_max_tries: Publishes of one request before it is given up (``infer_given_up``).
     """
 
     def __init__(
@@ -132,6 +136,8 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
         metrics_interval: float = 5.0,
         max_unreceipted: int = 10_000,
         receipt_timeout_s: float = 5.0,
+        infer_retry_s: float = 5.0,
+        infer_max_tries: int = 4,
     ) -> None:
         self.site = topics.check_id(site, "site")
         self.device = topics.check_id(device, "device")
@@ -157,7 +163,8 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
         self._installer = None if self.model is None else ModelInstaller(self.model, self._model_installed)
         handler = on_downlink if self._installer is None else self._installer.wrap(on_downlink)
         self.metrics = DeviceMetrics(self, metrics_interval)
-        handler = self.metrics.wrap(handler)
+        self._requests = RequestBook(infer_retry_s, infer_max_tries, self.counters)
+        handler = self._requests.wrap(self.metrics.wrap(handler))  # one answer per request, then the app's
         self._downlink = DownlinkReceiver(self.device, self.counters, handler, verifier, self._on_reregister,
                                           self._on_delivery)
         self._supervisor: Supervisor | None = None
@@ -300,13 +307,6 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
         self._send(Kind.FEATURES_BATCH, self._features_topic, batch.to_body(), seq=seq)
         self.counters.inc("sent.batched_records", batch.count)
 
-    def request_inference(self, record: FeatureRecord) -> int:
-        """Ask the edge for a prediction; it arrives on the downlink as a ``Prediction``."""
-        self.metrics.infer_sent(record.sample)
-        with self._lock:
-            return self._send(Kind.INFER, topics.device_up(self.site, self.device, topics.Uplink.INFER),
-                              record.to_body())
-
     def predict(self, record: FeatureRecord) -> Prediction | int:
         """A ``Prediction`` computed on the device when a local model is installed; otherwise (or if it fails,
         counted ``predict.local_errors``) the seq of an inference request to the edge, whose answer arrives on
@@ -336,7 +336,8 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
         self._seq += 1
         return seq
 
-    def _send(self, kind: Kind, topic: str, body: dict[str, Any], *, seq: int | None = None) -> int:
+    def _send(self, kind: Kind, topic: str, body: dict[str, Any], *, seq: int | None = None,
+              payload: bytes | None = None) -> int:
         """Encode and publish (or store) one envelope. The caller holds ``self._lock`` exactly once: the
         back-pressure wait releases it for paho's acknowledgements, which a nested hold would block."""
         if seq is None:
@@ -345,7 +346,8 @@ class DeviceClient(LinkEvents, DeliveryReceipts):
                 self._seq = seq + 1
             else:
                 seq = self._next_seq()
-        payload = encode_envelope(kind, self.device, seq, body)
+        if payload is None:
+            payload = encode_envelope(kind, self.device, seq, body)
         parts = [(topic, payload)] if len(payload) <= self.max_packet else frames(
             topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet)
         for t, p in parts:

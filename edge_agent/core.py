@@ -1,11 +1,10 @@
 """The edge's message handling, network-free: ``EdgeCore.ingest(topic, payload)`` returns :class:`Effects`.
 
-No sockets, no asyncio, no threads: the core decodes and validates what arrives, updates the
-registry, the replay buffer and the counters, and says what should follow — the downlinks to
-publish (:class:`Outgoing`), the adapters to install (:class:`ApplyJob`, run by the service on its
-training thread through :meth:`EdgeCore.apply`), the inference requests to serve
-(:class:`InferRequest`) and whether a training round is due. The service
-(:mod:`edge_agent.service`) owns the connection, the queues and the executors.
+No sockets, no asyncio, no threads: the core decodes and validates what arrives, updates the registry, the replay buffer
+and the counters, and says what should follow — the downlinks to publish (:class:`Outgoing`), the adapters to install
+(:class:`ApplyJob`, run by the service on its training thread through :meth:`EdgeCore.apply`), the inference requests to
+serve (:class:`InferRequest`) and whether a training round is due. The service (:mod:`edge_agent.service`) owns the
+connection, the queues and the executors.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from broker.wire import (
 from broker.wire.bodies import FeedbackView
 from broker.wire.envelope import check_content_type
 from broker.wire.requests import RegisterRequest
+from edge_agent.answers import AnswerBook
 from edge_agent.batches import on_features_batch
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import BusyError, IngestError, SenderMismatchError, UnregisteredDeviceError, error_code
@@ -111,6 +111,7 @@ class EdgeCore:
         self.model_update: Any = None
         """The inference model devices that ask for one get (a ``ModelUpdate``); set by
         :func:`edge_agent.model_push.push_model`, sent to each such device when it registers."""
+        self.answers = AnswerBook(self.counters)  # a repeated inference request gets the same answer again
         self.writer = DownlinkWriter(self.site, self.edge_id, config.signing.signer(), config.limits.max_packet)
         """Builds and signs device downlinks under this edge's increasing seq (:mod:`edge_agent.outgoing`)."""
         self._verifier = config.signing.verifier()
@@ -230,6 +231,8 @@ class EdgeCore:
             restarted = not retained and any(g.last.get(device, -1) >= seq for g in self.registry.guards.values())
         evicted = self.registry.evicted
         entry = self.registry.register(device, profile, fresh=restarted)
+        if restarted:
+            self.answers.forget(device)  # its seqs start over: a kept answer must not answer a new request
         self.registry.features.foreign(device, seq)  # the registration's seq is no missing record
         if profile.resend_from is not None:  # nothing below it will come again: no gap there (receipts)
             self.registry.features.floor(device, profile.resend_from)
@@ -282,12 +285,11 @@ class EdgeCore:
         seq, body = env.seq, env.body
         if device not in self.registry:
             raise UnregisteredDeviceError(f"device {device!r} is not registered; publish a registration first")
-        if self.registry.is_duplicate("infer", device, seq):
-            self.counters.inc("duplicates")
+        if self.answers.repeated(device, seq, fx.out):  # its kept answer goes again (nothing while it is pending)
             return
         record = FeatureRecord.from_body(body, max_array_bytes=self.config.limits.max_array_bytes)
         sample = self.registry.check(device, record, need_label=False)
-        self.registry.is_new("infer", device, seq)
+        self.answers.accepted(device, seq, new=self.registry.is_new("infer", device, seq))  # gap-aware guard
         self.registry.features.foreign(device, seq)  # a request's seq is no missing record
         fx.infers.append(InferRequest(device, record.sample, sample, time.perf_counter(), seq))
 
@@ -356,8 +358,8 @@ class EdgeCore:
 
     def prediction(self, request: InferRequest, label: int, probs: Any, version: int) -> Outgoing:
         self.counters.inc("predictions")
-        return self.down(request.device, Kind.PREDICTION, Prediction(request.device, request.sample_id, label, probs,
-                                                                     version))
+        answer = Prediction(request.device, request.sample_id, label, probs, version)
+        return self.answers.record(request.device, request.seq, [self.down(request.device, Kind.PREDICTION, answer)])[0]
 
     def resume_downlink_seqs(self, reserved: int, reserve: Callable[[int], None]) -> None:
         """Downlink seqs continue after ``reserved``; see :meth:`DownlinkWriter.resume`."""

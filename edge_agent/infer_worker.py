@@ -285,7 +285,8 @@ class InferWorker:
                 try:
                     results = predictor.predict([r.sample for r in fx.infers])
                 except EdgeModelError as exc:
-                    out.extend(o for r in fx.infers for o in self.core.reject(exc, r.device, r.seq))
+                    for r in fx.infers:  # kept, as the edge keeps its answers: a repeat gets the same (answers.py)
+                        out.extend(self.core.answers.record(r.device, r.seq, self.core.reject(exc, r.device, r.seq)))
                 else:
                     out.extend(self.core.prediction(r, label, probs, predictor.version)
                                for r, (label, probs) in zip(fx.infers, results, strict=True))

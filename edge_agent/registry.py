@@ -37,6 +37,8 @@ from edge_agent.errors import (
 from megace_model.config import EdgeModelConfig
 
 STREAMS = ("features", "infer")
+INFER_GAPS_MAX = 64
+"""Skipped seqs remembered per device in the infer stream (mostly the device's records: they share one counter)."""
 MAX_PROFILE_ENTRIES = 64
 """Most modalities or compute entries one registration may list (profiles are kept and persisted)."""
 MAX_SDK_VERSION = 64
@@ -114,6 +116,8 @@ class DeviceRegistry:
         self.guards: dict[str, SequenceGuard] = {stream: SequenceGuard() for stream in STREAMS}
         self.features = self.guards["features"] = GapGuard()
         """Records are gap-aware: a device re-sends what a receipt said is missing, below the mark (``receipts``)."""
+        self.guards["infer"] = GapGuard(max_gaps=INFER_GAPS_MAX)
+        """Requests too: a device re-sends one the broker lost, below the mark (``edge_agent.answers``)."""
         self.evicted = 0
         """Devices evicted to make room for newcomers (the service publishes it as ``devices_evicted``)."""
 
@@ -227,8 +231,10 @@ class DeviceRegistry:
 
     def reset_sequence(self, device: str) -> None:
         for guard in self.guards.values():
-            guard.last.pop(device, None)
-        self.features.forget(device)
+            if isinstance(guard, GapGuard):
+                guard.forget(device)
+            else:
+                guard.last.pop(device, None)
 
     # ------------------------------------------------------------------ records
     def is_new(self, stream: str, device: str, seq: int) -> bool:

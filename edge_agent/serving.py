@@ -70,9 +70,14 @@ class InferenceServer:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
             busy = BusyError(f"{self.queue.maxsize} inference requests already waiting")
-            self.emit(answered(request, self.core.reject(busy, request.device, request.seq)))
+            self.emit(answered(request, self.refused(busy, request)))
             return
         self.core.counters.inc("infer_requests")
+
+    def refused(self, exc: Exception, request: InferRequest) -> list[Outgoing]:
+        """The error that answers ``request`` (its ``ref`` the request's seq, so the device knows which), kept for a
+        repeat of it (:mod:`edge_agent.answers`)."""
+        return self.core.answers.record(request.device, request.seq, self.core.reject(exc, request.device, request.seq))
 
     async def run(self) -> None:
         """Batch whatever requests are waiting into one forward on the predictor copy."""
@@ -90,7 +95,7 @@ class InferenceServer:
                 results = await loop.run_in_executor(self.pool, predictor.predict, [r.sample for r in batch])
             except EdgeModelError as exc:
                 for request in batch:
-                    self.emit(answered(request, self.core.reject(exc, request.device, None)))
+                    self.emit(answered(request, self.refused(exc, request)))
                 continue
             now = time.perf_counter()
             self.emit([replace(self.core.prediction(request, label, probs, predictor.version), done=request.done)

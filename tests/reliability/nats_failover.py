@@ -93,6 +93,9 @@ class NodeKill:
         return None if None in parts else round(max((p for p in parts if p is not None), default=0.0), 3)
 
 
+DELIVERY_COUNTERS = ("acked", "receipted", "resent", "infer_resent", "infer_given_up", "infer_duplicate_answers")
+
+
 @dataclass
 class FailoverResult:
     """The system figures (``PhaseResult``) plus the per-kill recovery times."""
@@ -102,7 +105,9 @@ class FailoverResult:
     #: per kill, the records each device had published at the kill and once the cluster was healthy again
     kill_marks: list[list[int]] = field(default_factory=list)
     recovered_marks: list[list[int]] = field(default_factory=list)
-    #: per device, its SDK's delivery counters: acked (PUBACKs), receipted (by its edge), resent (same seq)
+    #: per device, its SDK's delivery counters: acked (PUBACKs), receipted (by its edge), resent (same seq), and for
+    #: inference requests infer_resent (same seq), infer_given_up, infer_duplicate_answers (dropped before the app),
+    #: and the round trip (infer_rtt_ms_p50/p99, of the last 512 answered)
     delivery: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lost_outside_failover(self) -> list[int]:
@@ -273,8 +278,10 @@ def run_failover(schedule: list[int | str], *, workdir: Path, seed: int = 0, rat
             result.kills.append(system.kill_node(target, down_s))
             time.sleep(gap_s)
         system.finish(phase, answer_timeout)
-        result.delivery = {d.name: {k: int(d.client.counters[k]) for k in ("acked", "receipted", "resent")}
-                           for d in system.devices}
+        result.delivery = {d.name: {k: int(d.client.counters[k]) for k in DELIVERY_COUNTERS} for d in system.devices}
+        for d in system.devices:  # request to first answer at the device: what infer_retry_s is weighed against
+            rtt = d.client.metrics.snapshot()["rtt_ms"]
+            result.delivery[d.name].update({f"infer_rtt_ms_{q}": round(rtt[q] or 0) for q in ("p50", "p99")})
         phase.recovery_s = [k.recovered_s for k in result.kills]
         result.kill_marks, result.recovered_marks = system.broker_marks, system.recovered_marks
     finally:
