@@ -176,6 +176,11 @@ class EdgeConfig:
     the request topic through a shared subscription. On MQTT 3.1.1 none start and the edge serves alone."""
     infer_group: str = ""
     """The shared-subscription group of the request topic; empty: ``megace-infer-<site>``."""
+    shared_inference: bool | None = None
+    """Whether the edge takes its requests through the group on MQTT 5: None (default) when
+    ``inference_workers`` > 0; true for workers started on their own (``megace infer``). Not by default: a
+    group member's durable session keeps getting its share while offline (an edge replaced under a new id on
+    Mosquitto left half of its site's requests unanswered)."""
     worker_identities: str = ""
     """An edge that logs in as an identity (secure set-up): the folder holding its workers' identity folders,
     ``megace-infer-<edge_id>-w<n>/`` as ``megace provision workers`` writes them (credentials, signing key,
@@ -197,6 +202,11 @@ class EdgeConfig:
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir)
+
+    @property
+    def joins_infer_group(self) -> bool:
+        """On MQTT 5: take the site's requests through the shared group (see ``shared_inference``)."""
+        return self.inference_workers > 0 if self.shared_inference is None else self.shared_inference
 
     def validate(self) -> None:
         try:

@@ -259,10 +259,13 @@ class EdgeAgent(EdgeRounds):
 
     async def _session(self, client: aiomqtt.Client, attempt: int = 0) -> None:
         v5 = self._mqtt is not None and self._mqtt.negotiator.v5  # MQTT 5: requests through a shared subscription
+        shared = v5 and self.config.joins_infer_group
         filters, stale = sharing(self._filters, self.site, group_name(self.config)) if v5 else (self._filters, [])
+        if v5 and not shared:  # plain: and leave the group a durable session of ours may still be in
+            filters, stale = self._filters, [f for f in filters if f.startswith("$share/")]
         wanted = [*filters, *self._exact.filters()]
         refused(wanted, await client.subscribe([(f, 1) for f in wanted]), self.counters, f"edge {self.edge_id}")
-        if stale:  # what a 3.1.1 session of this client id left: a request would come twice (the guard drops it)
+        if stale:  # what another session of this client id left: a request would come twice (the guard drops it)
             await client.unsubscribe(stale)
         self.workers.on_connected(v5, self.counters)
         await client.publish(self.reporter.status_topic, self.reporter.status(ONLINE), qos=1, retain=True)

@@ -270,3 +270,34 @@ async def test_an_auto_edge_with_a_clean_session_falls_back_on_amqtt_which_never
         assert agent._mqtt is not None and agent._mqtt.negotiator.version == "3.1.1"
         assert agent.counters["protocol_fallbacks"] == 1 and agent.counters["mqtt_protocol.3.1.1"] >= 1
         assert agent.counters["mqtt_protocol.5"] == 0
+
+
+async def test_an_edge_without_workers_takes_every_request_itself_even_beside_an_offline_group_member(
+    fresh_mosquitto: Any, tmp_path: Path
+) -> None:
+    """Mosquitto keeps handing a shared group's offline durable member its share: an edge replaced under a new id
+    left half of its site's requests to the old one's session. An edge with no workers subscribes plainly."""
+    addr = BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port)
+    site = uid("site")
+    old = edge_config(tmp_path / "old", addr, {"site": site, "edge_id": "old", "shared_inference": True,
+                                               "broker": f"mqtt://{addr.host}:{addr.port}?protocol=5"})
+    async with running(old, timeout=60) as agent:
+        assert agent._mqtt is not None and agent._mqtt.negotiator.version == "5"
+    new = edge_config(tmp_path / "new", addr, {"site": site, "edge_id": "new",
+                                               "broker": f"mqtt://{addr.host}:{addr.port}?protocol=5"})
+    assert not new.joins_infer_group and old.joins_infer_group
+    async with running(new, timeout=60):
+        devices = [await Device(site, uid("dev"), addr, tmp_path).start() for _ in range(2)]
+        collector = Collector(addr, predictions(site)).start()
+        answers = Answers(collector)
+        try:
+            await eventually(lambda: all(d.received(Kind.CONFIG) for d in devices), what="configs")
+            samples = [{"modalities": s["modalities"]} for s in ToyTask(new.model, seed=16).samples(20)]
+            sent = await ask(devices, samples, 1)
+            await eventually(lambda: len(answers.for_samples(set(sent))) >= len(sent), 30, "20 answers")
+            assert sorted((d, s) for _, d, s, _ in answers.for_samples(set(sent))) == sorted(sent)
+            assert {a[0] for a in answers.for_samples(set(sent))} == {"new"}
+        finally:
+            collector.stop()
+            for d in devices:
+                await d.close()

@@ -225,7 +225,8 @@ async def test_an_edge_whose_shared_group_the_broker_refuses_counts_and_says_so(
     with secure_broker(store, "dynsec") as (b, _root):
         edge_addr = b.address("megace-edge-e0", mtls=True)
         config = edge_config(tmp_path / "state", edge_addr, {
-            "site": SITE, "edge_id": "e0", "broker": edge_addr.url() + "&protocol=5", "infer_group": "elsewhere"})
+            "site": SITE, "edge_id": "e0", "broker": edge_addr.url() + "&protocol=5", "infer_group": "elsewhere",
+            "shared_inference": True})
         async with running(config, timeout=60) as agent:
             await eventually(lambda: agent.counters["subscribe_refused"] == 1, 30, "the refusal counted")
         assert "refused the subscription(s) $share/elsewhere/megace/v1/site/site-0/device/+/up/infer" in caplog.text
