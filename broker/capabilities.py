@@ -15,7 +15,12 @@ or last will), not at once; nothing but the dashboard's first seconds depends on
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from broker.address import ENV_PREFIX, BrokerAddress
+from broker.protocol import DEFAULT_PROTOCOL, V311, check_protocol
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,15 @@ class BrokerCapabilities:
     """A new subscription with ``+``/``#`` receives the retained messages it matches (exact ones always do)."""
     version: str
     """The Debian package version the row was measured on."""
+
+    @property
+    def address_protocol(self) -> str | None:
+        """The ``protocol=`` that addresses of a broker of this kind started by megace carry.
+
+        ``3.1.1`` where the broker has no MQTT 5: an ``auto`` client would otherwise spend a probe (and, on
+        amqtt, which never answers an MQTT 5 CONNECT with a will, its 5 s timeout) to learn what this row
+        already says. None where it has MQTT 5: the client's own setting (``auto`` by default) applies."""
+        return None if self.mqtt5 else V311
 
 
 MATRIX: dict[str, BrokerCapabilities] = {
@@ -51,3 +65,18 @@ def capabilities(name: str) -> BrokerCapabilities:
         return MATRIX[name]
     except KeyError:
         raise KeyError(f"broker {name!r} is not in the matrix ({', '.join(sorted(MATRIX))})") from None
+
+
+def started_protocol(name: str, env: Mapping[str, str] | None = None) -> str:
+    """The protocol of the addresses a broker of kind ``name`` that megace started itself hands out.
+
+    The matrix row's (:attr:`BrokerCapabilities.address_protocol`), so a broker known to lack MQTT 5 is never
+    probed for it; where the row has MQTT 5, ``MEGACE_BROKER_PROTOCOL`` (in ``env``, default ``os.environ``)
+    or the default, as for a broker URL without ``protocol=``."""
+    env = os.environ if env is None else env
+    return capabilities(name).address_protocol or check_protocol(env.get(ENV_PREFIX + "PROTOCOL") or DEFAULT_PROTOCOL)
+
+
+def started_address(name: str, host: str, port: int, *, alternates: tuple[tuple[str, int], ...] = ()) -> BrokerAddress:
+    """The plain (anonymous, no TLS) address of a broker of kind ``name`` that megace started: a runner's."""
+    return BrokerAddress(host, port, alternates=alternates, protocol=started_protocol(name))

@@ -11,11 +11,12 @@ The setting (``protocol=`` in the broker URL, ``MEGACE_BROKER_PROTOCOL``, or ``-
 
 * ``5``: MQTT 5 only; a broker that refuses it is a connection failure (retried with backoff);
 * ``3.1.1``: MQTT 3.1.1 only (what megace spoke before; durable sessions never expire);
-* ``auto``: try MQTT 5; when the broker refuses it (CONNACK "unsupported protocol version", return code
-  1 in 3.1.1 terms, 0x84 in MQTT 5 terms, which is what amqtt and NATS answer; or a connection closed
-  during CONNECT, what a strict 3.1.1 broker may do), fall back to 3.1.1 at once and keep it for every
-  reconnect of this client. Once MQTT 5 was accepted it is kept too: a later failure is an outage,
-  never a reason to downgrade.
+* ``auto`` (the default, :data:`DEFAULT_PROTOCOL`): try MQTT 5; when the broker refuses it (CONNACK
+  "unsupported protocol version", return code 1 in 3.1.1 terms, 0x84 in MQTT 5 terms, which is what amqtt
+  and NATS answer; a connection closed during CONNECT, what a strict 3.1.1 broker may do; or no CONNACK at
+  all within the address's timeout, what amqtt does with an MQTT 5 CONNECT that carries a will or
+  properties), fall back to 3.1.1 at once and keep it for every reconnect of this client. Once MQTT 5 was
+  accepted it is kept too: a later failure is an outage, never a reason to downgrade.
 
 :class:`Negotiator` is one client's memory of that choice; it counts ``mqtt_protocol.5`` /
 ``mqtt_protocol.3.1.1`` (connections per version), ``protocol_fallbacks`` and sets the gauge
@@ -43,8 +44,15 @@ AUTO = "auto"
 V5 = "5"
 V311 = "3.1.1"
 PROTOCOLS = (AUTO, V5, V311)
-DEFAULT_PROTOCOL = V311
-"""What a client speaks when nothing says otherwise: 3.1.1, what every broker megace supports carries."""
+DEFAULT_PROTOCOL = AUTO
+"""What a client speaks when nothing says otherwise: MQTT 5 where the broker has it, 3.1.1 where not.
+
+The brokers megace starts itself say which in their addresses (:func:`broker.capabilities.started_protocol`):
+the embedded amqtt broker's, NATS's and RabbitMQ's carry ``protocol=3.1.1``, so no client probes them
+(amqtt never answers an MQTT 5 CONNECT that carries a will or properties: each durable client would wait
+out :func:`probe_v5`'s 5 s, and ``megace run`` took 70 s instead of 25 s before its addresses said so).
+Costs on an MQTT 5 broker reached with ``auto``: one probe connection per durable client's first connect,
+and durable sessions that expire (:data:`DEFAULT_SESSION_EXPIRY_S`, a day) instead of never."""
 DEFAULT_SESSION_EXPIRY_S = 86_400
 """MQTT 5 only: how long the broker keeps a durable session (its subscriptions and queued QoS 1
 messages) after the client went away. One day covers a restart, an upgrade or a night's outage;
@@ -57,6 +65,11 @@ REFUSED_CODES = frozenset({1, 0x84})
 """CONNACK codes meaning "not this protocol version": 3.1.1's 1, MQTT 5's 0x84 (paho reports both as 0x84)."""
 CLOSED_DURING_CONNECT = "connection closed during CONNECT"
 """The error :func:`watch_connect` raises when the broker hangs up before any CONNACK."""
+NO_CONNACK = "Operation timed out"
+"""aiomqtt 2.5's error when no CONNACK came within the client's timeout. Before any broker accepted MQTT 5
+(:class:`Negotiator` checks), it is taken as a refusal, the verdict :func:`probe_v5` gives a silent broker:
+amqtt never answers an MQTT 5 CONNECT with a will (every megace service sends one), and without this an
+``auto`` client with a clean session retried MQTT 5 forever there (``megace run``'s embedded broker)."""
 
 
 class ProtocolSettingError(ValueError):
@@ -96,7 +109,7 @@ def is_version_refusal(exc: BaseException) -> bool:
 
     if isinstance(exc, MqttConnectError):
         return reason_value(getattr(exc, "rc", None)) in REFUSED_CODES
-    return isinstance(exc, aiomqtt.MqttError) and str(exc) == CLOSED_DURING_CONNECT
+    return isinstance(exc, aiomqtt.MqttError) and str(exc) in (CLOSED_DURING_CONNECT, NO_CONNACK)
 
 
 def connect_properties(clean: bool, session_expiry: int) -> Properties | None:
@@ -168,6 +181,19 @@ def probe_v5(address: BrokerAddressLike, client_id: str, timeout: float = 5.0) -
     if not first.is_failure:
         return True
     return False if reason_value(first) in REFUSED_CODES else None
+
+
+def paho_clean_options(setting: str) -> dict[str, Any]:
+    """paho ``Client`` arguments for a short-lived clean-session observer (``megace run``'s monitor, the
+    retained clean-up).
+
+    ``auto`` speaks 3.1.1 there, without probing: a clean session gains nothing from MQTT 5 (no session to
+    expire, no shared subscription) and every broker megace supports carries 3.1.1. ``5`` is honoured."""
+    import paho.mqtt.client as mqtt
+
+    if check_protocol(setting) == V5:
+        return {"protocol": mqtt.MQTTv5}  # paho refuses clean_session with v5; its clean_start defaults to clean
+    return {"protocol": mqtt.MQTTv311, "clean_session": True}
 
 
 def aiomqtt_options(version: str, *, clean_session: bool, session_expiry: int) -> dict[str, Any]:
@@ -268,7 +294,7 @@ class Negotiator:
 
 
 __all__ = [
-    "AUTO", "CLOSED_DURING_CONNECT", "DEFAULT_PROTOCOL", "DEFAULT_SESSION_EXPIRY_S", "PROTOCOLS", "V5", "V311",
-    "Negotiator", "ProtocolSettingError", "aiomqtt_options", "check_protocol", "check_session_expiry",
-    "connect_properties", "is_version_refusal", "probe_v5", "watch_connect",
+    "AUTO", "CLOSED_DURING_CONNECT", "DEFAULT_PROTOCOL", "DEFAULT_SESSION_EXPIRY_S", "NO_CONNACK", "PROTOCOLS", "V5",
+    "V311", "Negotiator", "ProtocolSettingError", "aiomqtt_options", "check_protocol", "check_session_expiry",
+    "connect_properties", "is_version_refusal", "paho_clean_options", "probe_v5", "watch_connect",
 ]

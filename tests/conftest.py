@@ -36,7 +36,7 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
 
 @pytest.fixture(scope="session")
 def embedded_addr(embedded_broker: EmbeddedBroker) -> BrokerAddress:
-    return BrokerAddress(embedded_broker.host, embedded_broker.port)
+    return embedded_broker.address  # says protocol=3.1.1: the runner knows it has no MQTT 5
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def nats_broker() -> Iterator[NatsBroker]:
 
 @pytest.fixture(scope="session")
 def nats_addr(nats_broker: NatsBroker) -> BrokerAddress:
-    return BrokerAddress(nats_broker.host, nats_broker.port)
+    return nats_broker.address  # says protocol=3.1.1: the runner knows it has no MQTT 5
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def rabbitmq_broker() -> Iterator[RabbitMQBroker]:
 
 @pytest.fixture(scope="session")
 def rabbitmq_addr(rabbitmq_broker: RabbitMQBroker) -> BrokerAddress:
-    return BrokerAddress(rabbitmq_broker.host, rabbitmq_broker.port)
+    return rabbitmq_broker.address  # says protocol=3.1.1: the runner knows it has no MQTT 5
 
 
 BROKER_MATRIX = ["mosquitto", "embedded", "nats", "rabbitmq"]

@@ -14,6 +14,8 @@ import threading
 from types import TracebackType
 from typing import Any
 
+from broker.address import BrokerAddress
+from broker.capabilities import started_address
 from broker.runners.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,15 @@ class EmbeddedBroker:
         self._broker: Any = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def address(self) -> BrokerAddress:
+        """How to reach it: says ``protocol=3.1.1`` (amqtt has no MQTT 5; an ``auto`` probe would wait 5 s)."""
+        return started_address("embedded", self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        return self.address.url()
 
     async def start_async(self) -> None:
         from amqtt.broker import Broker  # heavy import, only when a broker is really wanted

@@ -26,6 +26,8 @@ import os
 import pwd
 from pathlib import Path
 
+from broker.address import BrokerAddress
+from broker.capabilities import started_address
 from broker.runners.ports import free_port
 from broker.runners.process import MosquittoProcess
 
@@ -68,6 +70,15 @@ class MosquittoBroker(MosquittoProcess):
         self.autosave_on_changes = autosave_on_changes
         super().__init__(state_dir, prefix="megace-mosquitto-")
         self.db_path = self.state_dir / "mosquitto.db"  # written on autosave and on SIGTERM
+
+    @property
+    def address(self) -> BrokerAddress:
+        """How to reach it: no protocol of its own (Mosquitto has MQTT 5, so the client's setting applies)."""
+        return started_address("mosquitto", self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        return self.address.url()
 
     def start(self) -> MosquittoBroker:
         self.state_dir.mkdir(parents=True, exist_ok=True)

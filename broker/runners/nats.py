@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from broker.address import BrokerAddress
+from broker.capabilities import started_address
 from broker.runners.child import ChildProcessRunner
 from broker.runners.ports import free_port, wait_for_port, wait_mqtt_ready
 
@@ -77,8 +79,13 @@ class NatsBroker(ChildProcessRunner):
         self._log: object | None = None
 
     @property
+    def address(self) -> BrokerAddress:
+        """How to reach it: says ``protocol=3.1.1`` (NATS 2.9 has no MQTT 5, see :mod:`broker.capabilities`)."""
+        return started_address("nats", self.host, self.port)
+
+    @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return self.address.url()
 
     def environment(self) -> dict[str, str]:
         """The ``NATS_*`` values the config reads (also what a deployment puts in its environment)."""
@@ -185,6 +192,11 @@ class NatsCluster:
     def addresses(self) -> list[tuple[str, int]]:
         """Each node's MQTT ``(host, port)``, in node order."""
         return [(node.host, node.port) for node in self.nodes]
+
+    @property
+    def address(self) -> BrokerAddress:
+        """Every node, the first one first (clients move on when one fails), MQTT 3.1.1 as for one node."""
+        return started_address("nats", self.host, self.nodes[0].port, alternates=tuple(self.addresses[1:]))
 
     @property
     def urls(self) -> list[str]:

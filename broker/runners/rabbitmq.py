@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Self
 
+from broker.address import BrokerAddress
+from broker.capabilities import started_address
 from broker.runners.child import ChildProcessRunner
 from broker.runners.ports import free_port, wait_for_port, wait_mqtt_ready
 
@@ -91,8 +93,13 @@ class RabbitMQBroker(ChildProcessRunner):
         self._epmd: subprocess.Popen[bytes] | None = None
 
     @property
+    def address(self) -> BrokerAddress:
+        """How to reach it: says ``protocol=3.1.1`` (RabbitMQ 3.10 has no MQTT 5, see :mod:`broker.capabilities`)."""
+        return started_address("rabbitmq", self.host, self.port)
+
+    @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return self.address.url()
 
     def environment(self) -> dict[str, str]:
         """What tells the server scripts to use our files and ports, never the system node's."""

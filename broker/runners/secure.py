@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from broker.address import BrokerAddress
+from broker.capabilities import started_protocol
 from broker.runners.ports import free_port
 from broker.runners.process import MosquittoProcess
 
@@ -134,7 +135,8 @@ class SecureMosquitto(MosquittoProcess):
         """``username``'s address on this broker: its certificate (``mtls``) or its password, over TLS."""
         a = self.store.address(username, mtls=mtls, host=self.host)
         return BrokerAddress(a.host, self.mtls_port if mtls else self.password_port, True, a.ca_file, a.username,
-                             a.password, a.keepalive, a.cert_file, a.key_file, a.password_file)
+                             a.password, a.keepalive, a.cert_file, a.key_file, a.password_file,
+                             protocol=started_protocol("mosquitto"))
 
     @property
     def ws_url(self) -> str | None:

@@ -22,6 +22,7 @@ from broker import topics
 from broker.address import BrokerAddress
 from broker.errors import WireError
 from broker.inbox import Inbox
+from broker.protocol import paho_clean_options
 from broker.signing import is_signed, unsigned
 from broker.wire import AdapterUpdate, Kind, Status, decode_metrics
 from broker.wire.status import ONLINE
@@ -87,7 +88,7 @@ class Monitor:
         self._tap = tap
         self._adapter_bytes: dict[str, int] = {}  # per site: bytes of the upload being reassembled
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"megace-monitor-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv311, clean_session=True)
+                                  **paho_clean_options(address.protocol))
         if address.username:
             self.client.username_pw_set(address.username, address.password)
         if address.tls:

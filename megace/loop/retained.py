@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from broker import topics
 from broker.address import BrokerAddress
 from broker.exact_chunks import ExactChunks
+from broker.protocol import paho_clean_options
 from megace.loop.configs import CLOUD_ID, EdgePlan
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def downlink_tree() -> str:
 
 def _client(address: BrokerAddress) -> mqtt.Client:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"megace-clear-{uuid.uuid4().hex[:8]}",
-                    protocol=mqtt.MQTTv311, clean_session=True)
+                    **paho_clean_options(address.protocol))
     if address.username:
         c.username_pw_set(address.username, address.password)
     if address.tls:

@@ -23,7 +23,6 @@ from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from broker import topics
 from broker.address import BrokerAddress
@@ -59,10 +58,9 @@ def default_out_dir(root: Path = Path("runs")) -> Path:
 
 
 def _broker_url(a: BrokerAddress) -> str:
-    auth = ""
-    if a.username:
-        auth = quote(a.username, safe="") + (f":{quote(a.password, safe='')}" if a.password else "") + "@"
-    return f"{'mqtts' if a.tls else 'mqtt'}://{auth}{a.host}:{a.port}"
+    """The services' URL for ``a``: its password inline, its protocol (``3.1.1`` for the embedded broker),
+    session expiry, timeouts and other nodes carried; the CA goes through ``SSL_CERT_FILE`` instead."""
+    return replace(a, ca_file=None, cert_file=None, key_file=None, password_file=None).url(with_password=True)
 
 
 class ClosedLoop:
@@ -109,7 +107,7 @@ class ClosedLoop:
             from broker.runners import EmbeddedBroker
 
             b = self._stack.enter_context(EmbeddedBroker(ws_port=s.ws_port))
-        return BrokerAddress(b.host, b.port)
+        return b.address  # the runner's own: the embedded broker's says MQTT 3.1.1 (no probe for 5)
 
     def _secure_broker(self, parts: list[EdgeData]) -> BrokerAddress:
         """Provision the CA and every identity (cloud, edges, devices, evaluators, monitor; the dashboard with a

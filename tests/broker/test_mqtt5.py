@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import tomllib
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -116,14 +118,25 @@ def test_a_v5_connection_that_was_accepted_is_never_downgraded() -> None:
     assert fresh.refused_code(1) and fresh.version == V311, "3.1.1's 'unacceptable protocol version'"
 
 
-def test_probe_says_what_each_broker_speaks(
-    mosquitto_addr: BrokerAddress, embedded_addr: BrokerAddress, nats_addr: BrokerAddress,
-    rabbitmq_addr: BrokerAddress
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded", "nats", "rabbitmq"])
+def test_probe_says_what_each_broker_speaks_and_its_runner_address_agrees(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, broker: str
 ) -> None:
-    assert probe_v5(mosquitto_addr, "probe-m") is True
-    assert probe_v5(embedded_addr, "probe-e") is False
-    assert probe_v5(nats_addr, "probe-n") is False
-    assert probe_v5(rabbitmq_addr, "probe-r") is False
+    """A runner's address says ``protocol=3.1.1`` exactly when the real broker refuses MQTT 5 (so ``auto``
+    never probes a broker megace started knowing the answer); otherwise the client's setting applies."""
+    monkeypatch.delenv("MEGACE_BROKER_PROTOCOL", raising=False)
+    runner = request.getfixturevalue("mosquitto" if broker == "mosquitto" else f"{broker}_broker")
+    speaks_5 = probe_v5(BrokerAddress(runner.host, runner.port), f"probe-{broker}")
+    assert speaks_5 is (broker == "mosquitto")
+    expected = AUTO if speaks_5 else V311
+    assert (runner.address.host, runner.address.port, runner.address.protocol) == (runner.host, runner.port, expected)
+    from_url = BrokerAddress.from_url(runner.url, env={"MEGACE_BROKER_PROTOCOL": "5"})
+    assert from_url.protocol == (V5 if speaks_5 else V311), "the URL names 3.1.1; else the environment decides"
+    monkeypatch.setenv("MEGACE_BROKER_PROTOCOL", "5")
+    assert runner.address.protocol == (V5 if speaks_5 else V311), "a broker without MQTT 5 is never asked for it"
+
+
+def test_probe_gives_no_verdict_without_a_broker() -> None:
     unused = BrokerAddress("127.0.0.1", 9)  # discard port: connection refused, no verdict
     assert probe_v5(unused, "probe-x") is None
 
@@ -142,7 +155,9 @@ async def test_the_probe_leaves_the_real_session_and_its_queued_messages_alone(m
 
 
 def test_the_setting_comes_from_the_url_or_the_environment_and_bad_values_are_refused() -> None:
-    assert BrokerAddress.from_url("mqtt://h").protocol == V311  # the default: what every broker speaks
+    assert BrokerAddress.from_url("mqtt://h", env={}).protocol == AUTO  # the default: 5 where the broker has it
+    assert BrokerAddress("h").protocol == AUTO
+    assert BrokerAddress.from_url(BrokerAddress("h", protocol=V311).url(), env={}).protocol == V311, "a URL keeps 3.1.1"
     a = BrokerAddress.from_url("mqtt://h:1?protocol=auto&session_expiry=2", env={"MEGACE_BROKER_PROTOCOL": "5"})
     assert (a.protocol, a.session_expiry) == (AUTO, 2), "the URL wins over the environment"
     assert BrokerAddress.from_url(a.url()) == a
@@ -288,3 +303,68 @@ async def test_the_cloud_takes_the_version_from_its_broker_url(
         from megace.loop.retained import clear_retained
 
         clear_retained(addr, [topics.global_down()])
+
+
+# ------------------------------------------------------------------------------------------------- megace run
+
+@pytest.mark.timeout(300)
+def test_megace_run_on_its_embedded_broker_speaks_3_1_1_everywhere_without_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded broker's address says 3.1.1 and ``megace run`` carries it to every device, evaluator, edge
+    and the cloud (their URLs included): none tries MQTT 5 first, which on amqtt cost a 5 s probe per client.
+    A rebuilt address or URL that drops the protocol shows up as a counted fallback."""
+    from megace.loop.runner import ClosedLoop
+    from megace.loop.settings import LoopSettings
+
+    monkeypatch.delenv("MEGACE_BROKER_PROTOCOL", raising=False)
+    loop = ClosedLoop(LoopSettings(
+        dataset="basicmotions", dataset_options={"augment": 0}, max_samples=None, edges=2, devices_per_edge=1,
+        ranks=(2,), rounds=1, steps_per_round=2, strategy="fedavg", out=tmp_path, global_eval=False,
+        round_timeout_s=120.0, services_timeout_s=150.0, time_limit_s=240.0))
+    result = loop.run()
+    assert len(result.rounds) == 1, result.stopped_because
+    clients = {f"device {d.name}": d.client.counters.snapshot() for d in loop.devices + loop.evaluators}
+    assert loop.monitor is not None
+    with loop.monitor.lock:  # the edges publish their session's counters; the cloud's metrics carry none
+        clients.update({f"edge {e}": dict(m) for e, m in loop.monitor.view.edge_metrics.items()})
+    assert len(clients) == 2 + len(loop.evaluators) + 2, sorted(clients)
+    configs = sorted((tmp_path / "config").glob("*.toml"))
+    assert [c.stem for c in configs] == ["cloud", "edge-0", "edge-1"]
+    for config in configs:  # what each service process was started with: the broker's protocol, carried
+        url = tomllib.loads(config.read_text())["broker"]
+        assert BrokerAddress.from_url(url, env={}).protocol == V311, (config.name, url)
+    for who, snap in clients.items():
+        assert snap.get("mqtt_protocol.3.1.1", 0) >= 1 and snap.get("mqtt_v5", 0) == 0, (who, snap)
+        assert snap.get("protocol_fallbacks", 0) == 0 and snap.get("mqtt_protocol.5", 0) == 0, (who, snap)
+
+
+@pytest.mark.parametrize(("setting", "wire"), [(AUTO, mqtt.MQTTv311), (V311, mqtt.MQTTv311), (V5, mqtt.MQTTv5)])
+def test_the_loop_observers_speak_3_1_1_unless_told_5_and_work_either_way(
+    mosquitto_addr: BrokerAddress, setting: str, wire: int
+) -> None:
+    """``megace run``'s monitor and retained clean-up hold clean sessions, which gain nothing from MQTT 5: ``auto``
+    speaks 3.1.1 without a probe (any broker carries it); ``5`` (a deployment that asked for it) is honoured."""
+    from megace.loop import retained
+    from megace.loop.monitor import Monitor
+
+    addr = dataclasses.replace(mosquitto_addr, protocol=setting)
+    assert retained._client(addr)._protocol == wire
+    monitor = Monitor(addr, tap=False)
+    assert monitor.client._protocol == wire
+    topic = f"{topics.ROOT}/cloud/down/test-observer-{uuid.uuid4().hex[:8]}"  # under the tree the clean-up searches
+    _publish_retained(mosquitto_addr, topic)
+    assert topic in retained.find_retained(addr, [retained.downlink_tree()])
+    assert topic in retained.clear_retained(addr, [])
+    assert topic not in retained.find_retained(addr, [retained.downlink_tree()])
+
+
+def _publish_retained(addr: BrokerAddress, topic: str) -> None:
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"ret-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv311)
+    pub.connect(addr.host, addr.port)
+    pub.loop_start()
+    try:
+        pub.publish(topic, b"stale", qos=1, retain=True).wait_for_publish(10)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()

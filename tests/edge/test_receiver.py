@@ -70,11 +70,15 @@ class Publisher:
         rec = FeatureRecord(self.device, n, {"imu": imu, "env": np.full((1, 8), float(n), np.float32)}, label=label)
         return encode_envelope(Kind.FEATURES, self.device, n if seq is None else seq, rec.to_body())
 
-    def publish(self, numbers: list[int], *, pace_every: int = 100) -> None:
-        """Publish ``numbers`` (seq = number), waiting for PUBACKs every ``pace_every``; blocking (a thread)."""
+    def publish(self, numbers: list[int], *, pace_every: int = 100,
+                gates: dict[int, threading.Event] | None = None) -> None:
+        """Publish ``numbers`` (seq = number), waiting for PUBACKs every ``pace_every``; blocking (a thread).
+        ``gates``: before publishing number ``n`` in it, wait until its event is set (the test killed something)."""
         topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
         pending: list[tuple[int, mqtt.MQTTMessageInfo]] = []
         for n in numbers:
+            if gates and n in gates:
+                assert gates[n].wait(120), f"gate before record {n} never opened"
             pending.append((n, self.client.publish(topic, self.payload(n), qos=1)))
             if len(pending) >= pace_every:
                 self._settle(pending)
@@ -118,14 +122,18 @@ async def test_sigkill_of_the_receiver_mid_stream_loses_and_duplicates_nothing(f
             assert agent.receiver is not None and agent.receiver.pid is not None
             pub.register()
             await eventually(lambda: "dev-k" in agent.registry, what="registration through the receiver")
-            sending = asyncio.create_task(asyncio.to_thread(pub.publish, numbers))
-            for threshold in (400, 1200):  # two kills, each while records stream in
+            # the publisher holds at 801 and 1601 until the kill before it happened: a receiver fast enough to take
+            # every record before the test looks must not leave a kill with nothing in flight
+            gates = {801: threading.Event(), 1601: threading.Event()}
+            sending = asyncio.create_task(asyncio.to_thread(pub.publish, numbers, gates=gates))
+            for threshold, gate in ((400, gates[801]), (1200, gates[1601])):  # two kills, each mid-stream
                 await eventually(lambda t=threshold: agent.counters["samples_total"] >= t, 120, f"{threshold} records")
                 assert agent.counters["samples_total"] < len(numbers), "all ingested before the kill: nothing tested"
                 pid = agent.receiver.pid
                 assert pid is not None
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
+                gate.set()
                 await eventually(lambda p=pid: agent.receiver.pid not in (None, p), 60, "a restarted receiver")
             await sending
             assert sorted(pub.acked) == numbers  # the broker acknowledged every record to the device

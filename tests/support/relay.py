@@ -74,8 +74,7 @@ class TcpRelay:
             for src, dst, hold in ((client, upstream, pair.hold_up), (upstream, client, pair.hold_down)):
                 threading.Thread(target=self._pump, args=(pair, src, dst, hold), daemon=True).start()
 
-    @staticmethod
-    def _pump(pair: _Pair, src: socket.socket, dst: socket.socket, hold: threading.Event) -> None:
+    def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket, hold: threading.Event) -> None:
         """Copy ``src`` to ``dst``; while ``hold`` is set, keep what arrives instead of forwarding it."""
         try:
             while data := src.recv(65536):
@@ -86,9 +85,13 @@ class TcpRelay:
         except OSError:
             pass
         pair.close()  # one side gone: drop the other too, as a real broken link would
+        with self._lock:  # no longer live: a finished connection (an MQTT 5 probe's) is not held or counted
+            if pair in self._pairs:
+                self._pairs.remove(pair)
 
     def hold(self, *, up: bool, down: bool) -> int:
-        """Stop forwarding on the live connections (``up``: client to broker, ``down``: the way back)."""
+        """Stop forwarding on the live connections (``up``: client to broker, ``down``: the way back); returns
+        how many there are (connections that already ended, such as a protocol probe's, are not among them)."""
         with self._lock:
             live = list(self._pairs)
         for p in live:
