@@ -191,10 +191,12 @@ class BrokerAddress:
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
-    def url(self, *, with_password: bool = False) -> str:
+    def url(self, *, with_password: bool = False, pin_protocol: bool = False) -> str:
         """This address as a URL that :meth:`from_url` reads back (for child processes and configs).
 
         The password is left out unless ``with_password``; a ``password_file`` is named instead.
+        ``pin_protocol``: name the protocol even when it is the default, so that ``MEGACE_BROKER_PROTOCOL`` in
+        the reader's environment cannot override it (a broker known to lack MQTT 5).
         """
         auth = ""
         if self.username:
@@ -208,7 +210,7 @@ class BrokerAddress:
             query["keepalive"] = str(self.keepalive)
         if self.timeout != 10.0:
             query["timeout"] = f"{self.timeout:g}"
-        if self.protocol != DEFAULT_PROTOCOL:
+        if self.protocol != DEFAULT_PROTOCOL or pin_protocol:
             query["protocol"] = self.protocol
         if self.session_expiry != DEFAULT_SESSION_EXPIRY_S:
             query["session_expiry"] = str(self.session_expiry)

@@ -67,8 +67,8 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
         device: This device's id, unique within its site; it names the MQTT client id
             (``megace-dev-<site>-<device>``) and the on-disk queue. Same character rules as ``site``.
         broker: Where to connect: a ``BrokerAddress`` or a URL such as ``mqtt://host:1883`` or
-            ``mqtts://user:pass@host:8883``. ``?protocol=auto`` (the default: MQTT 5 where the broker has it,
-            else 3.1.1), ``5`` or ``3.1.1`` picks the MQTT version; with MQTT 5 the broker keeps the device's session
+            ``mqtts://user:pass@host:8883``. ``?protocol=auto`` (MQTT 5 where the broker has it, else 3.1.1),
+            ``5`` or ``3.1.1`` (the default) picks the MQTT version; with MQTT 5 the broker keeps the device's session
             ``?session_expiry=`` seconds after it left (default one day; 3.1.1: no limit).
         on_downlink: Called from the network thread with the envelope kind and the decoded message
             (``DeviceConfig``, ``Prediction``, ``DeviceFeedback``, ...) for every downlink addressed to

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,7 +43,7 @@ from paho.mqtt.properties import Properties
 from broker import topics
 from broker.address import BrokerAddress
 from broker.metrics import Counters
-from broker.protocol import V5
+from broker.protocol import AUTO, DEFAULT_PROTOCOL, V5
 from broker.session import Session
 from edge_agent import receiver_mqtt
 from edge_agent.acks import DurableAcks
@@ -180,6 +180,8 @@ class IngestReceiver:
         """Serve until :attr:`stop` is set; what was received is logged and acknowledged before returning."""
         s = self.settings
         address = BrokerAddress.from_url(s.broker)
+        if address.protocol == DEFAULT_PROTOCOL and s.receive_maximum:
+            address = replace(address, protocol=AUTO)  # MQTT 5 where the broker has it: the receive window
         session = WindowedSession(address, self._serve, identifier=data_client_id(s.edge_id),
                                   counters=self.counters, clean_session=s.clean_session,
                                   max_queued_incoming=s.mqtt_queue, name=f"edge {s.edge_id} receiver",

@@ -245,7 +245,7 @@ def _fleet_experiment(quick: bool, seeds: int | None, arms: str | None, out: Pat
     Console().print(f"Report: [bold]{report}[/]")
 
 
-PROTOCOL_HELP = ("MQTT version: auto (the default: 5, falling back to 3.1.1), 5 or 3.1.1; sets MEGACE_BROKER_PROTOCOL "
+PROTOCOL_HELP = ("MQTT version: auto (5, falling back to 3.1.1), 5 or 3.1.1 (the default); sets MEGACE_BROKER_PROTOCOL "
                  "(a protocol= in the broker URL wins)")
 
 

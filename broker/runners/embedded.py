@@ -53,7 +53,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return self.address.url()
+        return self.address.url(pin_protocol=True)  # no MQTT 5 here, whatever the reader's environment says
 
     async def start_async(self) -> None:
         from amqtt.broker import Broker  # heavy import, only when a broker is really wanted

@@ -85,7 +85,7 @@ class NatsBroker(ChildProcessRunner):
 
     @property
     def url(self) -> str:
-        return self.address.url()
+        return self.address.url(pin_protocol=True)  # no MQTT 5 here, whatever the reader's environment says
 
     def environment(self) -> dict[str, str]:
         """The ``NATS_*`` values the config reads (also what a deployment puts in its environment)."""

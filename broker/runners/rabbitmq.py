@@ -99,7 +99,7 @@ class RabbitMQBroker(ChildProcessRunner):
 
     @property
     def url(self) -> str:
-        return self.address.url()
+        return self.address.url(pin_protocol=True)  # no MQTT 5 here, whatever the reader's environment says
 
     def environment(self) -> dict[str, str]:
         """What tells the server scripts to use our files and ports, never the system node's."""

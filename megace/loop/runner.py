@@ -60,7 +60,8 @@ def default_out_dir(root: Path = Path("runs")) -> Path:
 def _broker_url(a: BrokerAddress) -> str:
     """The services' URL for ``a``: its password inline, its protocol (``3.1.1`` for the embedded broker),
     session expiry, timeouts and other nodes carried; the CA goes through ``SSL_CERT_FILE`` instead."""
-    return replace(a, ca_file=None, cert_file=None, key_file=None, password_file=None).url(with_password=True)
+    return replace(a, ca_file=None, cert_file=None, key_file=None, password_file=None).url(with_password=True,
+                                                                                           pin_protocol=True)
 
 
 class ClosedLoop:

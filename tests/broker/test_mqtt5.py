@@ -24,7 +24,7 @@ import pytest
 from broker import topics
 from broker.address import BrokerAddress
 from broker.aio import make_client
-from broker.protocol import AUTO, V5, V311, Negotiator, ProtocolSettingError, check_protocol, probe_v5
+from broker.protocol import AUTO, DEFAULT_PROTOCOL, V5, V311, Negotiator, ProtocolSettingError, check_protocol, probe_v5
 from broker.session import Session
 from broker.wire import CapabilityProfile, ModalityProfile
 from device_sdk import DeviceClient
@@ -128,7 +128,7 @@ def test_probe_says_what_each_broker_speaks_and_its_runner_address_agrees(
     runner = request.getfixturevalue("mosquitto" if broker == "mosquitto" else f"{broker}_broker")
     speaks_5 = probe_v5(BrokerAddress(runner.host, runner.port), f"probe-{broker}")
     assert speaks_5 is (broker == "mosquitto")
-    expected = AUTO if speaks_5 else V311
+    expected = DEFAULT_PROTOCOL if speaks_5 else V311
     assert (runner.address.host, runner.address.port, runner.address.protocol) == (runner.host, runner.port, expected)
     from_url = BrokerAddress.from_url(runner.url, env={"MEGACE_BROKER_PROTOCOL": "5"})
     assert from_url.protocol == (V5 if speaks_5 else V311), "the URL names 3.1.1; else the environment decides"
@@ -155,8 +155,8 @@ async def test_the_probe_leaves_the_real_session_and_its_queued_messages_alone(m
 
 
 def test_the_setting_comes_from_the_url_or_the_environment_and_bad_values_are_refused() -> None:
-    assert BrokerAddress.from_url("mqtt://h", env={}).protocol == AUTO  # the default: 5 where the broker has it
-    assert BrokerAddress("h").protocol == AUTO
+    assert BrokerAddress.from_url("mqtt://h", env={}).protocol == V311  # the default (paho's MQTT 5 reads cost)
+    assert BrokerAddress("h").protocol == V311
     assert BrokerAddress.from_url(BrokerAddress("h", protocol=V311).url(), env={}).protocol == V311, "a URL keeps 3.1.1"
     a = BrokerAddress.from_url("mqtt://h:1?protocol=auto&session_expiry=2", env={"MEGACE_BROKER_PROTOCOL": "5"})
     assert (a.protocol, a.session_expiry) == (AUTO, 2), "the URL wins over the environment"
