@@ -107,8 +107,10 @@ TARGETS: dict[str, Target] = {
         # de-duplication, and the delegated signatures of inference workers (network-free tests first; the real-
         # broker receipt tests run only for the functions they reach)
         Target("delivery", ("broker/dedup.py", "broker/wire/receipt.py", "edge_agent/receipts.py",
-                            "edge_agent/outgoing.py", "device_sdk/receipts.py"),
+                            "edge_agent/outgoing.py", "edge_agent/answers.py", "device_sdk/receipts.py",
+                            "device_sdk/requests.py"),
                ("tests/edge/test_receipts_edge.py", "tests/device_sdk/test_receipts.py",
+                "tests/edge/test_infer_answers.py", "tests/device_sdk/test_infer_requests.py",
                 "tests/broker/test_bodies.py", "tests/device_sdk/test_signed_downlinks.py"), 0.80, forkserver=True),
         Target("signing", ("broker/signing.py",),
                ("tests/security/test_grant_parsing.py", "tests/security/test_worker_grants.py", "tests/test_trust.py",
