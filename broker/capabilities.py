@@ -80,3 +80,21 @@ def started_protocol(name: str, env: Mapping[str, str] | None = None) -> str:
 def started_address(name: str, host: str, port: int, *, alternates: tuple[tuple[str, int], ...] = ()) -> BrokerAddress:
     """The plain (anonymous, no TLS) address of a broker of kind ``name`` that megace started: a runner's."""
     return BrokerAddress(host, port, alternates=alternates, protocol=started_protocol(name))
+
+
+class StartedBroker:
+    """A runner's ``address`` and ``url`` for a broker of kind :attr:`KIND` known to lack MQTT 5 (its matrix row):
+    both say ``protocol=3.1.1``, the URL even where that is the default, so that no reader's environment (or
+    ``auto`` probe, which amqtt would make wait 5 s) asks it for MQTT 5."""
+
+    KIND: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> BrokerAddress:
+        return started_address(self.KIND, self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        return self.address.url(pin_protocol=True)

@@ -14,8 +14,7 @@ import threading
 from types import TracebackType
 from typing import Any
 
-from broker.address import BrokerAddress
-from broker.capabilities import started_address
+from broker.capabilities import StartedBroker
 from broker.runners.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -31,12 +30,14 @@ def _config(host: str, port: int, ws_port: int | None = None) -> dict[str, Any]:
     }
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(StartedBroker):
     """An amqtt broker on ``host:port`` (port 0 picks a free one).
 
     Use ``async with`` inside a running event loop, or ``with`` / :meth:`start`
     from synchronous code, which runs the broker's loop in a named daemon thread.
     """
+
+    KIND = "embedded"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, ws_port: int | None = None) -> None:
         self.host = host
@@ -45,15 +46,6 @@ class EmbeddedBroker:
         self._broker: Any = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def address(self) -> BrokerAddress:
-        """How to reach it: says ``protocol=3.1.1`` (amqtt has no MQTT 5; an ``auto`` probe would wait 5 s)."""
-        return started_address("embedded", self.host, self.port)
-
-    @property
-    def url(self) -> str:
-        return self.address.url(pin_protocol=True)  # no MQTT 5 here, whatever the reader's environment says
 
     async def start_async(self) -> None:
         from amqtt.broker import Broker  # heavy import, only when a broker is really wanted

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from broker.address import BrokerAddress
-from broker.capabilities import started_address
+from broker.capabilities import StartedBroker, started_address
 from broker.runners.child import ChildProcessRunner
 from broker.runners.ports import free_port, wait_for_port, wait_mqtt_ready
 
@@ -50,12 +50,14 @@ def find_nats_server() -> str:
     raise FileNotFoundError("nats-server not found; install it with `apt-get install -y nats-server` (Debian/Ubuntu)")
 
 
-class NatsBroker(ChildProcessRunner):
+class NatsBroker(StartedBroker, ChildProcessRunner):
     """One nats-server with an MQTT listener; same interface as :class:`~broker.runners.MosquittoBroker`.
 
     ``port`` is the MQTT port (what megace connects to); ``client_port`` is the NATS protocol port.
     :meth:`stop` + :meth:`start` keep the JetStream store (sessions, retained messages).
     """
+
+    KIND = "nats"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, server_name: str | None = None,
                  client_port: int = 0, websocket_port: int | None = None, state_dir: Path | None = None,
@@ -77,15 +79,6 @@ class NatsBroker(ChildProcessRunner):
         self.config_path = Path(config_file) if config_file else self.state_dir / "nats.conf"
         self._generated = config_file is None
         self._log: object | None = None
-
-    @property
-    def address(self) -> BrokerAddress:
-        """How to reach it: says ``protocol=3.1.1`` (NATS 2.9 has no MQTT 5, see :mod:`broker.capabilities`)."""
-        return started_address("nats", self.host, self.port)
-
-    @property
-    def url(self) -> str:
-        return self.address.url(pin_protocol=True)  # no MQTT 5 here, whatever the reader's environment says
 
     def environment(self) -> dict[str, str]:
         """The ``NATS_*`` values the config reads (also what a deployment puts in its environment)."""

@@ -27,8 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Self
 
-from broker.address import BrokerAddress
-from broker.capabilities import started_address
+from broker.capabilities import StartedBroker
 from broker.runners.child import ChildProcessRunner
 from broker.runners.ports import free_port, wait_for_port, wait_mqtt_ready
 
@@ -69,13 +68,15 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-class RabbitMQBroker(ChildProcessRunner):
+class RabbitMQBroker(StartedBroker, ChildProcessRunner):
     """A private RabbitMQ with the MQTT plugin on ``host:port``; same interface as ``MosquittoBroker``.
 
     ``port`` is the MQTT port; ``amqp_port``, ``dist_port`` and ``epmd_port`` are the others it opens.
     :meth:`stop` + :meth:`start` keep its data dir (retained messages, durable sessions). Measured: the MQTT
     plugin keeps retained messages in DETS, so ``stop(kill=True)`` loses the ones stored since its last sync.
     """
+
+    KIND = "rabbitmq"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, state_dir: Path | None = None,
                  ready_timeout_s: float = 120.0) -> None:
@@ -91,15 +92,6 @@ class RabbitMQBroker(ChildProcessRunner):
         self.log_dir = self.state_dir / "log"
         self._cookie = secrets.token_hex(16)
         self._epmd: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> BrokerAddress:
-        """How to reach it: says ``protocol=3.1.1`` (RabbitMQ 3.10 has no MQTT 5, see :mod:`broker.capabilities`)."""
-        return started_address("rabbitmq", self.host, self.port)
-
-    @property
-    def url(self) -> str:
-        return self.address.url(pin_protocol=True)  # no MQTT 5 here, whatever the reader's environment says
 
     def environment(self) -> dict[str, str]:
         """What tells the server scripts to use our files and ports, never the system node's."""
