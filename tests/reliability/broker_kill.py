@@ -40,6 +40,9 @@ TOPIC = "megace/v1/reliability/kill"
 RETAINED = "megace/v1/reliability/retained"
 PAYLOAD_BYTES = 1024
 
+INFLIGHT = 100
+"""QoS 1 publishes a publisher keeps unacknowledged (the device SDK's default window)."""
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -161,7 +164,7 @@ class Publisher:
         self._filler = os.urandom(PAYLOAD_BYTES - 8)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rel-pub-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv311, clean_session=False)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(INFLIGHT)
         self.client.max_queued_messages_set(0)
         self.client.on_connect = lambda c, *a: _nodelay(c)
         self.client.reconnect_delay_set(0.05, 0.5)
