@@ -7,23 +7,10 @@ the schedule is worked out by hand from the documented rule (``retry_s``, then t
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from broker.metrics import Counters
 from broker.wire import Kind
 from device_sdk.requests import CHECK_EVERY_S, DONE_MAX, MAX_OUTSTANDING, RequestBook
-
-
-def pred(sample: int) -> SimpleNamespace:
-    return SimpleNamespace(sample=sample)
-
-
-def err(ref: int | None) -> SimpleNamespace:
-    return SimpleNamespace(ref=ref)
-
-
-def never(_seq: int) -> bool:
-    return False
+from tests.device_sdk.test_infer_requests import err, never, pred
 
 
 def test_constants_and_clamps() -> None:
