@@ -18,6 +18,7 @@ from broker.address import BrokerAddress
 from broker.capabilities import MATRIX, BrokerCapabilities, capabilities
 from broker.signing import Signer, generate_private_key, public_pem
 from broker.wire import CapabilityProfile, ErrorCode, ErrorReport, Kind, ModalityProfile, encode_envelope
+import device_sdk.events
 from device_sdk import DeviceClient
 from tests.broker.test_matrix import _publish
 from tests.support.collector import Collector
@@ -109,9 +110,14 @@ def test_a_register_request_brings_every_device_of_the_site_on_every_broker(brok
             assert envs[-1].body["device"] == dev.device and "accel" in envs[-1].body["modalities"]
 
 
-def test_an_unregistered_error_registers_again_at_most_once_a_second(mosquitto_addr, site, tmp_path) -> None:
+def test_an_unregistered_error_registers_again_at_most_once_a_second(mosquitto_addr, site, tmp_path,
+                                                                    monkeypatch) -> None:
     """A device whose edge refuses its records as ``unregistered`` (an old edge that sends no request, or a
-    request the device missed) publishes its registration again, but a burst of errors yields one."""
+    request the device missed) publishes its registration again, but a burst of errors yields one.
+
+    The interval is widened to a minute here so that a loaded machine spreading the burst over more than a
+    second cannot split it; the interval's end is then reached by moving the last registration back."""
+    monkeypatch.setattr(device_sdk.events, "REREGISTER_MIN_INTERVAL_S", 60.0)
     with DeviceClient(site, "gw-9", mosquitto_addr, store_path=tmp_path / "q.sqlite") as dev, \
             Collector(mosquitto_addr, topics.device_up(site, "gw-9", topics.Uplink.REGISTER)) as col:
         dev.register(_profile("gw-9"))
@@ -128,6 +134,11 @@ def test_an_unregistered_error_registers_again_at_most_once_a_second(mosquitto_a
         _publish(mosquitto_addr, (down, encode_envelope(Kind.ERROR, "edge_1", 20, other), False))
         _until(lambda: dev.counters["received.error"] == 4, "a fourth error")
         assert dev.counters["reregistered.unregistered"] == 1  # other codes are the application's business
+        with dev._lock:
+            dev._last_reregister -= 61.0  # the interval has passed: the next refusal registers again
+        _publish(mosquitto_addr, (down, encode_envelope(Kind.ERROR, "edge_1", 21, err), False))
+        _until(lambda: len(col.envelopes) == 3, "a registration after the interval")
+        assert dev.counters["reregistered.unregistered"] == 2 and dev.counters["reregister_skipped"] == 2
 
 
 def test_a_device_given_its_edges_key_ignores_a_forged_request(mosquitto_addr, site, tmp_path) -> None:
