@@ -172,7 +172,7 @@ def test_bad_host_lists_are_refused() -> None:
 def test_kill_9_of_nats_nodes_repeats_nothing_and_loses_nothing(tmp_path: Path) -> None:
     # node 0 holds edge-0 and dev-1 at first; then whichever node the cloud is on (2 at first) is killed
     r = run_failover([0, "cloud-kill"], workdir=tmp_path, seed=3, warmup_s=3.0, gap_s=3.0, down_s=2.0,
-                     answer_timeout=30.0)
+                     answer_timeout=30.0, healthy_timeout_s=15.0)
     p = r.phase
     assert {"edge-0", "dev-1"} <= set(r.kills[0].clients), r.kills[0]
     assert HOME["cloud-kill"] == 2 and "cloud-kill" in r.kills[1].clients, r.kills
