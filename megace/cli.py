@@ -269,9 +269,9 @@ def edge(
         "none on a 3.1.1 broker); overrides the config's inference_workers")] = None,
 ) -> None:
     """Run an edge agent (the service a systemd unit starts)."""
+    _protocol_env(protocol)  # a bad value is refused before the heavy import
     from edge_agent.cli import serve
 
-    _protocol_env(protocol)
     raise typer.Exit(serve(config, None if inference_workers is None else {"inference_workers": inference_workers}))
 
 
@@ -282,9 +282,9 @@ def infer(
     protocol: Annotated[str | None, typer.Option(help=PROTOCOL_HELP)] = None,
 ) -> None:
     """Answer a site's prediction requests beside its edge (MQTT 5 shared subscription; exits 3 on 3.1.1)."""
+    _protocol_env(protocol)  # a bad value is refused before the heavy import
     from edge_agent.infer_worker import serve
 
-    _protocol_env(protocol)
     raise typer.Exit(serve(str(config), worker_id))
 
 
@@ -297,9 +297,9 @@ def cloud(
                                                     "url, else sqlite under state_dir")] = None,
 ) -> None:
     """Run the cloud aggregator."""
+    _protocol_env(protocol)  # a bad value is refused before the heavy import
     from cloud_aggregator.cli import serve
 
-    _protocol_env(protocol)
     raise typer.Exit(serve(str(config), ledger))
 
 
