@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.bench_edge import AgentThread, Answers, config_for, quantile  # noqa: E402
+from bench.edge_harness import AgentThread, Answers, config_for, quantile  # noqa: E402
 from broker.address import BrokerAddress  # noqa: E402
 from broker.runners import MosquittoBroker  # noqa: E402
 from broker.signing import generate_private_key, private_pem, public_pem  # noqa: E402
