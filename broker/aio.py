@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from broker.address import BrokerAddress
 from broker.chunking import DEFAULT_MAX_PACKET, frames
@@ -45,7 +47,7 @@ def make_client(
     """
     if version is None:
         version = V5 if address.protocol == V5 else V311
-    client = aiomqtt.Client(
+    client = GuardedClient(
         address.host,
         address.port,
         identifier=identifier,
@@ -65,6 +67,32 @@ def make_client(
     if max_inflight is not None:
         client.pending_calls_threshold = max_inflight + PUBLISH_HEADROOM
     return client
+
+
+class GuardedClient(aiomqtt.Client):
+    """aiomqtt's client, without its socket race on a dropped connection.
+
+    aiomqtt 2.5 answers paho's "register write" by scheduling ``loop.add_writer(fd, ...)`` with
+    ``call_soon_threadsafe``. When the broker drops the connection before that runs, paho has closed the
+    socket and asyncio logs ``OSError: [Errno 9] Bad file descriptor`` with a traceback (seen when a broker
+    was SIGKILLed under load; the session reconnected, but a traceback in a service's log reads as a crash,
+    and a reused fd number would get the old callback). This schedules the same call, skipped when the
+    socket is no longer paho's.
+    """
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        def write() -> None:  # as aiomqtt's: a failed write is the connection's end
+            try:
+                client.loop_write()
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            if client.socket() is sock:  # not closed (or replaced) since paho asked
+                self._loop.add_writer(sock.fileno(), write)
+
+        self._loop.call_soon_threadsafe(register)
 
 
 #: publishes beside a bounded publisher's window (status, metrics, an upload chunk) before aiomqtt warns

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 
+import aiomqtt
 import pytest
 
-from broker.aio import publish_one, wait_event
+from broker.aio import make_client, publish_one, wait_event
 
 
 async def test_wait_event_says_whether_the_event_was_set() -> None:
@@ -59,3 +63,34 @@ async def test_publish_one_re_raises_a_cancellation_the_client_swallowed() -> No
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 2)
     assert reached == []
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+async def test_a_write_registered_as_the_connection_drops_logs_no_traceback(mosquitto_addr, guarded: bool) -> None:
+    """paho asks for a write registration, then the connection drops before the loop runs it (a broker killed
+    under load). Stock aiomqtt then hands asyncio an ``OSError: [Errno 9]`` (logged with a traceback by the
+    services); the clients megace builds skip the registration. Real sockets on a real broker: only the order
+    of the two events is arranged, within one turn of the loop."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    ident = f"race-{guarded}-{os.getpid()}"
+    client = make_client(mosquitto_addr, identifier=ident) if guarded else \
+        aiomqtt.Client(mosquitto_addr.host, mosquitto_addr.port, identifier=ident)
+    try:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with client:
+                paho = client._client
+                sock = paho.socket()
+                assert sock is not None
+                client._on_socket_register_write(paho, None, sock)  # paho asks for a write ...
+                paho._sock_close()  # ... and the connection is gone before the loop runs the registration
+                await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(previous)
+    excs = [c.get("exception") for c in errors]
+    if guarded:
+        assert excs == []
+    else:  # the control: the race is real with aiomqtt's own client
+        assert any(isinstance(e, OSError) and e.errno == errno.EBADF for e in excs), errors
