@@ -51,11 +51,12 @@ from device_sdk.receipts import DeliveryReceipts, ReceiptBook
 from device_sdk.requests import InferenceRequests, RequestBook
 from device_sdk.store import DiskQueue, Overflow, default_store_path
 from device_sdk.supervisor import Supervisor
+from device_sdk.window import Window
 
 log = logging.getLogger(__name__)
 
 _SENT: dict[Kind, str] = {k: f"sent.{k.value}" for k in Kind}
-_SUCCESS, _NO_CONN = mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN
+_REAP_AT = 32  # queued paho events that make a publish apply them (the supervisor and every wait do anyway)
 
 
 class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
@@ -82,8 +83,8 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
             unreachable before ``overflow`` applies.
         overflow: What a full queue does with one more record: ``drop-oldest`` (default),
             ``drop-newest`` (both counted) or ``error`` (``publish`` raises ``QueueFullError``).
-        max_inflight: Records published and not yet acknowledged by the broker that paho may have
-            on the wire at once (MQTT's in-flight window).
+        max_inflight: Record messages published and not yet acknowledged by the broker that the client
+            has on the wire at once (MQTT's in-flight window; kept by :mod:`device_sdk.window`, not paho).
         max_unacked: Records published and not yet acknowledged that the client keeps in memory
             before ``publish`` blocks (back-pressure); at least ``max_inflight``. On a disconnect they
             go back to the queue in order and are counted as ``requeued``.
@@ -150,7 +151,9 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
         self.store = DiskQueue(store_path or default_store_path(device), max_records=store_max_records,
                                overflow=overflow)
         self._seq, self._seq_end = self.store.reserve_seq()
-        self._lock = threading.Condition()
+        # the Condition's own RLock: the per-record path enters it directly (C), not through Condition.__enter__
+        self._mutex = threading.RLock()
+        self._lock = threading.Condition(self._mutex)
         self._client: mqtt.Client | None = None
         self._online = False
         self._closing = False
@@ -173,6 +176,7 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
         self._registration: tuple[str, dict[str, Any]] | None = None
         self._registration_seq: int | None = None  # the seq register() returned, until it is published
         self._events: deque[tuple[str, Any]] = deque()
+        self._window = Window(max_inflight, self._events)  # paho's own window is off (device_sdk.window)
         self._wake = threading.Event()
         self._status_topic = topics.status(topics.Role.DEVICE, self.device, self.site)
         self._features_topic = topics.device_up(self.site, self.device, topics.Uplink.FEATURES)
@@ -277,8 +281,8 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
         With ``linger_ms > 0`` the record joins the open batch (a record with ``quality`` goes alone)."""
         if self.linger_ms <= 0 or record.quality:
             body = record.to_body()  # outside the lock: paho's thread may take it meanwhile
-            with self._lock:
-                if len(self._batcher):
+            with self._mutex:
+                if self.linger_ms > 0 and len(self._batcher):  # without linger, publish_many leaves none open
                     self._batcher.flush()  # records leave in publish order
                 return self._send(Kind.FEATURES, self._features_topic, body)
         with self._lock:
@@ -339,7 +343,10 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
     def _send(self, kind: Kind, topic: str, body: dict[str, Any], *, seq: int | None = None,
               payload: bytes | None = None) -> int:
         """Encode and publish (or store) one envelope. The caller holds ``self._lock`` exactly once: the
-        back-pressure wait releases it for paho's acknowledgements, which a nested hold would block."""
+        back-pressure wait releases it for paho's acknowledgements, which a nested hold would block.
+
+        The per-record path of every publish: each test here is a plain attribute or ``len`` (see the
+        benchmark in bench/bench_sdk.py, which holds it against raw paho)."""
         if seq is None:
             seq = self._seq
             if seq < self._seq_end:
@@ -348,26 +355,36 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
                 seq = self._next_seq()
         if payload is None:
             payload = encode_envelope(kind, self.device, seq, body)
-        parts = [(topic, payload)] if len(payload) <= self.max_packet else frames(
-            topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet)
-        for t, p in parts:
-            if self._events:
-                self._process_events()
-            if self._online and len(self.store) == 0 and len(self._inflight) >= self.max_unacked:
-                # back-pressure: wait for acks rather than spill to disk; resume at 3/4 so the
-                # publisher and paho's thread do not ping-pong once per acknowledgement
-                low = self.max_unacked * 3 // 4
-                while self._online and len(self.store) == 0 and len(self._inflight) > low:
-                    self._wait_for_acks(0.005)
-            self._hold_back()  # receipts: at most max_unreceipted held (device_sdk.receipts)
-            if self._online and len(self.store) == 0:
-                self._publish_now(t, p, seq=seq)
-            else:
-                if not self.store.append(seq, t, p):
-                    self.counters.inc("dropped_newest")
-                self._wake.set()
+        if len(payload) <= self.max_packet:
+            self._send_part(topic, payload, seq)
+        else:
+            for t, p in frames(topic, payload, sender=self.device, seq=seq, max_packet=self.max_packet):
+                self._send_part(t, p, seq)
         self.counters.inc(_SENT[kind])
         return seq
+
+    def _send_part(self, topic: str, payload: bytes, seq: int) -> None:
+        """Publish one MQTT message of a record now, or queue it on disk (caller holds the lock once)."""
+        if len(self._events) >= _REAP_AT:  # acks are reaped in batches: one pass per message costs more
+            self._process_events()
+        store = self.store
+        if self._online:
+            if not store.count and len(self._inflight) >= self.max_unacked:
+                # back-pressure: wait for acks rather than spill to disk; resume at 3/4 so the
+                # publisher and paho's thread do not ping-pong once per acknowledgement
+                self._process_events()
+                low = self.max_unacked * 3 // 4
+                while self._online and not store.count and len(self._inflight) > low:
+                    self._wait_for_acks(0.05, len(self._inflight) - low)  # woken at the low mark, not polling
+            if self._book.enabled:
+                self._hold_back()  # receipts: at most max_unreceipted held (device_sdk.receipts)
+            client = self._client
+            if self._online and not store.count and client is not None:
+                self._window.submit(client, topic, payload, (seq, topic, payload, None), self._inflight)
+                return
+        if not store.append(seq, topic, payload):
+            self.counters.inc("dropped_newest")
+        self._wake.set()
 
     def _publish_now(self, topic: str, payload: bytes, *, seq: int, row_id: int | None = None) -> None:
         client = self._client
@@ -375,11 +392,7 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
             if row_id is None:
                 self.store.append(seq, topic, payload)
             return
-        info = client.publish(topic, payload, qos=1)
-        if info.rc is _SUCCESS or info.rc is _NO_CONN:
-            self._inflight[info.mid] = (seq, topic, payload, row_id)
-        else:
-            raise ConnectionError(f"paho refused to publish: {mqtt.error_string(info.rc)}")
+        self._window.submit(client, topic, payload, (seq, topic, payload, row_id), self._inflight)
 
     def _connect_args(self) -> dict[str, Any]:
         """The session arguments of the next connect (supervisor); ``auto`` asks the broker once, first."""
@@ -400,7 +413,7 @@ class DeviceClient(InferenceRequests, LinkEvents, DeliveryReceipts):
 
     def _new_client(self) -> mqtt.Client:
         c = paho_client(self.address, self.client_id, will=(self._status_topic, self._status(OFFLINE)),
-                        max_inflight=self.max_inflight, version=self.protocol.version)
+                        max_inflight=0, version=self.protocol.version)  # the window is self._window
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_publish, c.on_message = self._on_publish, self._on_message
         return c

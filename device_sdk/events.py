@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from device_sdk.downlink import DownlinkReceiver
     from device_sdk.receipts import ReceiptBook
     from device_sdk.store import DiskQueue
+    from device_sdk.window import Window
 
 log = logging.getLogger("device_sdk.client")
 REREGISTER_MIN_INTERVAL_S = 1.0
+_NEVER = float("inf")
 
 
 class LinkEvents:
@@ -42,7 +44,8 @@ class LinkEvents:
     _lock: threading.Condition
     _wake: threading.Event
     _events: deque[tuple[str, Any]]
-    _inflight: dict[int, tuple[int, str, bytes, int | None]]
+    _inflight: dict[int, tuple[int, str, bytes, int | None]]  # mid (or a queued one's placeholder) -> record
+    _window: Window
     _client: mqtt.Client | None
     _online: bool
     _last_sent_row: int | None
@@ -51,6 +54,8 @@ class LinkEvents:
     _book: ReceiptBook
     protocol: Negotiator
     _last_reregister: float = float("-inf")
+    _acks_seen = 0  # PUBACKs paho's thread reported (only it writes this)
+    _ack_target: float = float("inf")  # the count at which it wakes a waiter (see _wait_for_acks)
 
     def _status(self, state: str) -> bytes:
         raise NotImplementedError
@@ -83,24 +88,34 @@ class LinkEvents:
 
     def _on_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
         self._events.append(("ack", mid))  # reaped in batches; see _wait_for_acks
+        self._window.acked(_c, mid)  # frees its slot: the next queued record goes out now, from this thread
+        seen = self._acks_seen + 1
+        self._acks_seen = seen
+        if seen >= self._ack_target:  # a waiter asked to be woken at this many
+            self._ack_target = _NEVER
+            self._wake.set()
 
     def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
         self._downlink.accept(msg.topic, msg.payload)
 
     # -- event processing (any thread holding ``self._lock``) --------------------------------
 
-    def _wait_for_acks(self, timeout: float) -> None:
-        """Release the lock for ``timeout`` (or until a connection event), then apply queued events.
+    def _wait_for_acks(self, timeout: float, acks: int | None = None) -> None:
+        """Release the lock until ``acks`` more PUBACKs came (default: as many as are in flight), a connection
+        event or ``timeout``, then apply queued events.
 
-        Acks are reaped in batches by polling: waking this thread once per PUBACK would make it
-        fight paho's network thread for the GIL on every message (measured: half the throughput).
+        Paho's thread counts acks and wakes the waiter once, at the count it asked for: waking it per PUBACK
+        would make it fight paho's network thread for the GIL on every message (measured: half the throughput),
+        and polling woke it every few milliseconds for a handful of acks.
         """
         if not self._events:
+            self._ack_target = self._acks_seen + max(len(self._inflight) if acks is None else acks, 1)
             self._lock.release()
             try:
                 self._wake.wait(timeout)
                 self._wake.clear()
             finally:
+                self._ack_target = _NEVER
                 self._lock.acquire()
         self._process_events()
 
@@ -121,6 +136,11 @@ class LinkEvents:
                     if hold is not None:
                         hold(pending)
                     acked += 1
+            elif what == "sent":  # paho's thread published queued records: their placeholders become mids
+                for key, mid in arg:
+                    pending = inflight.pop(key, None)
+                    if pending is not None:
+                        inflight[mid] = pending
             elif what == "receipt":
                 self._delivery_event(arg)
                 hold = self._book.hold if self._book.enabled else None
@@ -135,6 +155,7 @@ class LinkEvents:
                     arg.subscribe(f, qos=1)
                 arg.subscribe(topics.register_request(self.site), qos=1)  # exact: the edge's "register again"
                 arg.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
+                self._window.reset(arg)
                 self._online = True
                 self.protocol.connected()
                 self._publish_registration()
@@ -146,6 +167,7 @@ class LinkEvents:
                 self.counters.inc("disconnects")
         if acked:
             self.counters.inc("acked", acked)
+        self._window.pump(inflight)  # acks paho's thread could not apply (it found the window held)
         if self._book.held:
             self._resend_due()
         if changed:
@@ -175,6 +197,7 @@ class LinkEvents:
         Rows that came from the queue are still in it. Either way every un-acked record is re-sent after
         the next connect; ``requeued`` counts them so an operator can see what a lost link cost.
         """
+        self._window.reset(None)  # queued records are in _inflight too (placeholder keys): they go below
         self.counters.inc("requeued", len(self._inflight))
         direct = sorted((p for p in self._inflight.values() if p[3] is None), key=lambda p: p[0])
         self.store.prepend([(seq, topic, payload) for seq, topic, payload, _ in direct])

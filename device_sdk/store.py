@@ -53,29 +53,29 @@ class DiskQueue:
             " (id INTEGER PRIMARY KEY, seq INTEGER, topic TEXT, payload BLOB)"  # pragma: no mutate
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")  # pragma: no mutate
-        self._count = self._db.execute(
+        self.count: int = self._db.execute(  # rows queued (the publish path reads it: no __len__ call)
             "SELECT COUNT(*) FROM outbox"  # pragma: no mutate
         ).fetchone()[0]
 
     def __len__(self) -> int:
-        return self._count
+        return self.count
 
     def append(self, seq: int, topic: str, payload: bytes) -> bool:
         """Add a row at the tail; returns False if the overflow policy dropped the new row."""
-        if self._count >= self.max_records:
+        if self.count >= self.max_records:
             if self.overflow is Overflow.ERROR:
-                raise QueueFullError(f"outbox {self.path} holds {self._count} records (max {self.max_records})")
+                raise QueueFullError(f"outbox {self.path} holds {self.count} records (max {self.max_records})")
             if self.overflow is Overflow.DROP_NEWEST:
                 self.dropped += 1
                 return False
             self._db.execute("DELETE FROM outbox WHERE id = (SELECT MIN(id) FROM outbox)")  # pragma: no mutate
-            self._count -= 1
+            self.count -= 1
             self.dropped += 1
         self._db.execute(
             "INSERT INTO outbox (seq, topic, payload) VALUES (?, ?, ?)",  # pragma: no mutate
             (seq, topic, payload),
         )
-        self._count += 1
+        self.count += 1
         return True
 
     def prepend(self, rows: list[tuple[int, str, bytes]]) -> None:
@@ -92,7 +92,7 @@ class DiskQueue:
                 "INSERT INTO outbox (id, seq, topic, payload) VALUES (?, ?, ?, ?)",  # pragma: no mutate
                 [(start + i, s, t, p) for i, (s, t, p) in enumerate(rows)],
             )
-        self._count += len(rows)
+        self.count += len(rows)
 
     def peek(self, after_id: int | None, limit: int) -> list[tuple[int, int, str, bytes]]:
         """Up to ``limit`` rows (id, seq, topic, payload) in order, starting after ``after_id``."""
@@ -110,7 +110,7 @@ class DiskQueue:
 
     def min_seq(self) -> int | None:
         """The lowest seq queued (re-sends may sit behind newer rows), None when empty (receipts' ``resend_from``)."""
-        if not self._count:
+        if not self.count:
             return None
         return self._db.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]  # pragma: no mutate
 
@@ -119,7 +119,7 @@ class DiskQueue:
             "DELETE FROM outbox WHERE id = ?",  # pragma: no mutate
             (row_id,),
         ).rowcount:
-            self._count -= 1
+            self.count -= 1
 
     def reserve_seq(self, block: int = 1000) -> tuple[int, int]:
         """Reserve ``block`` sequence numbers that survive restarts; returns [start, end)."""
