@@ -106,6 +106,7 @@ def test_floor_closes_the_gaps_below_and_opens_none_there() -> None:
     g.floor("a", 5)
     assert g.holes == {"a": {5, 6, 7, 8, 9}} and g.closed == 4 and g.floors == {"a": 5}
     g.floor("a", 3)  # lower: ignored
+    assert g.floors == {"a": 5}  # (checked before the next call, which would set 5 again either way)
     g.floor("a", 5)  # same: ignored
     assert g.floors == {"a": 5} and g.closed == 4
     g.floor("a", 10)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import device_sdk.events
 from broker import topics
 from broker.address import BrokerAddress
 from broker.capabilities import MATRIX, BrokerCapabilities, capabilities
 from broker.signing import Signer, generate_private_key, public_pem
 from broker.wire import CapabilityProfile, ErrorCode, ErrorReport, Kind, ModalityProfile, encode_envelope
-import device_sdk.events
 from device_sdk import DeviceClient
 from tests.broker.test_matrix import _publish
 from tests.support.collector import Collector

@@ -172,6 +172,35 @@ async def test_the_guards_fills_abandoned_and_closed_are_counted_as_deltas(core:
             core.counters["receipt_gaps_closed"]) == (2, 3, 1)
 
 
+async def test_a_device_not_due_yet_does_not_hold_back_one_that_is(core: EdgeCore, clock: Clock) -> None:
+    sent: list[Outgoing] = []
+    t = ReceiptTracker(core, sent.extend, core.counters, interval_s=0.3)
+    g = core.registry.features
+    g.accept("a", 1)
+    t.touched("a")
+    _commit(t)  # a told at 100.0
+    clock.now = 100.1
+    g.accept("a", 2)
+    t.touched("a")
+    _commit(t)  # a waits (due at 100.3), first in line
+    g.accept("c", 1)
+    t.touched("c")
+    _commit(t)  # c was never told: it goes now, past the waiting a
+    assert _receipts(sent) == [("a", Receipt("a", 1)), ("c", Receipt("c", 1))]
+
+
+async def test_gaps_closed_before_the_first_seal_are_counted(core: EdgeCore, clock: Clock) -> None:
+    t = ReceiptTracker(core, [].extend, core.counters, interval_s=0.0)
+    g = core.registry.features
+    g.accept("a", 0)
+    g.accept("a", 4)  # 1..3 skipped
+    g.floor("a", 3)  # the device will never send 1 or 2: two gaps closed
+    t.touched("a")
+    t.seal()
+    assert (core.counters["receipt_fills"], core.counters["receipt_gaps_abandoned"],
+            core.counters["receipt_gaps_closed"]) == (0, 0, 2)
+
+
 async def test_disabled_tracks_nothing(core: EdgeCore, clock: Clock) -> None:
     sent: list[Outgoing] = []
     t = ReceiptTracker(core, sent.extend, core.counters, interval_s=0.0, enabled=False, durable_on_touch=True)
