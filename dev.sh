@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # megace developer entry point. The README's two commands:
 #   ./dev.sh run    set everything up, then run the closed loop on the embedded broker
-#   ./dev.sh test   set everything up, then run the whole test suite
+#   ./dev.sh test   set everything up, then run the whole test suite (on MEGACE_TEST_WORKERS=3 workers)
 #   ./dev.sh mutate mutation testing of the core (tools/mutate.py; reports/mutation.md)
 # Set-up is idempotent: a venv in .venv with torch 2.13.0 (CPU) and megace[all],
 # plus the system packages the tests use (mosquitto, espeak-ng, chromium, nodejs) if they are missing.
@@ -49,7 +49,9 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   run)  setup; exec "$VENV/bin/megace" run "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Workers: most tests wait on brokers, processes and timers, so 3 on 2 cores roughly thirds the wall time.
+  # A test file runs on one worker (tests/conftest.py); MEGACE_TEST_WORKERS=0 runs in this process.
+  test) setup; exec "$VENV/bin/python" -m pytest -n "${MEGACE_TEST_WORKERS:-3}" --dist loadfile "$@" ;;
   mutate) setup; exec "$VENV/bin/python" tools/mutate.py "$@" ;;
   setup) setup ;;
   *) echo "usage: ./dev.sh {run|test|mutate|setup} [args...]"; exit 2 ;;

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -84,7 +87,62 @@ def fresh_mosquitto() -> Iterator[MosquittoBroker]:
         broker.close()
 
 
+def _is_dashboard(item: pytest.Item) -> bool:
+    return item.nodeid.replace(os.sep, "/").startswith("tests/dashboard/")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The dashboard's browser tests run last (in their own order): their session-wide Playwright keeps an
-    event loop running in the main thread while it is started, which fails every asyncio test after it."""
-    items.sort(key=lambda item: item.nodeid.replace(os.sep, "/").startswith("tests/dashboard/"))
+    """The dashboard's browser tests run last, in their own order: they share one loop run and one Chromium."""
+    items.sort(key=_is_dashboard)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` (``./dev.sh test``), with every dashboard test on one worker: a test file's tests go to
+    one worker, so module-scoped fixtures start once, and the dashboard files' session-wide loop run and Chromium
+    start once too. (``--dist loadgroup`` with ``xdist_group`` marks would say this, but pytest-xdist 3.8 marks the
+    group in ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class DashboardTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/dashboard" if nodeid.startswith("tests/dashboard/") else super()._split_scope(nodeid)
+
+    return DashboardTogether(config, log)
+
+
+@contextmanager
+def _without_a_foreign_running_loop(item: pytest.Item) -> Iterator[None]:
+    """Playwright's sync API keeps its event loop marked running in the main thread while it is started, which
+    fails every asyncio test after a dashboard test ("Runner.run() cannot be called from a running event loop").
+    Outside the dashboard tests nothing else leaves a loop running between tests: hide it there and put it back
+    after (tests/dashboard/conftest.py marks it running again before it stops Playwright)."""
+    loop = asyncio._get_running_loop()
+    if loop is None or _is_dashboard(item):
+        yield
+        return
+    asyncio._set_running_loop(None)
+    try:
+        yield
+    finally:
+        if not loop.is_closed():
+            asyncio._set_running_loop(loop)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _without_a_foreign_running_loop(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _without_a_foreign_running_loop(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    with _without_a_foreign_running_loop(item):
+        return (yield)

@@ -7,6 +7,7 @@ the broker's WebSockets listener during the whole run, so the page sees rounds c
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,12 +23,19 @@ from tests.dashboard.fleetkit import CHROMIUM_ARGS, DEVICES_PER_EDGE, EDGES, ROU
 @pytest.fixture(scope="session")
 def playwright() -> Iterator[Any]:
     """One Playwright for the dashboard tests (a second ``sync_playwright()`` cannot start beside it). Its sync API
-    keeps an event loop running in the main thread while started, so any asyncio test after it would fail with
-    "Runner.run() cannot be called from a running event loop": tests/conftest.py runs these tests last."""
+    keeps an event loop marked running in the main thread while started, which would fail any asyncio test after
+    it: tests/conftest.py hides that mark outside the dashboard tests, so it is set again here before stopping
+    (a session fixture may be torn down in another test's teardown)."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
+    manager = sync_playwright()
+    pw = manager.__enter__()
+    loop = asyncio._get_running_loop()
+    try:
         yield pw
+    finally:
+        asyncio._set_running_loop(loop)
+        manager.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")

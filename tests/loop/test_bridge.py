@@ -202,7 +202,9 @@ def edge_metrics(b: Bridged, site: str) -> dict[str, Any]:
     return b.tap.latest_json(topics.metrics(topics.Role.EDGE, f"edge-{site}", site)).get("metrics", {})
 
 
-def test_the_loop_completes_through_the_bridges(bridged: Bridged) -> None:
+def wait_for_a_round_trip(bridged: Bridged) -> None:
+    """Both sites' uploads aggregated, the global applied on both edges and feedback at both devices (each test
+    waits for it itself: ``./dev.sh test`` keeps a file's tests together, but not every run does)."""
     cloud_topic = topics.metrics(topics.Role.CLOUD, CLOUD_ID)
     # both sites' uploads crossed their bridges; the cloud aggregated them (buffer of 2: it needs both)
     until(lambda: int(bridged.tap.latest_json(cloud_topic).get("metrics", {}).get("accepted", 0)) >= 2, 180,
@@ -214,6 +216,10 @@ def test_the_loop_completes_through_the_bridges(bridged: Bridged) -> None:
           "both edges to apply a global")
     # each site's feedback reached its own gw-1 (the two devices share the id; the site routes it)
     until(lambda: all(bridged.feedback[s] for s in SITES), 120, "both sites' devices to get feedback")
+
+
+def test_the_loop_completes_through_the_bridges(bridged: Bridged) -> None:
+    wait_for_a_round_trip(bridged)
     assert all(bridged.edges[s].tracebacks() == 0 for s in SITES) and bridged.cloud.tracebacks() == 0
 
 
@@ -233,7 +239,7 @@ def test_dashboards_on_the_cloud_broker_see_both_gw_1_apart_with_retained_flags(
 
 
 def test_globals_and_only_their_own_feedback_are_retained_on_each_site_broker(bridged: Bridged) -> None:
-    until(lambda: all(bridged.feedback[s] for s in SITES), 240, "both sites' feedback")
+    wait_for_a_round_trip(bridged)
     for s in SITES:
         late = Observer(bridged.site_ports[s], [*topics.subscriptions(topics.global_down()),
                                                 "megace/v1/cloud/down/site/#"])
