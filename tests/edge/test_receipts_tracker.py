@@ -61,6 +61,13 @@ def _commit(tracker: ReceiptTracker) -> None:
     tracker.durable()
 
 
+def _record(tracker: ReceiptTracker, device: str, seq: int) -> None:
+    """A record of ``device`` at ``seq`` accepted by the guard, touched and committed, as the core does."""
+    tracker.core.registry.features.accept(device, seq)
+    tracker.touched(device)
+    _commit(tracker)
+
+
 def test_defaults(core: EdgeCore) -> None:
     t = ReceiptTracker(core, [].extend, core.counters)
     assert (t.interval_s, t.enabled, t.durable_on_touch) == (0.2, True, False)
@@ -70,9 +77,7 @@ async def test_coalesced_per_device_and_sent_at_exactly_the_interval(core: EdgeC
     sent: list[Outgoing] = []
     t = ReceiptTracker(core, sent.extend, core.counters, interval_s=0.5)
     g = core.registry.features
-    g.accept("a", 1)
-    t.touched("a")
-    _commit(t)  # the first receipt of a device goes at once
+    _record(t, "a", 1)  # the first receipt of a device goes at once
     assert _receipts(sent) == [("a", Receipt("a", 1))]
     g.accept("a", 3)
     t.touched("a")
@@ -91,13 +96,9 @@ async def test_the_timer_fires_for_the_soonest_device_then_re_arms(core: EdgeCor
     sent: list[Outgoing] = []
     t = ReceiptTracker(core, sent.extend, core.counters, interval_s=0.3)
     g = core.registry.features
-    g.accept("a", 1)
-    t.touched("a")
-    _commit(t)  # a told at 100.0
+    _record(t, "a", 1)  # a told at 100.0
     clock.now = 100.2
-    g.accept("b", 1)
-    t.touched("b")
-    _commit(t)  # b told at 100.2
+    _record(t, "b", 1)  # b told at 100.2
     assert [d for d, _ in _receipts(sent)] == ["a", "b"]
     clock.now = 100.25
     g.accept("a", 2)
@@ -175,17 +176,10 @@ async def test_the_guards_fills_abandoned_and_closed_are_counted_as_deltas(core:
 async def test_a_device_not_due_yet_does_not_hold_back_one_that_is(core: EdgeCore, clock: Clock) -> None:
     sent: list[Outgoing] = []
     t = ReceiptTracker(core, sent.extend, core.counters, interval_s=0.3)
-    g = core.registry.features
-    g.accept("a", 1)
-    t.touched("a")
-    _commit(t)  # a told at 100.0
+    _record(t, "a", 1)  # a told at 100.0
     clock.now = 100.1
-    g.accept("a", 2)
-    t.touched("a")
-    _commit(t)  # a waits (due at 100.3), first in line
-    g.accept("c", 1)
-    t.touched("c")
-    _commit(t)  # c was never told: it goes now, past the waiting a
+    _record(t, "a", 2)  # a waits (due at 100.3), first in line
+    _record(t, "c", 1)  # c was never told: it goes now, past the waiting a
     assert _receipts(sent) == [("a", Receipt("a", 1)), ("c", Receipt("c", 1))]
 
 
@@ -255,9 +249,7 @@ async def test_last_sent_is_bounded_to_twice_the_devices(core: EdgeCore, clock: 
         _commit(t)
     assert sorted(t._last_sent) == ["a", "b", "c", "d"]  # four: not over the bound, nothing forgotten
     clock.now = 102.0
-    g.accept("e", 1)
-    t.touched("e")
-    _commit(t)
+    _record(t, "e", 1)
     # five > 4: forget those told more than 1 s ago (a, b, c); d was told exactly 1 s ago and stays
     assert sorted(t._last_sent) == ["d", "e"]
     assert len(sent) == 5
