@@ -96,6 +96,27 @@ class BrokerAddress:
         host, port = self.endpoints[i % len(self.endpoints)]
         return dataclasses.replace(self, host=host, port=port, alternates=())
 
+    @property
+    def identified(self) -> bool:
+        """Logs in as an identity (a username or a client certificate): on a broker that makes the username the
+        client id (megace's secure set-up), a second connection with the same login takes this one's session."""
+        return bool(self.username or self.cert_file)
+
+    def logged_in_as(self, folder: str | os.PathLike[str]) -> BrokerAddress:
+        """The same broker, logging in as the identity whose files ``megace provision`` wrote to ``folder``
+        (its name is the username): with its certificate where this address uses one (mutual TLS), else with
+        its password. Unreadable files raise ``OSError`` here, not at the first connection attempt."""
+        folder = Path(folder)
+        if self.cert_file:
+            address = dataclasses.replace(self, username=folder.name, password=None, password_file=None,
+                                          cert_file=str(folder / "client.crt"), key_file=str(folder / "client.key"))
+            for path in (folder / "client.crt", folder / "client.key"):
+                path.read_bytes()
+            return address
+        secret = folder / "password"
+        return dataclasses.replace(self, username=folder.name, password=read_secret(secret),
+                                   password_file=str(secret), cert_file=None, key_file=None)
+
     @classmethod
     def from_url(cls, url: str, env: Mapping[str, str] | None = None) -> BrokerAddress:
         """Parse ``mqtt[s]://[user[:pass]@]host[:port][?ca=&cert=&key=&password_file=&keepalive=]``.

@@ -158,11 +158,18 @@ class EdgeConfig:
     ingest_fsync: bool = True
     """fsync the ingest log before acknowledging device messages (survives power loss); ``false`` only
     writes to the OS, which survives a crash or ``kill -9`` of the agent but not of the machine."""
-    ingest_receiver: str = field(default_factory=lambda: os.environ.get(f"{ENV_PREFIX}INGEST_RECEIVER", "inline"))
-    """Where device data is received, logged and acknowledged: ``inline`` on the agent's event loop (one MQTT
-    connection), or ``process``: a receiver process (:mod:`edge_agent.receiver`) on its own core, the agent
-    reading its log (a second connection, client id ``megace-edge-<id>-ctl``, answers inference requests).
+    ingest_receiver: str = field(default_factory=lambda: os.environ.get(f"{ENV_PREFIX}INGEST_RECEIVER", "auto"))
+    """Where device data is received, logged and acknowledged: ``process``: a receiver process
+    (:mod:`edge_agent.receiver`) on its own core holds the data session (client id ``megace-edge-<id>``) and the
+    agent reads its log, answering inference requests on a second connection (``megace-ctl-<id>``); ``inline``:
+    on the agent's event loop, one connection. ``auto`` (default): ``process``, unless the edge logs in as an
+    identity and has no ``control_identity`` for the second connection (then ``inline``).
     The default honours ``MEGACE_EDGE__INGEST_RECEIVER`` even where a config is built in code (tests run both)."""
+    control_identity: str = ""
+    """An edge that logs in as an identity (secure set-up) with a receiver process: the folder of its control
+    identity, ``megace-ctl-<edge_id>/`` as ``megace provision edge`` writes it beside the edge's. The agent's own
+    connection logs in with it; on a broker that makes the username the client id, one login for both
+    connections would have each take the other's session."""
     log_level: str = "INFO"
     receipts: bool = True
     """Send each device ``receipt`` downlinks (``edge_agent/receipts.py``): which of its records the ingest log
@@ -198,6 +205,21 @@ class EdgeConfig:
     @property
     def address(self) -> BrokerAddress:
         return BrokerAddress.from_url(self.broker)
+
+    @property
+    def receiver_process(self) -> bool:
+        """Whether a receiver process holds the data session (``ingest_receiver``, ``auto`` resolved)."""
+        if self.ingest_receiver == "auto":
+            return bool(self.control_identity) or not self.address.identified
+        return self.ingest_receiver == "process"
+
+    @property
+    def control_address(self) -> BrokerAddress:
+        """How the agent's own connection logs in: as the edge, or beside a receiver process that holds the edge's
+        login, as its control identity (``control_identity``)."""
+        if self.receiver_process and self.control_identity:
+            return self.address.logged_in_as(self.control_identity)
+        return self.address
 
     @property
     def state_path(self) -> Path:
@@ -246,8 +268,17 @@ class EdgeConfig:
                 topics.check_id(self.infer_group, "infer_group")
             except TopicError as exc:
                 raise EdgeConfigError(str(exc)) from exc
-        if self.ingest_receiver not in ("inline", "process") or lim.ingest_max_lag_bytes < 1:
-            raise EdgeConfigError("ingest_receiver must be inline or process; limits.ingest_max_lag_bytes >= 1")
+        if self.ingest_receiver not in ("auto", "inline", "process") or lim.ingest_max_lag_bytes < 1:
+            raise EdgeConfigError("ingest_receiver must be auto, inline or process; limits.ingest_max_lag_bytes >= 1")
+        if self.ingest_receiver == "process" and self.address.identified and not self.control_identity:
+            raise EdgeConfigError("ingest_receiver = process with an identity's login needs control_identity (the "
+                                  "megace-ctl-<edge_id> folder of megace provision edge): one login for the receiver "
+                                  "and the agent would have each take the other's session")
+        if self.control_identity:
+            try:
+                self.address.logged_in_as(self.control_identity)
+            except OSError as exc:
+                raise EdgeConfigError(f"control_identity {self.control_identity}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what the TOML holds; ``None`` values are left out)."""

@@ -49,7 +49,7 @@ from pathlib import Path
 import aiomqtt
 
 from broker import topics
-from broker.address import BrokerAddress, read_secret
+from broker.address import BrokerAddress
 from broker.metrics import Counters
 from broker.protocol import V311
 from broker.session import Session, ack, payload_bytes
@@ -108,15 +108,7 @@ def worker_login(config: EdgeConfig, worker_id: str) -> tuple[BrokerAddress, Del
         return edge, None
     folder = Path(config.worker_identities) / f"{IDENTITY_PREFIX}{worker_id}"
     try:
-        if edge.cert_file:  # the edge's listener decides: mutual TLS, or TLS + password
-            address = dataclasses.replace(edge, username=folder.name, password=None, password_file=None,
-                                          cert_file=str(folder / "client.crt"), key_file=str(folder / "client.key"))
-            for path in (address.cert_file, address.key_file):
-                Path(str(path)).read_bytes()
-        else:
-            secret = folder / "password"
-            address = dataclasses.replace(edge, username=folder.name, password=read_secret(secret),
-                                          password_file=str(secret), cert_file=None, key_file=None)
+        address = edge.logged_in_as(folder)  # the edge's listener decides: mutual TLS, or TLS + password
         signer = DelegatedSigner(load_private_key(folder / "signing.ed25519"), (folder / "grant.msgpack").read_bytes())
     except (OSError, ValueError, SignatureError) as exc:
         raise EdgeConfigError(f"worker identity {folder}: {exc}") from None

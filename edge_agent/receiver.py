@@ -76,6 +76,12 @@ def data_client_id(edge_id: str) -> str:
     return f"megace-edge-{edge_id}"
 
 
+def control_client_id(edge_id: str) -> str:
+    """The agent's own connection beside a receiver process (the username of role ``control``,
+    ``megace.provision.identity``)."""
+    return f"megace-ctl-{edge_id}"
+
+
 @dataclass
 class ReceiverSettings:
     """What the agent hands its receiver (JSON on stdin, so credentials in the URL stay off the command line)."""

@@ -20,10 +20,11 @@ Concurrency model (one asyncio loop, two explicit executors):
   ``training.inference_process``, on a copy in a child process), so a
   prediction never waits for a training step and never blocks ingest.
 
-With ``ingest_receiver = "process"`` a receiver process (:mod:`edge_agent.receiver`, supervised by
+By default (``ingest_receiver``) a receiver process (:mod:`edge_agent.receiver`, supervised by
 :mod:`edge_agent.receiver_host`) holds the data connection: it logs and acknowledges device uplinks on a
-core of its own, and this loop ingests them from its log; this process's own connection
-(``megace-edge-<id>-ctl``) answers inference requests, where the model is, and takes globals and feedback.
+core of its own, and this loop ingests them from its log; this process's own connection (``megace-ctl-<id>``,
+in the secure set-up its own identity: ``control_identity``) answers inference requests, where the model is,
+and takes globals and feedback.
 
 Bounded everywhere: aiomqtt's incoming queue (``limits.mqtt_queue``, drops are counted),
 the inference queue (overflow answered ``busy``), the downlink queue (overflow counted),
@@ -59,6 +60,7 @@ from edge_agent.model_push import publish_model
 from edge_agent.onnx_serving import OnnxServing
 from edge_agent.outbox import Outbox
 from edge_agent.receipts import ReceiptTracker
+from edge_agent.receiver import control_client_id, data_client_id
 from edge_agent.receiver_host import ReceiverHost, infer_filters
 from edge_agent.registry import DeviceRegistry
 from edge_agent.reporting import IngestRate, Reporter, edge_metrics
@@ -94,7 +96,7 @@ class EdgeAgent(EdgeRounds):
         self.downlinks = DownlinkQueue(self.counters, maxsize=config.limits.downlink_queue,
                                        window=config.limits.downlink_window)
         self.receiver = ReceiverHost.for_agent(config, self.store.root / "ingest", self.counters, self._from_log,
-                                               self._receiver_ready) if config.ingest_receiver == "process" else None
+                                               self._receiver_ready) if config.receiver_process else None
         """``ingest_receiver = "process"``: the receiver process and its log's reader (:mod:`edge_agent.receiver`)."""
         ack_log = "ingest" if self.receiver is None else "ingest-ctl"  # process: the receiver owns ingest/
         self.acks = DurableAcks(IngestLog(self.store.root / ack_log, fsync=config.ingest_fsync), self.counters)
@@ -249,8 +251,8 @@ class EdgeAgent(EdgeRounds):
         """Connect forever; a fresh client per attempt, backoff reset after every healthy session."""
         will = self.reporter.will()
         self._mqtt = session = Session(
-            self.config.address, self._session, counters=self.counters,
-            identifier=f"megace-edge-{self.edge_id}" + ("" if self.receiver is None else "-ctl"),
+            self.config.control_address, self._session, counters=self.counters,
+            identifier=data_client_id(self.edge_id) if self.receiver is None else control_client_id(self.edge_id),
             will=will, clean_session=not self.config.persistent_session,
             max_queued_incoming=self.config.limits.mqtt_queue, name=f"edge {self.edge_id}", manual_ack=True,
             max_inflight=self.config.limits.downlink_window,

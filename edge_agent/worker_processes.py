@@ -56,7 +56,7 @@ class WorkerProcesses:
                         "subscriptions); the edge serves every prediction itself", self.config.edge_id, self.count)
             return
         address = self.config.address
-        if (address.username or address.cert_file) and not self.config.worker_identities:
+        if address.identified and not self.config.worker_identities:
             counters.inc("inference_workers_refused")
             log.warning("edge %s: inference_workers = %d not started: the edge connects as an identity (%s) and a "
                         "worker with the same one would take over the edge's session on a broker that makes the "

@@ -161,6 +161,8 @@ class ClosedLoop:
             edge_url = bus.address(edge_identity(p.index)).url() if bus else url
             doc = configs.edge_config(s, schema, p, edge_url, self.out / "state" / p.ident, s.round_timeout_s,
                                       signing=bus.edge_signing(p.index) if bus else None)
+            if bus:  # the receiver process logs in as the edge, the agent beside it as its control identity
+                doc["control_identity"] = bus.control_folder(p.index)
             children.spawn(p.ident, "edge", configs.write_edge_config(doc, cfg_dir / f"{p.ident}.toml"))
 
     def _wait_services(self, plans: list[configs.EdgePlan]) -> None:

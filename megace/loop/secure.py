@@ -10,6 +10,8 @@ identity                        connects with                       signs / veri
                                                                     verifies uploads against each edge's key
 ``megace-edge-edge-<i>``        mutual TLS                          signs uploads and device downlinks;
                                                                     verifies globals/feedback (cloud key)
+``megace-ctl-edge-<i>``         mutual TLS                          the edge agent's own connection (its
+                                                                    receiver process logs in as the edge)
 ``megace-dev-e<i>-dev<j>``      mutual TLS                          verifies downlinks (its edge's key)
 ``megace-mon-loop``             TLS + password                      nothing: a read-only tap (the monitor)
 ``megace-dash-loop``            ``wss://`` + password (the page)    nothing: reads status/metrics/events
@@ -64,6 +66,11 @@ def edge_identity(edge: int) -> Identity:
     return Identity(Role.EDGE, configs.edge_id(edge), configs.site_id(edge))
 
 
+def control_identity(edge: int) -> Identity:
+    """The edge agent's own connection beside its receiver process (which logs in as the edge)."""
+    return Identity(Role.CONTROL, configs.edge_id(edge), configs.site_id(edge))
+
+
 def device_identity(site: str, device: str) -> Identity:
     return Identity(Role.DEVICE, device, site)
 
@@ -74,7 +81,7 @@ def loop_identities(parts: Iterable[EdgeData], *, dashboard: bool) -> list[Ident
     idents = [cloud_identity(), MONITOR]
     for e in parts:
         site = configs.site_id(e.edge_id)
-        idents.append(edge_identity(e.edge_id))
+        idents += [edge_identity(e.edge_id), control_identity(e.edge_id)]
         idents += [device_identity(site, configs.device_id(e.edge_id, d.device_id)) for d in e.devices]
         idents.append(device_identity(site, f"e{e.edge_id}-eval"))
     return [*idents, DASHBOARD] if dashboard else idents
@@ -171,6 +178,10 @@ class SecureBus:
             ident = edge_identity(e)
             bindings[ident.name] = {"site": ident.site or "", "key": str(self.public_key(ident))}
         return {"key_file": str(self.private_key(cloud_identity())), "edges": bindings, "require": True}
+
+    def control_folder(self, edge: int) -> str:
+        """The edge's ``control_identity``: the folder its agent's own connection logs in from."""
+        return str(self.store.identity_dir(control_identity(edge).username).resolve())
 
     def device_edge_key(self, edge: int) -> Path:
         """What a device of ``edge``'s site pins: the edge's public key."""

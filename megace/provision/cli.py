@@ -108,12 +108,22 @@ def device(folder: Folder, site: str, name: str, no_cert: NoCert = False, no_pas
 @app.command()
 def edge(folder: Folder, site: str, edge_id: str, no_cert: NoCert = False, no_password: NoPassword = False,
          signing_key: Annotated[bool, typer.Option(help="also an Ed25519 payload-signing key")] = True,
+         control: Annotated[bool, typer.Option(help="also the control identity megace-ctl-<edge_id>: the agent's "
+                                               "own connection beside its receiver process")] = True,
          dynsec_url: DynsecUrl = None, reload_pid: ReloadPid = None) -> None:
-    """Issue (or rotate) an edge agent's credentials for one site."""
+    """Issue (or rotate) an edge agent's credentials for one site (and those of its control connection)."""
     from megace.provision.identity import Identity, Role
 
     _issue(folder, Identity(Role.EDGE, edge_id, site), cert=not no_cert, password=not no_password,
-           signing_key=signing_key, dynsec_url=dynsec_url, reload_pid=reload_pid)
+           signing_key=signing_key, dynsec_url=dynsec_url, reload_pid=None)
+    if control:
+        _issue(folder, Identity(Role.CONTROL, edge_id, site), cert=not no_cert, password=not no_password,
+               signing_key=False, dynsec_url=dynsec_url, reload_pid=None)
+        typer.echo("  set the edge's control_identity to that folder (ingest_receiver auto or process)")
+    if reload_pid:
+        from megace.provision.static import reload_broker
+
+        reload_broker(reload_pid)
 
 
 @app.command()
@@ -176,11 +186,12 @@ def monitor(folder: Folder, name: str, no_cert: NoCert = False, no_password: NoP
 def site(folder: Folder, site: str, edge_id: Annotated[str, typer.Option(help="the site's edge agent")],
          devices: Annotated[str, typer.Option(help="comma-separated device ids")] = "",
          reload_pid: ReloadPid = None) -> None:
-    """Issue an edge and its devices for one site in one go."""
+    """Issue an edge (with its control identity) and its devices for one site in one go."""
     from megace.provision.identity import Identity, Role
 
-    _issue(folder, Identity(Role.EDGE, edge_id, site), cert=True, password=True, signing_key=True,
-           dynsec_url=None, reload_pid=None)
+    for ident in (Identity(Role.EDGE, edge_id, site), Identity(Role.CONTROL, edge_id, site)):
+        _issue(folder, ident, cert=True, password=True, signing_key=ident.role is Role.EDGE, dynsec_url=None,
+               reload_pid=None)
     for name in (d for d in devices.split(",") if d):
         _issue(folder, Identity(Role.DEVICE, name, site), cert=True, password=True, signing_key=False,
                dynsec_url=None, reload_pid=None)

@@ -58,7 +58,7 @@ def role_acls(ident: Identity) -> list[dict[str, Any]]:
 def _bind_clientid(ident: Identity) -> bool:
     """Services and devices always send their username as client id; dashboards may not (the broker's
     ``use_username_as_clientid`` still binds them)."""
-    return ident.role in (Role.DEVICE, Role.EDGE, Role.INFER, Role.CLOUD)
+    return ident.role in (Role.DEVICE, Role.EDGE, Role.CONTROL, Role.INFER, Role.CLOUD)
 
 
 def _file_client(ident: Identity, hashed: str) -> dict[str, Any]:

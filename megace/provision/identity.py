@@ -14,6 +14,9 @@ device     ``megace-dev-<device>``     write its own uplinks, status, metrics; r
 edge       ``megace-edge-<edge_id>``   read its site's uplinks, write its site's downlinks,
                                        its site's adapter upload, its own status/metrics;
                                        read the global adapter and its site's feedback
+control    ``megace-ctl-<edge_id>``    the same edge's second connection when a receiver process holds
+                                       the data session (``ingest_receiver``): the edge's grants, but of
+                                       its site's uplinks only the inference requests
 infer      ``megace-infer-<worker>``   an edge's inference worker (``<edge_id>-w<n>``): join its site's shared
                                        request group, read its site's registrations, write its site's
                                        predictions and errors; nothing else
@@ -43,6 +46,7 @@ class Role(StrEnum):
 
     DEVICE = "device"
     EDGE = "edge"
+    CONTROL = "control"
     INFER = "infer"
     CLOUD = "cloud"
     DASHBOARD = "dashboard"
@@ -53,13 +57,14 @@ class Role(StrEnum):
 PREFIX: dict[Role, str] = {
     Role.DEVICE: "megace-dev-",
     Role.EDGE: "megace-edge-",
+    Role.CONTROL: "megace-ctl-",
     Role.INFER: "megace-infer-",
     Role.CLOUD: "megace-cloud-",
     Role.DASHBOARD: "megace-dash-",
     Role.MONITOR: "megace-mon-",
     Role.ADMIN: "megace-admin-",
 }
-SITED = (Role.DEVICE, Role.EDGE, Role.INFER)
+SITED = (Role.DEVICE, Role.EDGE, Role.CONTROL, Role.INFER)
 
 
 class Access(StrEnum):
@@ -145,18 +150,11 @@ def rules_for(ident: Identity) -> list[Rule]:
             _write(topics.metrics(topics.Role.DEVICE, name, site)),
         ]
     if ident.role is Role.EDGE:
-        return [
-            _read(f"{R}/site/{site}/device/+/up/#", *topics.subscriptions(topics.site_device_uplinks(site)),
-                  shared_request(site)),
-            _write(f"{R}/site/{site}/device/+/down/#"),
-            _write(topics.register_request(site)),
-            _write(f"{topics.adapter_up(site)}/#"),
-            _read(f"{topics.global_down()}/#", *topics.subscriptions(topics.global_down())),
-            _read(f"{topics.site_feedback(site)}/#", *topics.subscriptions(topics.site_feedback(site))),
-            _write(topics.status(topics.Role.EDGE, name, site)),
-            _write(topics.metrics(topics.Role.EDGE, name, site)),
-            _write(topics.events(topics.Role.EDGE, name, site)),
-        ]
+        return [_read(f"{R}/site/{site}/device/+/up/#", *topics.subscriptions(topics.site_device_uplinks(site)),
+                      shared_request(site)), *_edge_rules(name, site)]
+    if ident.role is Role.CONTROL:
+        request = f"{R}/site/{site}/device/+/up/{topics.Uplink.INFER.value}"
+        return [_read(f"{request}/#", *topics.subscriptions(request), shared_request(site)), *_edge_rules(name, site)]
     if ident.role is Role.INFER:
         return infer_rules(site)
     if ident.role is Role.CLOUD:
@@ -174,6 +172,20 @@ def rules_for(ident: Identity) -> list[Rule]:
         # see every payload but change nothing: signatures, not secrecy, protect what it reads
         return [_read(f"{R}/#")]
     return []  # admin: only the plugin's $CONTROL topics, granted in the dynsec module
+
+
+def _edge_rules(name: str, site: str) -> list[Rule]:
+    """What an edge (and its control connection) may do besides reading device uplinks, as edge ``name``."""
+    return [
+        _write(f"{R}/site/{site}/device/+/down/#"),
+        _write(topics.register_request(site)),
+        _write(f"{topics.adapter_up(site)}/#"),
+        _read(f"{topics.global_down()}/#", *topics.subscriptions(topics.global_down())),
+        _read(f"{topics.site_feedback(site)}/#", *topics.subscriptions(topics.site_feedback(site))),
+        _write(topics.status(topics.Role.EDGE, name, site)),
+        _write(topics.metrics(topics.Role.EDGE, name, site)),
+        _write(topics.events(topics.Role.EDGE, name, site)),
+    ]
 
 
 def shared_request(site: str) -> str:

@@ -258,9 +258,12 @@ async def test_last_sent_is_bounded_to_twice_the_devices(core: EdgeCore, clock: 
 def test_attach_wires_a_real_agents_config_and_commits(tmp_path: Path) -> None:
     from edge_agent.service import EdgeAgent
 
-    agent = EdgeAgent(edge_config(tmp_path / "s", NOWHERE, {"receipt_interval_s": 0.7}))
+    agent = EdgeAgent(edge_config(tmp_path / "s", NOWHERE, {"receipt_interval_s": 0.7, "ingest_receiver": "inline"}))
     r = agent.receipts
     assert (r.interval_s, r.enabled, r.durable_on_touch) == (0.7, True, False)
+    # a receiver process logs records before the agent sees them: each is durable when it is touched
+    by_process = EdgeAgent(edge_config(tmp_path / "p", NOWHERE, {"ingest_receiver": "process"})).receipts
+    assert by_process.durable_on_touch is True
     assert r.core is agent.core and r.counters is agent.counters and r.emit == agent.downlinks.emit
     assert agent.acks.on_seal == r.seal and agent.acks.on_durable == r.durable
     off = EdgeAgent(edge_config(tmp_path / "t", NOWHERE, {"receipts": False}))

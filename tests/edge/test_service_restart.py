@@ -141,7 +141,8 @@ async def test_sigkill_and_restart_resume_without_losing_or_duplicating_uploads(
     dev = None
     verdicts = asyncio.create_task(_accept_every_upload(col, config.site))
     try:
-        await eventually(lambda: _metrics(col, config.edge_id, config.site), 60, "agent process metrics")
+        # a start under load (torch, transformers and the receiver process to import) took over 60 s in a full run
+        await eventually(lambda: _metrics(col, config.edge_id, config.site), 120, "agent process metrics")
         dev = await Device(config.site, uid("dev"), addr, tmp_path).start()
         await eventually(lambda: dev.received(Kind.CONFIG), what="config")
         await dev.publish([record(dev.id, i, s) for i, s in enumerate(task.samples(15))])

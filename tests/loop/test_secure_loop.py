@@ -200,7 +200,8 @@ def test_the_secure_loop_completes_like_the_plain_one(runs: Runs) -> None:
 def test_the_secure_loop_reports_tls_identities_acls_and_no_rejected_signature(runs: Runs) -> None:
     sec = runs.secure.security
     assert sec["secure"] is True and sec["anonymous"] is False
-    assert sec["identities"] == {"cloud": 1, "edge": EDGES, "device": EDGES * (DEVICES_PER_EDGE + 1), "monitor": 1}
+    assert sec["identities"] == {"cloud": 1, "edge": EDGES, "control": EDGES, "device": EDGES * (DEVICES_PER_EDGE + 1),
+                                 "monitor": 1}
     rej = sec["signature_rejections"]
     assert rej["total"] == 0, rej
     assert {"edge-0", "edge-1", "cloud-0", "e0-dev0", "e1-eval"} <= set(rej["by"]), rej
@@ -236,6 +237,9 @@ def test_services_were_configured_with_certificates_and_required_signatures(runs
         assert "password" not in edge["broker"]
         assert edge["signing"]["require"] is True
         assert edge["signing"]["trusted_keys"] == [cloud["signing"]["key_file"] + ".pub"]
+        # the receiver process logs in as the edge, the agent beside it as the edge's control identity
+        assert Path(edge["control_identity"]).name == f"megace-ctl-edge-{e}"
+        assert (runs.out / "state" / f"edge-{e}" / "ingest" / "receiver.lock").exists(), "no receiver process ran"
 
 
 def test_anonymous_and_wrong_credentials_are_refused_by_the_loops_broker(runs: Runs) -> None:

@@ -29,9 +29,11 @@ D0B = Identity(Role.DEVICE, "d0b", "site-0")
 D1A = Identity(Role.DEVICE, "d1a", "site-1")
 E0 = Identity(Role.EDGE, "e0", "site-0")
 E1 = Identity(Role.EDGE, "e1", "site-1")
+C0 = Identity(Role.CONTROL, "e0", "site-0")
+"""Edge e0's control connection: the edge's grants, but of its site's uplinks only inference requests."""
 CLOUD = Identity(Role.CLOUD, "cloud")
 DASH = Identity(Role.DASHBOARD, "ops")
-ACTORS = [D0A, D1A, E0, E1, CLOUD, DASH]
+ACTORS = [D0A, D1A, E0, E1, C0, CLOUD, DASH]
 ROOT_USER = "megace-test-root"
 """A test-only superuser (read/write ``#``) that observes and injects; never part of the shipped files."""
 
@@ -39,7 +41,7 @@ ROOT_USER = "megace-test-root"
 def deployment() -> list[Identity]:
     out = [Identity(Role.DEVICE, d, s) for s, ds in SITES.items() for d in ds]
     out += [Identity(Role.EDGE, e, s) for s, e in EDGES.items()]
-    return [*out, CLOUD, DASH]
+    return [*out, C0, CLOUD, DASH]
 
 
 def universe() -> list[str]:
@@ -80,11 +82,12 @@ def may_write(ident: Identity, topic: str) -> bool:
         # under its own name and, for devices and edges, its own site (events: edges and the cloud only)
         if p.channel is Channel.EVENTS and ident.role is Role.DEVICE:
             return False
-        return (p.role is not None and p.role.value == ident.role.value and p.ident == ident.name
+        as_role = Role.EDGE if ident.role is Role.CONTROL else ident.role  # the control connection speaks as its edge
+        return (p.role is not None and p.role.value == as_role.value and p.ident == ident.name
                 and p.site == ident.site)
     if ident.role is Role.DEVICE:
         return p.channel is Channel.DEVICE_UP and (p.site, p.device) == (ident.site, ident.name)
-    if ident.role is Role.EDGE:
+    if ident.role in (Role.EDGE, Role.CONTROL):
         return p.channel in (Channel.DEVICE_DOWN, Channel.ADAPTER_UP, Channel.SITE_REQUEST) and p.site == ident.site
     if ident.role is Role.CLOUD:
         return p.channel in (Channel.GLOBAL_DOWN, Channel.SITE_FEEDBACK)
@@ -101,6 +104,10 @@ def may_read(ident: Identity, topic: str) -> bool:
     if ident.role is Role.EDGE:
         return (p.channel is Channel.GLOBAL_DOWN
                 or (p.channel in (Channel.DEVICE_UP, Channel.SITE_FEEDBACK) and p.site == ident.site))
+    if ident.role is Role.CONTROL:
+        return (p.channel is Channel.GLOBAL_DOWN
+                or (p.channel is Channel.SITE_FEEDBACK and p.site == ident.site)
+                or (p.channel is Channel.DEVICE_UP and p.site == ident.site and p.what == "infer"))
     if ident.role is Role.CLOUD:
         return p.channel is Channel.ADAPTER_UP
     if ident.role is Role.DASHBOARD:
@@ -118,6 +125,11 @@ def code_filters(ident: Identity) -> list[str]:
         return [*topics.subscriptions(topics.site_device_uplinks(s)), *topics.subscriptions(topics.global_down()),
                 *topics.subscriptions(topics.site_feedback(s)),
                 *ExactChunks([topics.global_down(), topics.site_feedback(s)]).filters()]  # what the edge uses
+    if ident.role is Role.CONTROL:
+        s = ident.site or ""
+        return [f"megace/v1/site/{s}/device/+/up/infer", f"megace/v1/site/{s}/device/+/up/infer/chunk/+",
+                *topics.subscriptions(topics.global_down()), *topics.subscriptions(topics.site_feedback(s)),
+                *ExactChunks([topics.global_down(), topics.site_feedback(s)]).filters()]
     if ident.role is Role.CLOUD:
         return topics.subscriptions(topics.all_adapter_uplinks())
     return [topics.all_status(), topics.all_metrics(), topics.all_events()]

@@ -32,6 +32,7 @@ def test_the_deployed_acl_example_matches_what_provision_generates(tmp_path: Pat
         assert result.exit_code == 0, result.output
     generated = _blocks((tmp_path / "pki" / "broker" / "megace.acl").read_text())
     example = _blocks(EXAMPLE.read_text())
-    assert set(example) == {"# device gw1 (site site-0)", "# edge e0 (site site-0)", "# infer e0-w1 (site site-0)",
+    assert set(example) == {"# device gw1 (site site-0)", "# edge e0 (site site-0)",
+                            "# control e0 (site site-0)", "# infer e0-w1 (site site-0)",
                             "# cloud cloud", "# dashboard ops"}
     assert example == generated

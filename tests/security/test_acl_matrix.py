@@ -19,6 +19,7 @@ from broker.aio import make_client
 from megace.provision import Identity
 from tests.security.bus import (
     ACTORS,
+    C0,
     CLOUD,
     D0A,
     D0B,
@@ -110,7 +111,7 @@ async def test_subscribe_matrix(bus: Bus, actor: Identity, mtls: bool) -> None:
     assert seen == set(readable), f"{actor}: extra {seen - set(readable)}, missing {set(readable) - seen}"
 
 
-TAKEOVERS = [(D0A, E0), (D0A, D0B), (D1A, D0A), (E0, CLOUD), (E0, E1), (DASH, E0), (CLOUD, E1)]
+TAKEOVERS = [(D0A, E0), (D0A, D0B), (D1A, D0A), (E0, CLOUD), (E0, E1), (DASH, E0), (CLOUD, E1), (C0, E0), (E0, C0)]
 
 
 async def _takeover(bus: Bus, attacker: Identity, victim: Identity, mtls: bool) -> None:
