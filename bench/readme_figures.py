@@ -188,12 +188,24 @@ def rows() -> tuple[list[list[str]], str]:
         f"(linear: at most {agg['linear_max_growth']:.0f}x)",
         "`aggregation.json` results[edges=1000].aggregate_s, growth_1000_over_100", agg["command"],
     ])
+    fl = _load("flower")
+    cells = "; ".join(
+        f"N={r['n']}: megace **{_ms(r['megace']['median_s'])}** vs Flower {_ms(r['flower']['median_s'])}, "
+        f"**{r['ratio_flower_over_megace']:.0f}x** (medians of {len(r['megace']['rounds_s'])} / "
+        f"{len(r['flower']['rounds_s'])} rounds)" for r in fl["results"])
+    out.append([
+        f"aggregation round, FedAvg over a buffer of N, {fl['results'][0]['megace']['payload_floats']:,} float32 per "
+        "edge, no training: megace (Mosquitto, cloud service, N simulated edges) vs Flower "
+        f"{fl['flower']['version']} deployment runtime (SuperLink + N SuperNodes), same run", cells,
+        f"{fl['goal']}: {_mark(fl['met'])}",
+        "`flower.json` results[].ratio_flower_over_megace, .megace.median_s, .flower.median_s", fl["command"],
+    ])
     out.extend(artifact_rows())
     sec = _load("security")
     out.extend(security_rows(sec))
     out.extend(reliability_rows())
     load = _loads(sdk["loadavg_at_start"], edge["machine"]["loadavg_at_start"], agg["machine"]["loadavg_at_start"],
-                  sec["loadavg_at_start"])
+                  sec["loadavg_at_start"], fl["machine"]["loadavg_at_start"])
     return out, load
 
 
