@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -295,7 +296,14 @@ async def _main(settings: ReceiverSettings, out: IO[bytes], stdin: IO[bytes]) ->
 
 
 def main() -> int:
-    """Entry point of the receiver process (started by :class:`edge_agent.receiver_host.ReceiverHost`)."""
+    """Entry point of the receiver process (started by :class:`edge_agent.receiver_host.ReceiverHost`).
+
+    SIGTERM and SIGINT are ignored: the agent owns this process's life (stdin's end asks for a clean stop,
+    after the agent's own checkpoint needs). systemd's stop signals every process of the unit and a terminal's
+    Ctrl-C the whole process group; dying there would leave what it took unacknowledged and make the agent
+    start it again while stopping."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to stderr, never into the protocol
     stdin = open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115 (lives as long as the process); unbuffered: what follows the settings stays in the pipe

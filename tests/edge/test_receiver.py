@@ -9,8 +9,11 @@ expectation is the set of numbers the broker acknowledged, the observation the a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -20,6 +23,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 
 from broker import topics
@@ -29,6 +33,7 @@ from broker.wire import FeatureRecord, Kind, encode_envelope
 from edge_agent.config import EdgeConfig
 from edge_agent.service import EdgeAgent
 from edge_agent.training.toy_task import ToyTask, toy_config
+from tests.support.collector import Collector
 from tests.support.edge_testkit import edge_config, eventually, running, toy_profile
 
 pytestmark = pytest.mark.timeout(300)
@@ -248,3 +253,51 @@ async def test_each_start_of_the_receiver_asks_the_devices_to_register_again(fre
     finally:
         tap.loop_stop()
         tap.disconnect()
+
+
+async def test_a_stop_signal_to_the_whole_process_group_stops_the_agent_and_its_receiver_cleanly(
+        fresh_mosquitto, tmp_path) -> None:
+    """systemd's stop (KillMode control-group) and a terminal's Ctrl-C signal every process of the edge, the
+    receiver included: the receiver leaves its stop to the agent, which logs, checkpoints and exits 0, with
+    every acknowledged record ingested once and the receiver neither dead by the signal nor started again."""
+    # a long round starts on the 300th record: the agent finishes it before stopping, so a receiver that died
+    # of the signal would be noticed (and started again) meanwhile
+    config = replace(_config(tmp_path, fresh_mosquitto),
+                     training=replace(_config(tmp_path, fresh_mosquitto).training, min_new_samples=300, steps=400))
+    config_path = config.write(tmp_path / "edge.toml")
+    log_path = tmp_path / "agent.log"
+    topic = topics.metrics(topics.Role.EDGE, config.edge_id, config.site)
+    col = Collector(BrokerAddress(fresh_mosquitto.host, fresh_mosquitto.port), topic).start()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "--config", str(config_path)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # its own group
+    pub = Publisher(fresh_mosquitto, config.site, "dev-t")
+
+    def metrics() -> dict[str, Any]:
+        got = [json.loads(p)["metrics"] for t, p, _ in list(col.raw) if t == topic]
+        return got[-1] if got else {}
+
+    try:
+        await eventually(lambda: metrics().get("receiver_connects", 0) >= 1, 120, "the agent and its receiver")
+        receivers = [c for c in psutil.Process(proc.pid).children() if "edge_agent.receiver" in " ".join(c.cmdline())]
+        assert len(receivers) == 1
+        pub.register()
+        await asyncio.to_thread(pub.publish, list(range(1, 301)))
+        await eventually(lambda: metrics().get("samples_total", 0) >= 300, 60, "300 records through the receiver")
+        await asyncio.sleep(1.0)  # the round is under way
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 120) == 0, log_path.read_text()[-3000:]
+        assert not receivers[0].is_running() or receivers[0].status() == psutil.STATUS_ZOMBIE
+        text = log_path.read_text()
+        assert "ingest receiver exited" not in text and "Traceback" not in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        pub.close()
+        col.stop()
+    # the checkpoint the clean stop wrote holds each acknowledged record once
+    agent = EdgeAgent(config)
+    agent._build_sync()  # the trainer and the last checkpoint, as a restart builds them
+    assert sorted(buffered(agent, "dev-t")) == sorted(pub.acked) == list(range(1, 301))
