@@ -143,10 +143,11 @@ class Sampler(threading.Thread):
     def sample(self) -> dict[str, Any]:
         row: dict[str, Any] = {"t": time.time()}
         for name, proc in self.procs.items():
-            try:
-                cpu = proc.cpu_times()
-                row[f"{name}_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
-                row[f"{name}_cpu_s"] = round(cpu.user + cpu.system, 3)
+            try:  # the edge with its children (its receiver process, inference workers): what it costs the host
+                tree = [proc, *proc.children(recursive=True)]
+                times = [p.cpu_times() for p in tree]
+                row[f"{name}_rss_mb"] = round(sum(p.memory_info().rss for p in tree) / 2**20, 1)
+                row[f"{name}_cpu_s"] = round(sum(c.user + c.system for c in times), 3)
             except psutil.Error:
                 row[f"{name}_rss_mb"] = None
                 row[f"{name}_cpu_s"] = None
