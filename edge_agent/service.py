@@ -270,6 +270,8 @@ class EdgeAgent(EdgeRounds):
         if stale:  # what another session of this client id left: a request would come twice (the guard drops it)
             await client.unsubscribe(stale)
         self.workers.on_connected(v5, self.counters)
+        if self.receiver is not None:  # "online" means device data has a subscriber: the receiver's, once it is
+            await self.receiver.ready.wait()  # subscribed (a device that starts on our status loses nothing)
         await client.publish(self.reporter.status_topic, self.reporter.status(ONLINE), qos=1, retain=True)
         self.downlinks.emit([self.core.register_request()])  # devices answer live: retained may never reach us
         self._client = client

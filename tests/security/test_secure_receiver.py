@@ -13,16 +13,21 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
+from broker import topics
 from broker.address import BrokerAddress
+from broker.aio import make_client
 from broker.runners.secure import SecureMosquitto
-from broker.wire import Kind
+from broker.wire import Kind, Status
 from device_sdk import DeviceClient
 from edge_agent.config import EdgeConfig, EdgeConfigError
+from edge_agent.service import EdgeAgent
 from edge_agent.training.toy_task import ToyTask
 from megace.provision.identity import Identity, Role
 from megace.provision.store import Store
+from tests.security.bus import ROOT_USER, grant_root
 from tests.support.edge_testkit import Device, edge_config, eventually, record, running
 
 pytestmark = pytest.mark.timeout(300)
@@ -134,3 +139,43 @@ def test_the_control_identity_is_named_for_its_edge_and_signs_nothing() -> None:
     with pytest.raises(ValueError):
         Identity(Role.CONTROL, EDGE)  # bound to a site, as its edge
     assert dataclasses.asdict(ident)["site"] == SITE
+
+
+async def test_the_edge_is_not_online_before_its_receiver_is_subscribed(store: Store, tmp_path: Path) -> None:
+    """``online`` tells devices and launchers that their data has a subscriber. Here the receiver's login (the
+    edge's) is refused while the agent's own (its control identity) is accepted: the agent connects, and its
+    status stays unpublished; records sent on an earlier ``online`` would have gone to no one."""
+    password = grant_root(store.broker_dir)
+    try:
+        with SecureMosquitto(store, mode="static") as b:
+            edge = b.address("megace-edge-e0", mtls=False)
+            wrong = dataclasses.replace(edge, password="not-the-edge-password", password_file=None)
+            config = _config(tmp_path, wrong.url(with_password=True), control_identity=_folder(store, "megace-ctl-e0"))
+            root = dataclasses.replace(b.address(store.admin_username, mtls=False), username=ROOT_USER,
+                                       password=password, password_file=None)
+            states: list[str] = []
+            agent = EdgeAgent(config)
+            stop = asyncio.Event()
+            async with make_client(root, identifier="status-tap") as tap:
+                await tap.subscribe(topics.status(topics.Role.EDGE, EDGE, SITE), qos=1)
+                reader = asyncio.create_task(_statuses(tap, states))
+                task = asyncio.create_task(agent.run(stop))
+                try:
+                    await eventually(lambda: agent.counters["connects"] >= 1, 90, "the agent's own connection")
+                    await eventually(lambda: agent.counters["receiver_connect_failures"] >= 2, 30,
+                                     "the receiver refused")
+                    await asyncio.sleep(1.0)
+                    assert "online" not in states and not agent.ready.is_set(), states
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(task, 60)
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        store.write_broker_files()  # drop the superuser again
+
+
+async def _statuses(client: aiomqtt.Client, into: list[str]) -> None:
+    async for message in client.messages:
+        if message.payload:
+            into.append(Status.decode(bytes(message.payload)).state)  # type: ignore[arg-type]
