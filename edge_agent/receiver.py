@@ -12,8 +12,9 @@ nothing acknowledged); the receiver decodes nothing, so every message on its sub
 and the agent's sequence guards drop duplicates as before; when the agent's reader lags more than
 ``max_lag_bytes`` behind, acknowledgements are held, and the broker stops sending at its in-flight window.
 
-It holds the edge's data session (client id ``megace-edge-<id>``, persistent): every device uplink but
-inference requests. The agent answers those, and takes globals and feedback, on its own connection.
+It holds the edge's data session (client id ``megace-edge-<id>``, persistent): every device uplink, through
+the filters an inline agent uses (one ordered stream per device on every broker); inference requests are
+acknowledged and not logged: the agent answers those, and takes globals and feedback, on its own connection.
 
 Protocol with the agent (one line each): stdin: the settings as JSON, then ``p <segment> <offset>`` (the
 reader's position); EOF asks for a clean stop. stdout: ``connected``, ``ready`` (subscribed), ``c``
@@ -52,8 +53,8 @@ from edge_agent.ingestlog import IngestLog
 
 log = logging.getLogger(__name__)
 
-#: every device uplink but inference requests (registrations, records, what may be added): through the log
-DATA_UPLINKS = tuple(u for u in topics.Uplink if u is not topics.Uplink.INFER)
+_INFER = f"/up/{topics.Uplink.INFER.value}"
+_INFER_CHUNK = f"{_INFER}/chunk/"
 
 #: counters the agent keeps under the receiver's own name (the rest are prefixed ``receiver_``)
 SHARED_COUNTERS = frozenset({"ingest_logged", "ingest_commits", "ingest_log_failures", "ingest_backpressure",
@@ -61,9 +62,18 @@ SHARED_COUNTERS = frozenset({"ingest_logged", "ingest_commits", "ingest_log_fail
 
 
 def data_filters(site: str) -> list[str]:
-    """The receiver's subscriptions: every device's data uplinks (and their chunks)."""
-    base = topics.site_device_uplinks(site).rsplit("/", 1)[0]
-    return [f for what in DATA_UPLINKS for f in topics.subscriptions(f"{base}/{what.value}")]
+    """The receiver's subscriptions: every device uplink (and its chunks), the filters an inline agent uses.
+
+    One filter for every kind, not one per kind: NATS makes a consumer per subscription filter and does not
+    order deliveries across them, so a device's records overtook its registration and were refused as
+    unregistered (a loaded NATS cluster run lost 5 that way). Inference requests come through it as well;
+    the receiver acknowledges them without logging them (the agent takes them on its own connection)."""
+    return topics.subscriptions(topics.site_device_uplinks(site))
+
+
+def is_infer(topic: str) -> bool:
+    """An inference request (or one of its chunks): the agent's to answer, not the log's."""
+    return topic.endswith(_INFER) or _INFER_CHUNK in topic
 
 
 def infer_filters(site: str) -> list[str]:
@@ -201,10 +211,13 @@ class IngestReceiver:
     async def _serve(self, client: aiomqtt.Client, attempt: int = 0) -> None:
         self.notify("connected")
         await client.subscribe([(f, 1) for f in self.filters])
-        # an inline agent's session (the same client id) also subscribed to the rest: not this process's to take
-        stale = [f for f in (*topics.subscriptions(topics.site_device_uplinks(self.settings.site)),
-                             *topics.subscriptions(topics.global_down()),
-                             *topics.subscriptions(topics.site_feedback(self.settings.site))) if f not in self.filters]
+        # an inline agent's session (the same client id) also subscribed to the rest: not this process's to take;
+        # a receiver before this one subscribed per kind (each would now deliver its messages a second time)
+        site = self.settings.site
+        base = topics.site_device_uplinks(site).rsplit("/", 1)[0]
+        per_kind = [f for kind in topics.Uplink for f in topics.subscriptions(f"{base}/{kind.value}")]
+        stale = [f for f in (*per_kind, *topics.subscriptions(topics.global_down()),
+                             *topics.subscriptions(topics.site_feedback(site))) if f not in self.filters]
         await client.unsubscribe(stale)
         self.notify("ready")
         tasks = [asyncio.create_task(self._watch(client), name="receiver-watch"),
@@ -236,7 +249,12 @@ class IngestReceiver:
         """paho's callback: log (buffered; committed in groups by :class:`DurableAcks`), to be acknowledged after."""
         payload = message.payload
         self.counters.inc("bytes_down", len(payload))
-        self.acks.received(message, message.topic, payload, durable=True)
+        topic = message.topic
+        if is_infer(topic):  # answered on the agent's own connection: acknowledged in order, never logged
+            self.counters.inc("infer_skipped")
+            self.acks.received(message, topic, payload, durable=False)
+            return
+        self.acks.received(message, topic, payload, durable=True)
 
     @staticmethod
     async def _watch(client: aiomqtt.Client) -> None:
