@@ -86,10 +86,10 @@ class EdgeRounds:
         if result is None:
             self.counters.inc("global_stale")
             return
+        await self.serving.sync(*result, job.version)  # counted applied once predictions use it too
         self.counters.inc("globals_applied")
         self.counters.inc(f"globals_applied.{job.source}")
         log.info("edge %s applied %s adapter v%d", self.edge_id, job.source, job.version)
-        await self.serving.sync(*result, job.version)
         self.downlinks.emit(self.core.relay_feedback(job.version, job.stats, job.source))
         self._metrics_wake.set()
         await self._refresh_model(*result, job.version)
