@@ -154,6 +154,9 @@ def test_the_dashboard_logs_in_over_wss_shows_the_fleet_and_cannot_publish(secur
         page.wait_for_function("window.megace.state.connected", timeout=20_000)
         page.wait_for_function(ONLINE, timeout=20_000)
         page.wait_for_function("document.getElementById('conn').textContent === 'connected'", timeout=5_000)
+        # the state is there; the tree is drawn from it on the page's next render (late in a loaded full run)
+        page.wait_for_function(f"(t => t.includes('{EDGE.name}') && t.includes('{DEVICE.name}'))"
+                               "(document.getElementById('tree').textContent)", timeout=10_000)
         tree = page.inner_text("#tree")
         assert EDGE.name in tree and DEVICE.name in tree
         assert page.evaluate("window.megace.client.options.username") == DASH.username
