@@ -189,6 +189,9 @@ def test_answered_requests_are_not_sent_again(
         assert dev.connect(10)
         by_prediction = dev.request_inference(record(1))
         by_error = dev.request_inference(record(2))
+        # an edge answers what reached it: the requests followed the device's SUBSCRIBE on its connection, so
+        # its downlinks are subscribed by then (answering at once lost both answers once in a loaded full run)
+        until(lambda: len(edge.uplinks(topics.Uplink.INFER)) == 2, "both requests at the edge")
         edge.send(topics.Downlink.PREDICTION, Kind.PREDICTION, Prediction(DEV, 1, 1, np.array([0.2, 0.8])))
         edge.send(topics.Downlink.ERROR, Kind.ERROR, ErrorReport("busy", "queue full", ref=by_error))
         until(lambda: len(got) == 2, "both answers")
