@@ -185,7 +185,10 @@ def experiment(
     tasks: Annotated[str, typer.Option(help="comma-separated datasets")] = "basicmotions,digits-av",
     seeds: Annotated[int | None, typer.Option(min=1, help="seeds per arm (default: 3; fleet: 5, quick: 1)")] = None,
     arms: Annotated[str | None, typer.Option(help="comma-separated arm names (default: all)")] = None,
-    rounds: Annotated[int, typer.Option(min=1)] = 5,
+    rounds: Annotated[int | None, typer.Option(min=1, help="rounds per run (default 5)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="fleet: optimizer steps per edge per round (default 10)")
+                     ] = None,
+    label: Annotated[str, typer.Option(help="fleet: report name suffix (experiment-fleet-<label>.md)")] = "",
     mosquitto: Annotated[bool, typer.Option(help="run on a private Mosquitto (default when installed) "
                                             "instead of the embedded broker")] = True,
     out: Annotated[Path, typer.Option(help="where experiment.md, its PNGs and JSON go")] = Path("reports"),
@@ -206,8 +209,10 @@ def experiment(
 
     from rich.console import Console
 
-    if fleet or alpha is not None or edges is not None or devices_per_edge is not None or device is not None:
-        _fleet_experiment(quick, seeds, arms, out, note, alpha, edges, devices_per_edge, backbone, device or "auto")
+    if (fleet or alpha is not None or edges is not None or devices_per_edge is not None or device is not None
+            or steps is not None or label):
+        _fleet_experiment(quick, seeds, arms, out, note, alpha, edges, devices_per_edge, backbone, device or "auto",
+                          rounds, steps, label)
         return
     seeds = 3 if seeds is None else seeds
 
@@ -216,7 +221,7 @@ def experiment(
 
     if backbone not in ("tiny", "minilm"):
         raise typer.BadParameter("backbone must be tiny or minilm", param_hint="--backbone")
-    plan = ExperimentPlan.quick_plan() if quick else ExperimentPlan.full(seeds=seeds, rounds=rounds)
+    plan = ExperimentPlan.quick_plan() if quick else ExperimentPlan.full(seeds=seeds, rounds=rounds or 5)
     plan = replace(plan, backbone=backbone).restricted(tasks=[t for t in tasks.split(",") if t] if not quick else None,
                            arms=[a for a in arms.split(",") if a] if arms else None)
     console = Console()
@@ -226,7 +231,8 @@ def experiment(
 
 
 def _fleet_experiment(quick: bool, seeds: int | None, arms: str | None, out: Path, note: str, alpha: str | None,
-                      edges: int | None, devices_per_edge: int | None, backbone: str, device: str) -> None:
+                      edges: int | None, devices_per_edge: int | None, backbone: str, device: str,
+                      rounds: int | None, steps: int | None, label: str) -> None:
     """``megace experiment --fleet``: see :mod:`megace.experiment.fleet_runner`."""
     from rich.console import Console
 
@@ -236,7 +242,8 @@ def _fleet_experiment(quick: bool, seeds: int | None, arms: str | None, out: Pat
 
     try:
         plan = plan_from_options(quick=quick, seeds=seeds, arms=arms, alpha=alpha, edges=edges,
-                                 devices_per_edge=devices_per_edge, backbone=backbone)
+                                 devices_per_edge=devices_per_edge, backbone=backbone, rounds=rounds,
+                                 steps=steps, label=label)
         device = fleet_device(device)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

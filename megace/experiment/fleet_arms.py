@@ -8,6 +8,7 @@ personalization ablations (:mod:`megace.experiment.personalization`) choose whic
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 
 from megace.experiment.personalization import Personalization
@@ -44,6 +45,9 @@ HEAD_INIT = Personalization(fleet_modules=HEAD, mix=1.0)
 ARMS: list[FleetArm] = [
     FleetArm("local-only", "Local only (no federation)", "baseline", local_only=True, contrastive_weight=0.0),
     FleetArm("fedit", "FedIT (everything shared, LoRA r=8, FedAvg)", "baseline", strategy="fedavg", ranks=(8,),
+             **BASE),
+    FleetArm("fedit-ft", "FedIT + fine-tuning (FedAvg-FT): serve the site-tuned model, the fleet's starts the next "
+             "round", "baseline", strategy="fedavg", ranks=(8,), personalization=Personalization(defer_global=True),
              **BASE),
     FleetArm("flexlora", "FlexLoRA (everything shared, ranks 8/4/2)", "baseline", strategy="flexlora", **BASE),
     FleetArm("fedrep", "FedRep: all but the head shared, head personal", "baseline", strategy="fedavg",
@@ -150,8 +154,12 @@ def _settings(alphas: tuple[float, ...] | None) -> tuple[Setting, ...]:
 
 
 def plan_from_options(*, quick: bool, seeds: int | None, arms: str | None, alpha: str | None, edges: int | None,
-                      devices_per_edge: int | None, backbone: str = "tiny") -> FleetPlan:
-    """What ``megace experiment --fleet`` runs for its options (``ValueError`` on a bad one)."""
+                      devices_per_edge: int | None, backbone: str = "tiny", rounds: int | None = None,
+                      steps: int | None = None, label: str = "") -> FleetPlan:
+    """What ``megace experiment --fleet`` runs for its options (``ValueError`` on a bad one).
+
+    ``rounds`` and ``steps`` change the horizon (the late edge still joins at the plan's round); ``label`` names
+    the report (``experiment-fleet-<label>.md``) so that a longer run does not overwrite the main one."""
     alphas = tuple(float(a) for a in alpha.split(",") if a.strip()) if alpha else None
     if edges is not None and edges < 2:
         raise ValueError("a fleet needs >= 2 edges")
@@ -160,5 +168,12 @@ def plan_from_options(*, quick: bool, seeds: int | None, arms: str | None, alpha
     make = FleetPlan.quick if quick else FleetPlan.full
     plan = make(seeds=seeds or (1 if quick else 5), alphas=alphas, edges=edges or 8,
                 devices_per_edge=devices_per_edge or (2 if quick else 3))
-    plan = replace(plan, backbone=backbone)
+    if rounds is not None and rounds < plan.late_join:
+        raise ValueError(f"rounds must be >= {plan.late_join} (the round the late edge joins)")
+    if steps is not None and steps < 1:
+        raise ValueError("steps must be >= 1")
+    if label and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label):
+        raise ValueError(f"label must be lower-case letters, digits and dashes, got {label!r}")
+    plan = replace(plan, backbone=backbone, rounds=rounds or plan.rounds, steps=steps or plan.steps,
+                   label=label)
     return plan.restricted([a.strip() for a in arms.split(",") if a.strip()] if arms else None)

@@ -98,9 +98,13 @@ class SimEdge:
                                         device_id=f"{name}-dev{dev.device_id}")
         self.counts = {m: len(data.train) for m in data.modalities}
         self.fleet_head: dict[str, torch.Tensor] | None = None
+        self._personal_pending: dict[str, np.ndarray] | None = None  # share_personal + defer_global
 
     def train(self) -> None:
         t0 = time.perf_counter()  # train_round reads its losses back every step: no CUDA sync needed here
+        if self._personal_pending is not None:  # FedAvg-FT: the fleet's model starts this round (with its LoRA)
+            pending, self._personal_pending = self._personal_pending, None
+            self._load_personal(pending)
         metrics = self.trainer.train_round(steps=self.plan.steps, batch_size=self.plan.batch_size)
         self.train_s += time.perf_counter() - t0
         self.train_steps += int(metrics["steps"])
@@ -123,15 +127,21 @@ class SimEdge:
         personal = {strip_peft_prefix(k): v for k, v in view.items() if is_personal(k)}
         self.trainer.apply_global(shared, strict=False)
         if self.arm.share_personal and personal:  # FedRep keeps its head: load the subset that came
-            own = dict(self.trainer.model.get_base_model().named_parameters())
-            with torch.no_grad():
-                for k, v in personal.items():
-                    own[k].copy_(torch.from_numpy(np.array(v, dtype=np.float32)))
+            if self.trainer.defer_global:  # FedAvg-FT: keep serving the site-tuned model until the next round
+                self._personal_pending = personal
+            else:
+                self._load_personal(personal)
         elif self.trainer.personalization.active:
             self.trainer.apply_fleet(personal)
             self.fleet_head = {k.removeprefix("head."): torch.from_numpy(np.array(v, dtype=np.float32))
                                .to(self.trainer.device) for k, v in personal.items() if k.startswith("head.")}
         return sum(np.asarray(v).nbytes for v in view.values())
+
+    def _load_personal(self, tensors: dict[str, np.ndarray]) -> None:
+        own = dict(self.trainer.model.get_base_model().named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(torch.from_numpy(np.array(v, dtype=np.float32)))
 
     # ---------------------------------------------------------------- evaluation
     def _probs(self, samples: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:

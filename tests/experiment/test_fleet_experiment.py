@@ -89,3 +89,65 @@ def test_plan_name_and_cache_key_depend_on_knobs() -> None:
     a = FleetPlan.full()
     assert plan_key(a) == plan_key(replace(a, seeds=(0,)))  # the lists are not part of the key
     assert plan_key(a) != plan_key(replace(a, rounds=a.rounds + 1))
+
+
+def test_horizon_options_name_the_report_and_change_the_cache_key() -> None:
+    from megace.experiment.fleet_runner import plan_key
+
+    plan = plan_from_options(quick=False, seeds=3, arms="fedit,fedit-ft", alpha="0.5", edges=None,
+                             devices_per_edge=None, rounds=15, steps=12, label="horizon")
+    assert (plan.rounds, plan.steps, plan.name) == (15, 12, "experiment-fleet-horizon")
+    assert plan_key(plan) != plan_key(replace(plan, rounds=5)) != plan_key(replace(plan, steps=10))
+    default = plan_from_options(quick=False, seeds=3, arms=None, alpha="0.5", edges=None, devices_per_edge=None)
+    assert (default.rounds, default.steps, default.name) == (5, 10, "experiment-fleet")
+
+
+@pytest.mark.parametrize("args", [["--fleet", "--rounds", "2"], ["--fleet", "--label", "Bad Name"],
+                                  ["--fleet", "--steps", "0"]])
+def test_bad_horizon_options_are_refused(args: list[str], tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["experiment", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_fedavg_ft_serves_the_site_tuned_model_until_the_next_round(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fedit-ft``: the fleet's model (LoRA and everything personal) replaces the site's only when a round starts."""
+    import numpy as np
+    import torch
+
+    from megace.datasets.fleet import FleetSpec, build_fleet
+    from megace.experiment.fleet_arms import ARM_BY_NAME, SETTINGS
+    from megace.experiment.fleet_sim import SimEdge
+
+    monkeypatch.setenv("MEGACE_CACHE", str(tmp_path / "cache"))
+    plan = replace(FleetPlan((SETTINGS["alpha0.5"],), ("fedit-ft",), (0,), edges=3, devices_per_edge=2),
+                   steps=2, train_per_edge=30, n_voices=5)
+    fleet = build_fleet(FleetSpec(edges=3, devices_per_edge=2, alpha=0.5, train_per_edge=30, n_voices=5, seed=0))
+
+    def state(e: SimEdge) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy().copy() for n, p in e.trainer.model.named_parameters() if p.requires_grad}
+
+    def edge(i: int, arm: str) -> SimEdge:
+        torch.manual_seed(i)
+        e = SimEdge(f"edge-{i}", fleet.edges[i], fleet.global_test, ARM_BY_NAME[arm], 8, 0, plan)
+        e.train()
+        return e
+
+    other = edge(1, "fedit-ft")
+    view, _ = other.upload(1)
+    expected = state(other)
+    for arm, deferred in (("fedit-ft", True), ("fedit", False)):
+        site = edge(0, arm)
+        served = state(site)
+        assert any(not np.array_equal(served[k], expected[k]) for k in served)  # two different models
+        site.install(view.tensors)
+        now = state(site)
+        assert now.keys() == expected.keys()
+        want = served if deferred else expected
+        assert all(np.array_equal(now[k], want[k]) for k in now), arm
+        if deferred:
+            site.plan = replace(plan, steps=0)
+            site.train()  # the round starts from the fleet's model
+            now = state(site)
+            assert all(np.array_equal(now[k], expected[k]) for k in now)
