@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+from megace.experiment.body_uplink import BodyUplink
 from megace.experiment.personalization import Personalization
 from megace_model.config import BACKBONE_HIDDEN
 
@@ -29,6 +30,7 @@ class FleetArm:
     adaptive_rank: bool = False  # rank by the edge's data: the largest third 8, the middle 4, the rest 2
     personalization: Personalization = field(default_factory=Personalization)
     gate: bool = False  # at prediction: mix the personal head's and the fleet head's probabilities
+    body_uplink: BodyUplink = field(default_factory=BodyUplink)  # with share_personal: a low-rank body upload
 
     @property
     def federated(self) -> bool:
@@ -53,6 +55,9 @@ ARMS: list[FleetArm] = [
     FleetArm("fedrep", "FedRep: all but the head shared, head personal", "baseline", strategy="fedavg",
              keep_head=True, **BASE),
     FleetArm("megace", "megace as committed: LoRA shared, personal part private", "megace"),
+    FleetArm("megace-body", "megace + body shared as rank-2 float16 updates, fine-tuned on the site (FedAvg-FT)",
+             "megace", share_personal=True, personalization=Personalization(defer_global=True),
+             body_uplink=BodyUplink(rank=2)),
     FleetArm("megace-fedavg", "megace, plain FedAvg instead of modality-aware", "ablation", strategy="fedavg"),
     FleetArm("megace-no-contrastive", "megace without contrastive alignment", "ablation", contrastive_weight=0.0),
     FleetArm("local-contrastive", "local only, with megace's contrastive term (a control)", "ablation",

@@ -26,6 +26,7 @@ from cloud_aggregator.strategies import get_strategy
 from megace.datasets.dataset import MultimodalDataset
 from megace.datasets.fleet import Fleet, FleetSpec, build_fleet
 from megace.datasets.partition import EdgeData
+from megace.experiment.body_uplink import BodyCompressor
 from megace.experiment.fleet_arms import FleetArm, FleetPlan, Setting
 from megace.experiment.personalization import FleetTrainer
 from megace_common.lora import add_peft_prefix, strip_peft_prefix
@@ -99,18 +100,29 @@ class SimEdge:
         self.counts = {m: len(data.train) for m in data.modalities}
         self.fleet_head: dict[str, torch.Tensor] | None = None
         self._personal_pending: dict[str, np.ndarray] | None = None  # share_personal + defer_global
+        self.compressor = BodyCompressor(arm.body_uplink) if arm.body_uplink.active else None
 
     def train(self) -> None:
         t0 = time.perf_counter()  # train_round reads its losses back every step: no CUDA sync needed here
         if self._personal_pending is not None:  # FedAvg-FT: the fleet's model starts this round (with its LoRA)
             pending, self._personal_pending = self._personal_pending, None
             self._load_personal(pending)
+        if self.compressor is not None:
+            self.compressor.start_round(self.trainer.personal_state())
         metrics = self.trainer.train_round(steps=self.plan.steps, batch_size=self.plan.batch_size)
         self.train_s += time.perf_counter() - t0
         self.train_steps += int(metrics["steps"])
 
     def upload(self, seq: int) -> tuple[Contribution, int]:
         t = self.trainer
+        if self.compressor is not None:  # LoRA as float16 (the edge's upload_fp16), the body as low-rank updates
+            shared = {k: v.numpy() for k, v in t.shared_state(torch.float16).items()}
+            body, body_bytes = self.compressor.compress(t.personal_state())
+            tensors = {k: v.astype(np.float32) for k, v in shared.items()}
+            tensors.update({add_peft_prefix(k): v.numpy() for k, v in body.items()})
+            c = Contribution(self.name, seq, 0, self.rank, float(2 * self.rank), len(self.data.train), tensors,
+                             dict(self.counts), t.fingerprint)
+            return c, sum(a.nbytes for a in shared.values()) + body_bytes
         tensors = {k: v.numpy() for k, v in t.shared_state().items()}
         if self.arm.share_personal:
             tensors.update({add_peft_prefix(k): v.numpy() for k, v in t.personal_state().items()

@@ -151,3 +151,43 @@ def test_fedavg_ft_serves_the_site_tuned_model_until_the_next_round(tmp_path: Pa
             site.train()  # the round starts from the fleet's model
             now = state(site)
             assert all(np.array_equal(now[k], expected[k]) for k in now)
+
+
+def test_megace_body_uploads_float16_lora_and_low_rank_body_updates(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes counted are the factors' (computed here from the shapes), and the cloud gets start + update."""
+    import torch
+
+    from megace.datasets.fleet import FleetSpec, build_fleet
+    from megace.experiment.fleet_arms import ARM_BY_NAME, SETTINGS
+    from megace.experiment.fleet_sim import SimEdge
+    from megace_common.lora import add_peft_prefix
+
+    monkeypatch.setenv("MEGACE_CACHE", str(tmp_path / "cache"))
+    plan = replace(FleetPlan((SETTINGS["alpha0.5"],), ("megace-body",), (0,), edges=3, devices_per_edge=2),
+                   steps=3, train_per_edge=30, n_voices=5)
+    fleet = build_fleet(FleetSpec(edges=3, devices_per_edge=2, alpha=0.5, train_per_edge=30, n_voices=5, seed=0))
+    arm = ARM_BY_NAME["megace-body"]
+    e = SimEdge("edge-0", fleet.edges[0], fleet.global_test, arm, 4, 0, plan)
+    start = {k: v.clone() for k, v in e.trainer.personal_state().items()}
+    e.train()
+    trained = e.trainer.personal_state()
+    contribution, nbytes = e.upload(1)
+    r = arm.body_uplink.rank
+    lora = sum(v.numel() for v in e.trainer.shared_state().values())
+    body = 0
+    for v in start.values():
+        small = v.ndim != 2 or r * sum(v.shape) >= v.numel()
+        body += v.numel() if small else r * sum(v.shape)
+    assert nbytes == 2 * (lora + body)
+    assert nbytes < 0.25 * 4 * (lora + sum(v.numel() for v in start.values()))
+    moved = 0
+    for k, v in start.items():
+        sent = torch.from_numpy(contribution.tensors[add_peft_prefix(k)])
+        if v.ndim == 2 and r * sum(v.shape) < v.numel():  # an approximation of the update, not the trained value
+            err = float((sent - trained[k]).norm())
+            assert 0 < err <= float((v - trained[k]).norm()) + 1e-3
+            moved += int(not torch.allclose(sent, v))
+        else:
+            assert torch.allclose(sent, trained[k], atol=2e-3 * (1 + float(trained[k].abs().max())))
+    assert moved > 0
