@@ -72,7 +72,7 @@ class Window:
                 key = next(self._keys)
                 inflight[key] = item
                 self.ready.append((key, topic, payload))
-                if client is self._client:
+                if self._slots > 0 and client is self._client:  # a full window (the usual case) has nothing to pump
                     for key, mid in self._pump(client):
                         inflight[mid] = inflight.pop(key)
                 return
@@ -93,14 +93,20 @@ class Window:
     def acked(self, client: mqtt.Client, mid: int) -> None:
         """Paho's thread: a PUBACK came. Frees the slot and publishes the next waiting message if the lock is
         free; otherwise leaves it to the holder (paho holds its own mutex here: waiting could deadlock)."""
-        self.freed.append((client, mid))
         if not self.lock.acquire(blocking=False):
+            self.freed.append((client, mid))  # the holder applies it (or the next ack that gets the lock)
             return
         sent: list[tuple[int, int]] = []
         try:
-            self._apply_freed()
-            if client is self._client and self.ready:
-                self._pump(client, sent)
+            if self.freed:
+                self._apply_freed()  # acks that came while the lock was held: older than this one
+            if client is self._client:
+                wire = self._wire
+                if mid in wire:
+                    wire.discard(mid)
+                    self._slots += 1
+                if self.ready:
+                    self._pump(client, sent)
         except Exception:  # an exception here would end paho's network loop; the next holder tries again
             log.exception("publishing the next queued record failed")  # pragma: no mutate
         finally:

@@ -38,6 +38,10 @@ array of shape ``[0, 2**64-1]`` raises numpy's ValueError); refusing them here k
 
 _np: ModuleType | None = None
 _dtypes: dict[str, np.dtype] = {}  # wire name -> numpy dtype, filled when numpy loads
+_wire_names: dict[np.dtype, str] = {}  # the reverse: a dict hit costs less than ``dtype.str``, which builds a str
+COPY_MAX = 4096
+"""Arrays of at most this many bytes are copied (``tobytes``) rather than viewed: for a record-sized array a copy is
+cheaper to make and to pack than a byte-cast ``memoryview``; above it the view saves the copy."""
 
 
 class _NotLoaded:
@@ -58,6 +62,7 @@ def numpy() -> ModuleType:
         import numpy as np
 
         _dtypes.update({s: np.dtype(s) for s in WIRE_ITEMSIZE})
+        _wire_names.update({d: s for s, d in _dtypes.items()})  # equal dtypes share their ``str``
         _ndarray = np.ndarray
         _np = np
     return _np
@@ -135,15 +140,16 @@ def wire_dtype(dtype: np.dtype) -> str:
 
 
 def encode_array(array: Any) -> dict[str, Any]:
-    """Describe ``array`` as a msgpack-ready map; contiguous little-endian arrays are not copied.
+    """Describe ``array`` as a msgpack-ready map; contiguous little-endian arrays above :data:`COPY_MAX` bytes are
+    not copied.
 
     Takes numpy arrays, and without numpy any buffer of plain numbers (see :func:`_buffer_of`).
     """
     if type(array) is _ndarray:  # the common case: one identity test, as fast as a top-level numpy import
-        name = array.dtype.str
-        if name in _dtypes and array.flags.c_contiguous:  # already wire-ready: no copy, no dtype lookups
-            return {"dtype": name, "shape": list(array.shape), "data": memoryview(array).cast("B") if array.size
-                    else b""}
+        name = _wire_names.get(array.dtype)
+        if name is not None and array.flags.c_contiguous:  # already wire-ready: no conversion
+            return {"dtype": name, "shape": list(array.shape),
+                    "data": array.tobytes() if array.nbytes <= COPY_MAX else memoryview(array).cast("B")}
     buf = _buffer_of(array)
     if buf is not None:
         name, view = buf

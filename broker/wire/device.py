@@ -39,11 +39,11 @@ class FeatureRecord:
     quality: dict[str, float] = field(default_factory=dict)
 
     def to_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "device": self.device,
-            "sample": int(self.sample),
-            "modalities": {check_modality(k): encode_array(v) for k, v in self.modalities.items()},
-        }
+        sample = int(self.sample)
+        modalities: dict[str, Any] = {}
+        for k, v in self.modalities.items():  # a loop, not a comprehension: no function call per record
+            modalities[check_modality(k)] = encode_array(v)
+        body: dict[str, Any] = {"device": self.device, "sample": sample, "modalities": modalities}
         if self.label is not None:
             body["label"] = int(self.label)
         if self.quality:
