@@ -79,7 +79,7 @@ ARMS: list[FleetArm] = [
              personalization=Personalization(fleet_modules=HEAD, mix=1.0, frozen=BODY)),
 ]
 ARM_BY_NAME = {a.name: a for a in ARMS}
-MAIN_ARMS = ("local-only", "fedit", "megace", "megace-fedavg", "head-init", "megace-ft")
+MAIN_ARMS = ("local-only", "fedit", "fedit-ft", "megace", "megace-fedavg", "head-init", "megace-ft", "megace-body")
 FULL_ARMS = tuple(a.name for a in ARMS)
 QUICK_ARMS = ("local-only", "fedit", "megace", "head-init")
 

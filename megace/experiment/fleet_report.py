@@ -14,8 +14,8 @@ from megace.experiment.fleet_sim import FleetRun
 from megace.experiment.significance import PairedTest, paired
 
 KEPT = "megace"
-#: arms the goals are checked for: megace as committed and the personalization candidate
-GOAL_ARMS = ("megace", "megace-ft")
+#: arms the goals are checked for: megace as committed and the personalization candidates
+GOAL_ARMS = ("megace", "megace-ft", "megace-body")
 
 
 def _mean(xs: list[float]) -> float:
@@ -181,7 +181,11 @@ SETUP = [
     "buffer with every 5th sample held out, optimizer, `apply_global`), the cloud is the cloud service's "
     "aggregation `Strategy` (`aggregate`, then `view_for` each edge's rank, alpha and modalities). Not exercised: "
     "the wire, ledger, admission, staleness (every round synchronous, every upload accepted). Upload bytes are "
-    "the float32 tensors an upload carries, without envelope. Why: through the real bus (Mosquitto, one process "
+    "the float32 tensors an upload carries, without envelope, except for `megace-body`: float16 LoRA plus, for each "
+    "body matrix, the two rank-2 float16 factors of its update (`megace.experiment.body_uplink`; the simulation "
+    "hands the cloud the reconstructed tensor, since the product's wire has no factor format yet). Downloads are "
+    "not compressed: a `megace-body` or FedIT edge receives the fleet's whole body each round. Why: through "
+    "the real bus (Mosquitto, one process "
     "per edge) a 3-edge, 5-round run of `experiment.md` took 23-53 s (median 41 s); with 8 edges and this plan's "
     "100+ runs that is hours on two shared cores, while in-process an 8-edge run takes 15-90 s depending on load.",
     "",
@@ -234,8 +238,8 @@ def write_fleet_report(plan: FleetPlan, runs: list[FleetRun], out: Path, *, note
     if note:
         lines += [f"> {note}", ""]
     lines += [line.replace("{model}", MODELS[plan.backbone]) for line in SETUP]
-    lines += ["## Goals (issue 16)", ""] if not plan.label else []
-    for kept in GOAL_ARMS if not plan.label else ():
+    lines += ["## Goals (issue 16)", ""]
+    for kept in GOAL_ARMS:
         if not any(kept in arms for arms in by.values()):
             continue
         lines += [f"For **{kept}** ({ARM_BY_NAME[kept].title}):", "", "| goal | setting | measured | verdict |",
@@ -264,7 +268,8 @@ def write_fleet_report(plan: FleetPlan, runs: list[FleetRun], out: Path, *, note
     for png in _plots(plan, by, out):
         lines += [f"![{png}]({png})", ""]
     for label, what in (("ablation", "Ablations of the personalization variants"),
-                        ("long", "A longer training budget")):
+                        ("long", "A longer training budget"),
+                        ("horizon", "A longer horizon (15 rounds), with FedAvg-FT and megace-body")):
         if not plan.label and (out / f"{plan.name}-{label}.md").exists():
             lines += [f"{what}: [{plan.name}-{label}.md]({plan.name}-{label}.md).", ""]
     path = out / f"{plan.name}.md"

@@ -7,14 +7,27 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
 from megace.cli import app
-from megace.experiment.fleet_arms import FULL_ARMS, MAIN_ARMS, QUICK_ARMS, FleetPlan, plan_from_options
+from megace.datasets.fleet import Fleet, FleetSpec, build_fleet
+from megace.experiment.fleet_arms import (
+    ARM_BY_NAME,
+    FULL_ARMS,
+    MAIN_ARMS,
+    QUICK_ARMS,
+    SETTINGS,
+    FleetPlan,
+    plan_from_options,
+)
 from megace.experiment.fleet_runner import run_fleet_experiment
+from megace.experiment.fleet_sim import SimEdge
 from megace.experiment.significance import paired, wilcoxon_exact
+from megace_common.lora import add_peft_prefix
 
 
 def test_options_make_the_plan() -> None:
@@ -110,20 +123,19 @@ def test_bad_horizon_options_are_refused(args: list[str], tmp_path: Path) -> Non
     assert not any(tmp_path.iterdir())
 
 
+def _tiny_fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arm: str, steps: int) -> tuple[FleetPlan, Fleet]:
+    """Three edges of two devices, 30 samples each, five voices: seconds to build."""
+    monkeypatch.setenv("MEGACE_CACHE", str(tmp_path / "cache"))
+    plan = replace(FleetPlan((SETTINGS["alpha0.5"],), (arm,), (0,), edges=3, devices_per_edge=2),
+                   steps=steps, train_per_edge=30, n_voices=5)
+    return plan, build_fleet(FleetSpec(edges=3, devices_per_edge=2, alpha=0.5, train_per_edge=30, n_voices=5,
+                                       seed=0))
+
+
 def test_fedavg_ft_serves_the_site_tuned_model_until_the_next_round(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``fedit-ft``: the fleet's model (LoRA and everything personal) replaces the site's only when a round starts."""
-    import numpy as np
-    import torch
-
-    from megace.datasets.fleet import FleetSpec, build_fleet
-    from megace.experiment.fleet_arms import ARM_BY_NAME, SETTINGS
-    from megace.experiment.fleet_sim import SimEdge
-
-    monkeypatch.setenv("MEGACE_CACHE", str(tmp_path / "cache"))
-    plan = replace(FleetPlan((SETTINGS["alpha0.5"],), ("fedit-ft",), (0,), edges=3, devices_per_edge=2),
-                   steps=2, train_per_edge=30, n_voices=5)
-    fleet = build_fleet(FleetSpec(edges=3, devices_per_edge=2, alpha=0.5, train_per_edge=30, n_voices=5, seed=0))
+    plan, fleet = _tiny_fleet(tmp_path, monkeypatch, "fedit-ft", steps=2)
 
     def state(e: SimEdge) -> dict[str, np.ndarray]:
         return {n: p.detach().numpy().copy() for n, p in e.trainer.model.named_parameters() if p.requires_grad}
@@ -156,17 +168,7 @@ def test_fedavg_ft_serves_the_site_tuned_model_until_the_next_round(tmp_path: Pa
 def test_megace_body_uploads_float16_lora_and_low_rank_body_updates(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The bytes counted are the factors' (computed here from the shapes), and the cloud gets start + update."""
-    import torch
-
-    from megace.datasets.fleet import FleetSpec, build_fleet
-    from megace.experiment.fleet_arms import ARM_BY_NAME, SETTINGS
-    from megace.experiment.fleet_sim import SimEdge
-    from megace_common.lora import add_peft_prefix
-
-    monkeypatch.setenv("MEGACE_CACHE", str(tmp_path / "cache"))
-    plan = replace(FleetPlan((SETTINGS["alpha0.5"],), ("megace-body",), (0,), edges=3, devices_per_edge=2),
-                   steps=3, train_per_edge=30, n_voices=5)
-    fleet = build_fleet(FleetSpec(edges=3, devices_per_edge=2, alpha=0.5, train_per_edge=30, n_voices=5, seed=0))
+    plan, fleet = _tiny_fleet(tmp_path, monkeypatch, "megace-body", steps=3)
     arm = ARM_BY_NAME["megace-body"]
     e = SimEdge("edge-0", fleet.edges[0], fleet.global_test, arm, 4, 0, plan)
     start = {k: v.clone() for k, v in e.trainer.personal_state().items()}
