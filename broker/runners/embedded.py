@@ -2,8 +2,10 @@
 
 It lets ``megace run`` work with zero set-up. Limits to know: MQTT 3.1.1 only
 (no v5, no shared subscriptions), a few thousand messages per second, and
-clients must set TCP_NODELAY (megace's clients do) or QoS 1 stalls ~40 ms.
-Use Mosquitto (or EMQX) in production.
+clients must set TCP_NODELAY (megace's clients do) or QoS 1 stalls ~40 ms. It acknowledges a QoS 1
+publish before acting on it and drops what is still queued when the client disconnects, so a client that
+disconnects right after its PUBACKs can lose its last messages (``megace.loop.retained.clear_retained``
+checks its deletes for that reason). Use Mosquitto (or EMQX) in production.
 """
 
 from __future__ import annotations
