@@ -475,3 +475,27 @@ def test_adapter_update_round_trip_and_modality_tags() -> None:
     assert back.rank == 4 and back.modalities == {"audio": 100}
     assert {k: v.tobytes() for k, v in back.tensors.items()} == {k: v.tobytes() for k, v in tensors.items()}
     assert [modality_of(k) for k in tensors] == [None, "audio"]
+
+
+def test_the_envelope_head_is_packed_once_per_sender_and_the_cache_stays_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK's per-record saving: ``{"v","k","s","n"`` is packed once per (kind, sender); the bytes are those of
+    the plain map (packed here by msgpack itself), and a process speaking for many senders keeps at most
+    ``_HEADS_MAX`` heads."""
+    from broker.wire import envelope
+
+    envelope._HEADS.clear()
+    packed: list[tuple[Kind, str]] = []
+    real = envelope._head
+    monkeypatch.setattr(envelope, "_head", lambda p, k, s: packed.append((k, s)) or real(p, k, s))
+    body = {"device": "d", "sample": 1}
+    encode_envelope(Kind.FEATURES, "dev-a", 5, body, ts_ms=1000)
+    again = encode_envelope(Kind.FEATURES, "dev-a", 6, body, ts_ms=1001)
+    encode_envelope(Kind.INFER, "dev-a", 7, body, ts_ms=1002)
+    assert packed == [(Kind.FEATURES, "dev-a"), (Kind.INFER, "dev-a")]
+    plain = msgpack.packb({"v": WIRE_VERSION, "k": envelope._VALUES[Kind.FEATURES], "s": "dev-a", "n": 6,
+                           "t": 1001, "ct": content_type(Kind.FEATURES), "b": body}, use_bin_type=True)
+    assert again == plain
+    for i in range(envelope._HEADS_MAX + 5):
+        encode_envelope(Kind.FEATURES, f"sender-{i}", 1, body, ts_ms=1)
+        assert len(envelope._HEADS) <= envelope._HEADS_MAX
