@@ -141,6 +141,40 @@ def test_acks_that_found_the_lock_held_are_applied_by_the_next_submit(rig: Rig) 
     assert rig.received() == [p for _, p in items]
 
 
+
+def test_acks_that_found_the_lock_held_are_applied_by_the_next_ack_that_gets_it(rig: Rig) -> None:
+    inflight: dict[int, Item] = {}
+    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
+    for item, payload in items:
+        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
+    with rig.window.lock:
+        _until(lambda: len(rig.window.freed) == SIZE, rig.step)
+    # no submit, no pump: the next PUBACK paho delivers (here one for a message that is not a record) frees them
+    rig.window.acked(rig.pub, 65535)
+    assert not rig.window.freed and not rig.window.ready and rig.window.on_wire == 2
+    _apply_sent(rig.events, inflight)
+    assert all(k > 0 for k in inflight)
+    _until(lambda: len(rig.received()) == len(items), rig.step)
+    assert rig.received() == [p for _, p in items]
+
+
+def test_one_slot_freed_behind_a_waiting_message_is_filled_by_the_next_submit(rig: Rig) -> None:
+    inflight: dict[int, Item] = {}
+    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
+    for item, payload in items[:SIZE + 1]:
+        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
+    first = min(k for k in inflight if k > 0)
+    with rig.window.lock:  # one PUBACK arrives while the caller holds the lock: queued (no network loop runs)
+        rig.window.acked(rig.pub, first)
+    assert rig.window.on_wire == SIZE and len(rig.window.ready) == 1
+    item, payload = items[-1]
+    rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
+    # the freed slot goes to the message that waited longest; the new one waits behind it
+    assert rig.window.on_wire == SIZE and len(rig.window.ready) == 1
+    assert inflight[rig.window.ready[0][0]][0] == SIZE + 1
+    _until(lambda: len(rig.received()) == len(items), rig.step)
+    assert rig.received() == [p for _, p in items]
+
 def test_pump_applies_held_acks_and_fills_the_free_slots(rig: Rig) -> None:
     inflight: dict[int, Item] = {}
     items = [_item(i, rig.topic) for i in range(SIZE + 2)]
