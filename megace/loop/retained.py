@@ -10,6 +10,7 @@ publish an empty retained payload (which deletes it) to every one found and ever
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from megace.loop.configs import CLOUD_ID, EdgePlan
 if TYPE_CHECKING:
     from megace.loop.devices import SimulatedDevice
 
+log = logging.getLogger(__name__)
 
 DISCOVER_CHUNKS = 64
 """Chunk names per cloud topic looked up by exact name (16 MiB of stale global at 256 KiB a chunk)."""
@@ -120,7 +122,13 @@ def clear_retained(address: BrokerAddress, names: Iterable[str], timeout: float 
     deadline = time.monotonic() + timeout
     left = stale
     while left:
-        _publish_empty(address, left, timeout)
+        try:
+            _publish_empty(address, left, timeout)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:  # amqtt may drop a client it just accepted
+            if time.monotonic() > deadline:
+                raise
+            log.info("clearing retained topics on %s: %s; again", address, exc)
+        time.sleep(0.05)  # amqtt tidies up a client after it left; the next one connecting meanwhile can crash it
         left = sorted(find_retained(address, left))
         if left and time.monotonic() > deadline:
             raise TimeoutError(f"{len(left)} retained topics on {address} survived clearing, e.g. {left[:3]}")

@@ -130,3 +130,24 @@ def test_next_run_does_not_receive_a_stale_chunked_global(broker: BrokerAddress,
         col.stop()
     assert versions and all(v < 999 for v in versions), versions
     assert find_retained(broker, [OTHER]) == {OTHER}
+
+
+def test_a_clearing_connection_the_broker_drops_is_opened_again(broker: BrokerAddress,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """amqtt can crash a client it has just accepted (``dictionary changed size during iteration`` while it tidies
+    up the client before); paho then refuses the publishes. Stand-in: the first attempt fails that way."""
+    from megace.loop import retained
+
+    chunks = plant_stale(broker)
+    real = retained._publish_empty
+    calls: list[int] = []
+
+    def dropped_once(address: BrokerAddress, names: list[str], timeout: float) -> None:
+        calls.append(len(names))
+        if len(calls) == 1:
+            raise RuntimeError("Message publish failed: The client is not currently connected.")
+        real(address, names, timeout)
+
+    monkeypatch.setattr(retained, "_publish_empty", dropped_once)
+    assert set(chunks) <= set(clear_retained(broker, [topics.global_down(), topics.site_feedback("site-0")]))
+    assert len(calls) == 2 and find_retained(broker, chunks) == set()
