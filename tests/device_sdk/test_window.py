@@ -105,6 +105,27 @@ def _apply_sent(events: deque[tuple[str, Any]], inflight: dict[int, Item]) -> No
             inflight[mid] = inflight.pop(key)
 
 
+def _arrive_in_order(rig: Rig, items: list[tuple[Item, bytes]]) -> None:
+    """Every payload reaches the subscriber, in the order it was submitted."""
+    _until(lambda: len(rig.received()) == len(items), rig.step)
+    assert rig.received() == [p for _, p in items]
+
+
+def _submitted(rig: Rig, n: int) -> tuple[dict[int, Item], list[tuple[Item, bytes]]]:
+    """``SIZE + 2`` records, the first ``n`` of them submitted (a full window: the rest wait)."""
+    inflight: dict[int, Item] = {}
+    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
+    for item, payload in items[:n]:
+        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
+    return inflight, items
+
+
+def _hold_every_ack(rig: Rig) -> None:
+    """The caller side holds the lock while every PUBACK comes: paho's thread can only queue them."""
+    with rig.window.lock:
+        _until(lambda: len(rig.window.freed) == SIZE, rig.step)
+
+
 def test_at_most_size_messages_are_on_the_wire_and_all_arrive_in_order(rig: Rig) -> None:
     inflight: dict[int, Item] = {}
     items = [_item(i, rig.topic) for i in range(SIZE + 4)]
@@ -125,10 +146,7 @@ def test_at_most_size_messages_are_on_the_wire_and_all_arrive_in_order(rig: Rig)
 
 
 def test_acks_that_found_the_lock_held_are_applied_by_the_next_submit(rig: Rig) -> None:
-    inflight: dict[int, Item] = {}
-    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
-    for item, payload in items[:SIZE + 1]:
-        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
+    inflight, items = _submitted(rig, SIZE + 1)
     with rig.window.lock:  # the caller side holds it: paho's thread only queues the acks
         _until(lambda: len(rig.window.freed) == SIZE, rig.step)
         assert rig.window.on_wire == SIZE and len(rig.window.ready) == 1
@@ -137,32 +155,22 @@ def test_acks_that_found_the_lock_held_are_applied_by_the_next_submit(rig: Rig) 
     rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
     assert not rig.window.freed and not rig.window.ready and rig.window.on_wire == 2
     assert all(k > 0 for k in inflight) and sorted(v[0] for v in inflight.values()) == list(range(SIZE + 2))
-    _until(lambda: len(rig.received()) == len(items), rig.step)
-    assert rig.received() == [p for _, p in items]
-
+    _arrive_in_order(rig, items)
 
 
 def test_acks_that_found_the_lock_held_are_applied_by_the_next_ack_that_gets_it(rig: Rig) -> None:
-    inflight: dict[int, Item] = {}
-    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
-    for item, payload in items:
-        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
-    with rig.window.lock:
-        _until(lambda: len(rig.window.freed) == SIZE, rig.step)
+    inflight, items = _submitted(rig, SIZE + 2)
+    _hold_every_ack(rig)
     # no submit, no pump: the next PUBACK paho delivers (here one for a message that is not a record) frees them
     rig.window.acked(rig.pub, 65535)
     assert not rig.window.freed and not rig.window.ready and rig.window.on_wire == 2
     _apply_sent(rig.events, inflight)
     assert all(k > 0 for k in inflight)
-    _until(lambda: len(rig.received()) == len(items), rig.step)
-    assert rig.received() == [p for _, p in items]
+    _arrive_in_order(rig, items)
 
 
 def test_one_slot_freed_behind_a_waiting_message_is_filled_by_the_next_submit(rig: Rig) -> None:
-    inflight: dict[int, Item] = {}
-    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
-    for item, payload in items[:SIZE + 1]:
-        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
+    inflight, items = _submitted(rig, SIZE + 1)
     first = min(k for k in inflight if k > 0)
     with rig.window.lock:  # one PUBACK arrives while the caller holds the lock: queued (no network loop runs)
         rig.window.acked(rig.pub, first)
@@ -172,16 +180,12 @@ def test_one_slot_freed_behind_a_waiting_message_is_filled_by_the_next_submit(ri
     # the freed slot goes to the message that waited longest; the new one waits behind it
     assert rig.window.on_wire == SIZE and len(rig.window.ready) == 1
     assert inflight[rig.window.ready[0][0]][0] == SIZE + 1
-    _until(lambda: len(rig.received()) == len(items), rig.step)
-    assert rig.received() == [p for _, p in items]
+    _arrive_in_order(rig, items)
+
 
 def test_pump_applies_held_acks_and_fills_the_free_slots(rig: Rig) -> None:
-    inflight: dict[int, Item] = {}
-    items = [_item(i, rig.topic) for i in range(SIZE + 2)]
-    for item, payload in items:
-        rig.window.submit(rig.pub, rig.topic, payload, item, inflight)
-    with rig.window.lock:
-        _until(lambda: len(rig.window.freed) == SIZE, rig.step)
+    inflight, _ = _submitted(rig, SIZE + 2)
+    _hold_every_ack(rig)
     rig.window.pump(inflight)
     assert not rig.window.freed and not rig.window.ready and rig.window.on_wire == 2
     assert all(k > 0 for k in inflight) and sorted(v[0] for v in inflight.values()) == list(range(SIZE + 2))
