@@ -120,18 +120,18 @@ class SimEdge:
             body, body_bytes = self.compressor.compress(t.personal_state())
             tensors = {k: v.astype(np.float32) for k, v in shared.items()}
             tensors.update({add_peft_prefix(k): v.numpy() for k, v in body.items()})
-            c = Contribution(self.name, seq, 0, self.rank, float(2 * self.rank), len(self.data.train), tensors,
-                             dict(self.counts), t.fingerprint)
-            return c, sum(a.nbytes for a in shared.values()) + body_bytes
-        tensors = {k: v.numpy() for k, v in t.shared_state().items()}
-        if self.arm.share_personal:
-            tensors.update({add_peft_prefix(k): v.numpy() for k, v in t.personal_state().items()
-                            if not (self.arm.keep_head and k.startswith("head."))})
+            nbytes = sum(a.nbytes for a in shared.values()) + body_bytes
         else:
-            tensors.update({add_peft_prefix(k): v.numpy() for k, v in t.fleet_state().items()})
+            tensors = {k: v.numpy() for k, v in t.shared_state().items()}
+            if self.arm.share_personal:
+                tensors.update({add_peft_prefix(k): v.numpy() for k, v in t.personal_state().items()
+                                if not (self.arm.keep_head and k.startswith("head."))})
+            else:
+                tensors.update({add_peft_prefix(k): v.numpy() for k, v in t.fleet_state().items()})
+            nbytes = sum(a.nbytes for a in tensors.values())
         c = Contribution(self.name, seq, 0, self.rank, float(2 * self.rank), len(self.data.train), tensors,
                          dict(self.counts), t.fingerprint)
-        return c, sum(a.nbytes for a in tensors.values())
+        return c, nbytes
 
     def install(self, view: dict[str, np.ndarray]) -> int:
         """What ``EdgeCore.apply`` does with a site view (plus the fleet modules); returns the bytes received."""
