@@ -43,6 +43,9 @@ BASE = {"share_personal": True, "contrastive_weight": 0.0}
 #: the candidate kept if the paired comparison says so (reports/experiment-fleet.md): the head travels and
 #: every round starts from the fleet's head, then is fine-tuned on the site (FedBABU/FedRep-style)
 HEAD_INIT = Personalization(fleet_modules=HEAD, mix=1.0)
+#: adaptive local aggregation: each round starts from the mix of the fleet's and the site's model (one weight
+#: of this grid, chosen on the site's held-out samples) instead of from the fleet's model
+ALA = Personalization(defer_global=True, mix_grid=(0.0, 0.25, 0.5, 0.75, 1.0))
 
 ARMS: list[FleetArm] = [
     FleetArm("local-only", "Local only (no federation)", "baseline", local_only=True, contrastive_weight=0.0),
@@ -51,12 +54,17 @@ ARMS: list[FleetArm] = [
     FleetArm("fedit-ft", "FedIT + fine-tuning (FedAvg-FT): serve the site-tuned model, the fleet's starts the next "
              "round", "baseline", strategy="fedavg", ranks=(8,), personalization=Personalization(defer_global=True),
              **BASE),
+    FleetArm("fedit-ala", "FedIT + adaptive local aggregation: a round starts from the fleet/own mix that does best "
+             "on held-out (FedALA-style)", "baseline", strategy="fedavg", ranks=(8,), personalization=ALA, **BASE),
     FleetArm("flexlora", "FlexLoRA (everything shared, ranks 8/4/2)", "baseline", strategy="flexlora", **BASE),
     FleetArm("fedrep", "FedRep: all but the head shared, head personal", "baseline", strategy="fedavg",
              keep_head=True, **BASE),
     FleetArm("megace", "megace as committed: LoRA shared, personal part private", "megace"),
     FleetArm("megace-body", "megace + body shared as rank-2 float16 updates, fine-tuned on the site (FedAvg-FT)",
              "megace", share_personal=True, personalization=Personalization(defer_global=True),
+             body_uplink=BodyUplink(rank=2)),
+    FleetArm("megace-ala", "megace-body + adaptive local aggregation: a round starts from the fleet/own mix that "
+             "does best on held-out", "megace", share_personal=True, personalization=ALA,
              body_uplink=BodyUplink(rank=2)),
     FleetArm("megace-fedavg", "megace, plain FedAvg instead of modality-aware", "ablation", strategy="fedavg"),
     FleetArm("megace-no-contrastive", "megace without contrastive alignment", "ablation", contrastive_weight=0.0),

@@ -40,6 +40,10 @@ class Personalization:
     frozen: tuple[str, ...] = ()
     defer_global: bool = False
     """The product's ``Trainer(defer_global=True)``: the one variant kept (it helps a late edge, costs nobody)."""
+    mix_grid: tuple[float, ...] = ()
+    """Adaptive local aggregation (FedALA-style, one weight): with the whole model shared and deferred, each
+    round starts from ``w · fleet + (1 - w) · own`` with the ``w`` of this grid that scores best on the site's
+    held-out samples (ties: the larger ``w``), instead of from the fleet's model (``w = 1``, FedAvg-FT)."""
 
     def __post_init__(self) -> None:
         for name in (*self.fleet_modules, *self.frozen):
@@ -51,6 +55,10 @@ class Personalization:
             raise ValueError(f"mix must be in [0, 1], got {self.mix}")
         if self.prox < 0:
             raise ValueError(f"prox must be >= 0, got {self.prox}")
+        if any(not 0.0 <= w <= 1.0 for w in self.mix_grid):
+            raise ValueError(f"mix_grid weights must be in [0, 1], got {self.mix_grid}")
+        if self.mix_grid and not self.defer_global:
+            raise ValueError("mix_grid needs defer_global (the fleet's model is mixed in when a round starts)")
 
     @property
     def active(self) -> bool:
@@ -154,6 +162,16 @@ class FleetTrainer(Trainer):
             checked = check_fleet(self.model, self.personalization, tensors)
             self._anchor = {n: t.to(self.device) for n, t in checked.items()}
             self._fleet_pending = checked
+
+    def take_pending_global(self) -> dict[str, torch.Tensor] | None:
+        """The deferred global adapter, removed (``mix_grid``: the edge mixes it in itself)."""
+        with self._lock:
+            pending, self._pending_global = self._pending_global, None
+            return pending
+
+    def install_shared(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load a complete adapter now, as an installed global is (Adam moments of LoRA reset)."""
+        self._install(tensors, strict=True)
 
     def _blend_pending(self) -> None:
         """Install a deferred global; blend the pending fleet aggregate in, resetting its modules' Adam moments."""
