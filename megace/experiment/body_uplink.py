@@ -5,7 +5,7 @@ tensor and fine-tunes the fleet's model on the site, beating training alone by s
 whose body (embeddings, cross-modal block, head) never leaves the edge, does not. FedAvg-FT uploads about
 20x megace's bytes. Here each edge uploads only a rank-``rank`` approximation of how far its round moved each
 body matrix from the round's start (the fleet's model, identical on every edge), with error feedback
-(the part left out is added to the next round's update, as PowerSGD does), optionally as float16. Vectors
+(the part left out is added to the next round's update, as PowerSGD does), as float16 or int8 numbers. Vectors
 (biases, norms, the CLS token) travel whole.
 
 In the simulation the cloud's ``Strategy`` receives ``start + approximation`` (its average is FedAvg of the
@@ -21,35 +21,58 @@ from dataclasses import dataclass
 
 import torch
 
+BITS = (32, 16, 8)
+
 
 @dataclass(frozen=True)
 class BodyUplink:
-    """How the personal body is compressed on its way to the cloud (``rank`` 0: not at all)."""
+    """How the personal body (and the LoRA adapter beside it) travel to the cloud (``rank`` 0: uncompressed)."""
 
     rank: int = 0
-    fp16: bool = True  # the factors (and vectors) travel as float16; the rounding is part of the approximation
+    bits: int = 16
+    """32: exact; 16: float16; 8: int8 with one float16 scale per row or column (along the shorter side). The
+    rounding is part of the approximation, so error feedback carries it into the next round as well."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
 
     @property
     def active(self) -> bool:
         return self.rank > 0
 
 
-def low_rank(delta: torch.Tensor, rank: int, fp16: bool) -> tuple[torch.Tensor, int]:
-    """The best rank-``rank`` approximation of a matrix (truncated SVD, factors rounded to float16 when asked)
-    and the number of values that travel; a matrix too small to gain travels whole."""
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """``x`` as it arrives after travelling at ``bits``, and the bytes it takes.
+
+    int8 is symmetric (``round(x / scale)`` in [-127, 127]) with a float16 scale per slice of the shorter side:
+    a rank-r factor (m x r or r x n) and a LoRA matrix get r scales, a vector one."""
+    x = x.detach().float()
+    if bits == 32:
+        return x.clone(), 4 * x.numel()
+    if bits == 16:
+        return x.half().float(), 2 * x.numel()
+    if x.ndim == 2:
+        amax = x.abs().amax(dim=1 if x.shape[0] <= x.shape[1] else 0, keepdim=True)
+    else:
+        amax = x.abs().max().reshape([1] * x.ndim)
+    scale = (amax / 127).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all zeros, or below float16's range
+    return torch.clamp(torch.round(x / scale), -127, 127) * scale, x.numel() + 2 * scale.numel()
+
+
+def low_rank(delta: torch.Tensor, rank: int, bits: int = 32) -> tuple[torch.Tensor, int]:
+    """The best rank-``rank`` approximation of a matrix (truncated SVD, factors travelling at ``bits``) and the
+    bytes that travel; a matrix too small to gain travels whole."""
     rows, cols = delta.shape
     if rank * (rows + cols) >= rows * cols:
-        out = delta.half().float() if fp16 else delta.clone()
-        return out, rows * cols
+        return quantize(delta, bits)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    left, right = u[:, :rank] * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * vh[:rank]
-    if fp16:
-        left, right = left.half().float(), right.half().float()
-    return left @ right, rank * (rows + cols)
+    left, n_left = quantize(u[:, :rank] * s[:rank].sqrt(), bits)
+    right, n_right = quantize(s[:rank].sqrt()[:, None] * vh[:rank], bits)
+    return left @ right, n_left + n_right
 
 
 class BodyCompressor:
@@ -68,20 +91,19 @@ class BodyCompressor:
         """``start + approximation(update + residual)`` for every tensor, and the bytes that travel."""
         if set(tensors) != set(self._start):
             raise ValueError("compress() before start_round(), or for other tensors")
-        width = 2 if self.uplink.fp16 else 4
         out: dict[str, torch.Tensor] = {}
-        values = 0
+        nbytes = 0
         for name, now in tensors.items():
             start = self._start[name]
             delta = now.detach().float().cpu() - start + self._residual.get(name, 0.0)
             if delta.ndim == 2:
-                approx, n = low_rank(delta, self.uplink.rank, self.uplink.fp16)
+                approx, n = low_rank(delta, self.uplink.rank, self.uplink.bits)
             else:
-                approx, n = (delta.half().float() if self.uplink.fp16 else delta.clone()), delta.numel()
+                approx, n = quantize(delta, self.uplink.bits)
             self._residual[name] = delta - approx
             out[name] = start + approx
-            values += n
-        return out, values * width
+            nbytes += n
+        return out, nbytes
 
 
-__all__ = ["BodyCompressor", "BodyUplink", "low_rank"]
+__all__ = ["BITS", "BodyCompressor", "BodyUplink", "low_rank", "quantize"]

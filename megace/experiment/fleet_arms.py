@@ -63,9 +63,11 @@ ARMS: list[FleetArm] = [
     FleetArm("megace-body", "megace + body shared as rank-2 float16 updates, fine-tuned on the site (FedAvg-FT)",
              "megace", share_personal=True, personalization=Personalization(defer_global=True),
              body_uplink=BodyUplink(rank=2)),
-    FleetArm("megace-ala", "megace-body + adaptive local aggregation: a round starts from the fleet/own mix that "
-             "does best on held-out", "megace", share_personal=True, personalization=ALA,
-             body_uplink=BodyUplink(rank=2)),
+    FleetArm("megace-ala", "megace + everything shared, body as rank-4 int8 updates, LoRA int8 r=8; a round starts "
+             "from the fleet/own mix that does best on held-out", "megace", share_personal=True, ranks=(8,),
+             personalization=ALA, body_uplink=BodyUplink(rank=4, bits=8)),
+    FleetArm("megace-ala-842", "megace-ala with LoRA ranks 8/4/2 and float16 rank-2 body updates", "ablation",
+             share_personal=True, personalization=ALA, body_uplink=BodyUplink(rank=2)),
     FleetArm("megace-fedavg", "megace, plain FedAvg instead of modality-aware", "ablation", strategy="fedavg"),
     FleetArm("megace-no-contrastive", "megace without contrastive alignment", "ablation", contrastive_weight=0.0),
     FleetArm("local-contrastive", "local only, with megace's contrastive term (a control)", "ablation",

@@ -27,7 +27,7 @@ from cloud_aggregator.strategies import get_strategy
 from megace.datasets.dataset import MultimodalDataset
 from megace.datasets.fleet import Fleet, FleetSpec, build_fleet
 from megace.datasets.partition import EdgeData
-from megace.experiment.body_uplink import BodyCompressor
+from megace.experiment.body_uplink import BodyCompressor, quantize
 from megace.experiment.fleet_arms import FleetArm, FleetPlan, Setting
 from megace.experiment.personalization import FleetTrainer
 from megace_common.lora import add_peft_prefix, strip_peft_prefix
@@ -124,12 +124,13 @@ class SimEdge:
 
     def upload(self, seq: int) -> tuple[Contribution, int]:
         t = self.trainer
-        if self.compressor is not None:  # LoRA as float16 (the edge's upload_fp16), the body as low-rank updates
-            shared = {k: v.numpy() for k, v in t.shared_state(torch.float16).items()}
-            body, body_bytes = self.compressor.compress(t.personal_state())
-            tensors = {k: v.astype(np.float32) for k, v in shared.items()}
+        if self.compressor is not None:  # LoRA rounded to the uplink's bits, the body as low-rank updates
+            bits = self.arm.body_uplink.bits
+            lora = {k: quantize(v, bits) for k, v in t.shared_state().items()}
+            body, nbytes = self.compressor.compress(t.personal_state())
+            tensors = {k: v.numpy() for k, (v, _) in lora.items()}
             tensors.update({add_peft_prefix(k): v.numpy() for k, v in body.items()})
-            nbytes = sum(a.nbytes for a in shared.values()) + body_bytes
+            nbytes += sum(n for _, n in lora.values())
         else:
             tensors = {k: v.numpy() for k, v in t.shared_state().items()}
             if self.arm.share_personal:
