@@ -66,6 +66,9 @@ ARMS: list[FleetArm] = [
     FleetArm("megace-ala", "megace + everything shared, body as rank-4 int8 updates, LoRA int8 r=8; a round starts "
              "from the fleet/own mix that does best on held-out", "megace", share_personal=True, ranks=(8,),
              personalization=ALA, body_uplink=BodyUplink(rank=4, bits=8)),
+    FleetArm("megace-ala-fedavg", "megace-ala, plain FedAvg instead of modality-aware", "ablation",
+             strategy="fedavg", share_personal=True, ranks=(8,), personalization=ALA,
+             body_uplink=BodyUplink(rank=4, bits=8)),
     FleetArm("megace-ala-842", "megace-ala with LoRA ranks 8/4/2 and float16 rank-2 body updates", "ablation",
              share_personal=True, personalization=ALA, body_uplink=BodyUplink(rank=2)),
     FleetArm("megace-fedavg", "megace, plain FedAvg instead of modality-aware", "ablation", strategy="fedavg"),

@@ -15,7 +15,7 @@ from megace.experiment.significance import PairedTest, paired
 
 KEPT = "megace"
 #: arms the goals are checked for: megace as committed and the personalization candidates
-GOAL_ARMS = ("megace", "megace-ft", "megace-body")
+GOAL_ARMS = ("megace", "megace-ft", "megace-ala")
 
 
 def _mean(xs: list[float]) -> float:
@@ -114,8 +114,8 @@ def goals(by: dict[str, dict[str, ArmSummary]], kept: str = KEPT) -> list[tuple[
             rows.append(("late edge (5/class) after one round ≥ local-only + 10 points", setting,
                          f"{100 * _mean(m.late_first):.1f} vs {100 * _mean(local.late_first):.1f} "
                          f"({100 * late_gain:+.1f})", late_gain >= 0.10))
-        fedavg = arms.get("megace-fedavg")
-        if fedavg is not None and kept == KEPT:
+        fedavg = arms.get(f"{kept}-fedavg")  # the same arm with plain averaging, where the plan ran one
+        if fedavg is not None:
             t = paired_on(m, fedavg)
             rows.append(("modality-aware > plain averaging, p < 0.05 (paired t)", setting, _p(t),
                          t.mean_diff > 0 and t.p_t < 0.05))
