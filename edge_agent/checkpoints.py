@@ -19,6 +19,7 @@ from broker.metrics import Counters
 from edge_agent.config import EdgeConfig
 from edge_agent.core import EdgeCore
 from edge_agent.state import AgentState, StateError, StateStore
+from edge_agent.training.adaptive_mix import MIX_GRID
 from edge_agent.training.replay import BufferedSample, ReplayBuffer
 from edge_agent.training.trainer import Trainer
 from megace_model.errors import CheckpointError
@@ -103,7 +104,8 @@ def build_trainer(config: EdgeConfig) -> Trainer:
                           max_bytes_per_device=lim.replay_max_bytes_per_device)
     device = None if t.device == "auto" else t.device
     return Trainer(config.model, buffer=buffer, lr=t.lr, weight_decay=t.weight_decay,
-                   holdout_every=t.holdout_every, device=device, defer_global=t.defer_global)
+                   holdout_every=t.holdout_every, device=device, defer_global=t.defer_global,
+                   mix_grid=MIX_GRID if t.adaptive_mix else ())
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ class TrainingConfig:
     defer_global: bool = False
     """Keep serving the site-tuned adapter; a global (or site view) becomes the start of the next round
     (``Trainer(defer_global=...)``; reports/experiment-fleet.md)."""
+    adaptive_mix: bool = False
+    """With ``defer_global``: a round starts from the mix of the fleet's model and the site's own that does best
+    on the held-out samples (``edge_agent/training/adaptive_mix.py``; with ``share_personal`` the personal part
+    is mixed too: reports/experiment-fleet.md, ``fedit-ala``)."""
     upload_fp16: bool = False
     startup_grace_s: float = 2.0
     """Before the first round, wait this long for the broker's retained global adapter."""
@@ -249,6 +253,8 @@ class EdgeConfig:
                                   "onnx_min_interval_s >= 0")
         if t.share_personal and t.local_only:
             raise EdgeConfigError("training: share_personal and local_only exclude each other")
+        if t.adaptive_mix and not t.defer_global:
+            raise EdgeConfigError("training: adaptive_mix needs defer_global (the mix starts the next round)")
         lim = self.limits
         for name in ("mqtt_queue", "infer_queue", "infer_batch", "downlink_queue", "max_devices",
                      "replay_max_total", "max_pending_uploads", "replay_max_bytes", "error_downlink_burst",

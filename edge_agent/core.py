@@ -49,7 +49,7 @@ from edge_agent.training.trainer import Trainer
 from edge_agent.views import ApplyJob, GlobalViews
 from megace_common.lora import strip_peft_prefix
 from megace_common.ratelimit import TokenBuckets
-from megace_model.adapters import is_personal, load_personal
+from megace_model.adapters import is_personal
 from megace_model.errors import AdapterMismatchError, BaseMismatchError, EdgeModelError, NonFiniteAdapterError
 
 log = logging.getLogger(__name__)
@@ -341,10 +341,9 @@ class EdgeCore:
             _check_like(trainer.personal_state(), personal)
         else:
             personal = {}
-        trainer.apply_global(shared, strict=source != "view")  # a view may omit modules (see Trainer)
-        if personal:
-            load_personal(trainer.model, {k: torch.from_numpy(np.array(v, dtype=np.float32))
-                                          for k, v in personal.items()})
+        fleet_personal = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in personal.items()}
+        # a view may omit modules (see Trainer); the personal part is installed, or deferred, with the adapter
+        trainer.apply_global(shared, strict=source != "view", personal=fleet_personal or None)
         self.state.global_version, self.state.global_source = version, source
         return trainer.shared_state(), trainer.personal_state()
 

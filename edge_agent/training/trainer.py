@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from edge_agent.training import optimizer_state
+from edge_agent.training.adaptive_mix import best_mix, mix
 from edge_agent.training.checkpoint import read_checkpoint, write_checkpoint
 from edge_agent.training.replay import BufferedSample, ReplayBuffer
 from megace_model.adapters import (
@@ -57,6 +58,9 @@ class Trainer:
     adapter on its one-round-old personal part (reports/experiment-fleet.md: +8 to +14 points for a
     late edge after its first round, about +1 for the others). A deferred global is not checkpointed:
     after a restart the next round starts from the site's own adapter.
+
+    ``mix_grid`` (with ``defer_global``): the next round starts from the mix of the fleet's model and the
+    site's own that does best on the held-out samples (:mod:`edge_agent.training.adaptive_mix`).
     """
 
     def __init__(
@@ -72,9 +76,14 @@ class Trainer:
         reset_shared_optimizer_state: bool = True,
         device: torch.device | str | None = None,
         defer_global: bool = False,
+        mix_grid: tuple[float, ...] = (),
     ) -> None:
         if holdout_every < 2:
             raise ValueError("holdout_every must be >= 2")
+        if any(not 0.0 <= w <= 1.0 for w in mix_grid):
+            raise ValueError(f"mix_grid weights must be in [0, 1], got {mix_grid}")
+        if mix_grid and not defer_global:
+            raise ValueError("mix_grid needs defer_global (the fleet's model is mixed in when a round starts)")
         self.config = config
         self.fingerprint = base_fingerprint(config)
         self.device = torch.device(device) if device is not None else default_device()
@@ -86,6 +95,9 @@ class Trainer:
         self.reset_shared_optimizer_state = reset_shared_optimizer_state
         self.defer_global = defer_global
         self._pending_global: dict[str, torch.Tensor] | None = None  # defer_global: the next round's start
+        self._pending_personal: dict[str, torch.Tensor] | None = None  # ... and its personal part (share_personal)
+        self.mix_grid = tuple(mix_grid)
+        self.mix_weights: list[float] = []  # mix_grid: the fleet's weight chosen at each round's start
         self._param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._params, lr=lr, weight_decay=weight_decay)
@@ -223,41 +235,81 @@ class Trainer:
         with self._lock:
             return personal_state(self.model)
 
-    def apply_global(self, tensors: Mapping[str, torch.Tensor | np.ndarray], *, strict: bool = True) -> None:
+    def apply_global(self, tensors: Mapping[str, torch.Tensor | np.ndarray], *, strict: bool = True,
+                     personal: Mapping[str, torch.Tensor] | None = None) -> None:
         """Install the cloud's global shared adapter (validated; typed error leaves the model as is).
 
         ``strict=False`` accepts a subset: a site's view leaves out modules of modalities the edge
         never saw (modality-aware) or the B matrices it keeps (fedsa); those keep their values.
         Adam moments of shared tensors are reset by default: they describe the
         local trajectory before aggregation and point the wrong way afterwards.
+        ``personal``: the fleet's personal part (``share_personal``), all of it; installed, or deferred, with
+        the adapter.
         """
         with self._lock:
-            if self.defer_global:  # validated and captured now (the served adapter is put back), installed later
-                served = shared_state(self.model)
+            served, own = shared_state(self.model), personal_state(self.model)
+            if personal is not None:
+                load_personal(self.model, personal)  # validates before it writes
+            try:
                 load_shared(self.model, tensors, strict=strict)
-                self._pending_global = shared_state(self.model)
-                load_shared(self.model, served, strict=True)
+            except Exception:
+                load_personal(self.model, own)
+                raise
+            if not self.defer_global:
+                self._reset_lora_moments()
                 return
-            self._install(tensors, strict=strict)
+            # validated and captured now (the served model is put back), installed when the next round starts
+            self._pending_global = shared_state(self.model)
+            self._pending_personal = personal_state(self.model) if personal is not None else None
+            load_shared(self.model, served, strict=True)
+            load_personal(self.model, own)
 
     @property
     def pending_global(self) -> bool:
         """A deferred global waits for the next round (``defer_global``)."""
         return self._pending_global is not None
 
+    @property
+    def pending_personal(self) -> dict[str, torch.Tensor] | None:
+        """The fleet's personal part deferred with the global (``share_personal``), or None."""
+        with self._lock:
+            return None if self._pending_personal is None else dict(self._pending_personal)
+
     def _install_pending_global(self) -> None:
         with self._lock:
-            if self._pending_global is not None:
-                pending, self._pending_global = self._pending_global, None
-                self._install(pending, strict=True)
+            shared, personal = self._pending_global, self._pending_personal
+            self._pending_global = self._pending_personal = None
+            if shared is None:
+                return
+            if self.mix_grid:
+                self.mix_weights.append(self._start_from_mix(shared, personal))
+                return
+            self._install(shared, strict=True)
+            if personal is not None:
+                load_personal(self.model, personal)
+
+    def _start_from_mix(self, shared: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor] | None) -> float:
+        """Start the round from the fleet/own mix that does best on the held-out samples (``mix_grid``)."""
+        own_lora, own_body = shared_state(self.model), personal_state(self.model)
+        held = [s.as_sample() for s in self.split()[1]]
+
+        def install(w: float) -> None:
+            self._install(mix(shared, own_lora, w), strict=True)
+            if personal is not None:
+                load_personal(self.model, mix(personal, own_body, w))
+
+        return best_mix(self.mix_grid, install, lambda: self.evaluate(held)["acc"] if held else 0.0)
 
     def _install(self, tensors: Mapping[str, torch.Tensor | np.ndarray], *, strict: bool) -> None:
         with self._lock:
             load_shared(self.model, tensors, strict=strict)
-            if self.reset_shared_optimizer_state:
-                for name, param in zip(self._param_names, self._params, strict=True):
-                    if ".lora_" in name:
-                        self.optimizer.state.pop(param, None)
+            self._reset_lora_moments()
+
+    def _reset_lora_moments(self) -> None:
+        if self.reset_shared_optimizer_state:
+            for name, param in zip(self._param_names, self._params, strict=True):
+                if ".lora_" in name:
+                    self.optimizer.state.pop(param, None)
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:

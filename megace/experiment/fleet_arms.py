@@ -92,9 +92,10 @@ ARMS: list[FleetArm] = [
              personalization=Personalization(fleet_modules=HEAD, mix=1.0, frozen=BODY)),
 ]
 ARM_BY_NAME = {a.name: a for a in ARMS}
-MAIN_ARMS = ("local-only", "fedit", "fedit-ft", "megace", "megace-fedavg", "head-init", "megace-ft", "megace-body")
+MAIN_ARMS = ("local-only", "fedit", "fedit-ft", "fedit-ala", "megace", "megace-fedavg", "head-init", "megace-ft",
+             "megace-body", "megace-ala-842", "megace-ala", "megace-ala-fedavg")
 FULL_ARMS = tuple(a.name for a in ARMS)
-QUICK_ARMS = ("local-only", "fedit", "megace", "head-init")
+QUICK_ARMS = ("local-only", "fedit", "megace", "megace-ala")
 
 
 @dataclass(frozen=True)

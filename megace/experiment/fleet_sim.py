@@ -14,7 +14,6 @@ every upload accepted). ``device`` puts every edge's model and batches on CUDA (
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,22 +100,13 @@ class SimEdge:
                                         device_id=f"{name}-dev{dev.device_id}")
         self.counts = {m: len(data.train) for m in data.modalities}
         self.fleet_head: dict[str, torch.Tensor] | None = None
-        self._personal_pending: dict[str, np.ndarray] | None = None  # share_personal + defer_global
         self.compressor = BodyCompressor(arm.body_uplink) if arm.body_uplink.active else None
-        self.mix_weights: list[float] = []  # mix_grid: the fleet's weight chosen at each round's start
 
     def train(self) -> None:
         t0 = time.perf_counter()  # train_round reads its losses back every step: no CUDA sync needed here
-        reference = self.trainer.personal_state() if self.compressor is not None else {}
-        if self._personal_pending is not None:  # FedAvg-FT: the fleet's model starts this round (with its LoRA)
-            pending, self._personal_pending = self._personal_pending, None
-            fleet = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in pending.items()}
-            if self.arm.personalization.mix_grid:
-                self.mix_weights.append(self._start_from_mix(fleet))
-            else:
-                self._load_personal(fleet)
-            reference.update(fleet)  # the compressed update is measured from what the cloud sent
-        if self.compressor is not None:
+        if self.compressor is not None:  # the compressed update is measured from what the cloud sent
+            reference = self.trainer.personal_state()
+            reference.update(self.trainer.pending_personal or {})
             self.compressor.start_round(reference)
         metrics = self.trainer.train_round(steps=self.plan.steps, batch_size=self.plan.batch_size)
         self.train_s += time.perf_counter() - t0
@@ -147,44 +137,17 @@ class SimEdge:
         """What ``EdgeCore.apply`` does with a site view (plus the fleet modules); returns the bytes received."""
         shared = {k: v for k, v in view.items() if not is_personal(k)}
         personal = {strip_peft_prefix(k): v for k, v in view.items() if is_personal(k)}
+        if self.arm.share_personal and personal:  # deferred with the adapter under defer_global (FedAvg-FT)
+            own = self.trainer.personal_state()  # FedRep keeps its head: the fleet's subset over the own rest
+            own.update({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in personal.items()})
+            self.trainer.apply_global(shared, strict=False, personal=own)
+            return sum(np.asarray(v).nbytes for v in view.values())
         self.trainer.apply_global(shared, strict=False)
-        if self.arm.share_personal and personal:  # FedRep keeps its head: load the subset that came
-            if self.trainer.defer_global:  # FedAvg-FT: keep serving the site-tuned model until the next round
-                self._personal_pending = personal
-            else:
-                self._load_personal(personal)
-        elif self.trainer.personalization.active:
+        if self.trainer.personalization.active:
             self.trainer.apply_fleet(personal)
             self.fleet_head = {k.removeprefix("head."): torch.from_numpy(np.array(v, dtype=np.float32))
                                .to(self.trainer.device) for k, v in personal.items() if k.startswith("head.")}
         return sum(np.asarray(v).nbytes for v in view.values())
-
-    def _load_personal(self, tensors: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-        own = dict(self.trainer.model.get_base_model().named_parameters())
-        with torch.no_grad():
-            for k, v in tensors.items():
-                own[k].copy_(torch.as_tensor(np.asarray(v, dtype=np.float32)))
-
-    def _start_from_mix(self, fleet: dict[str, torch.Tensor]) -> float:
-        """FedALA-style start (``Personalization.mix_grid``): of ``w · fleet + (1 - w) · own`` for the LoRA
-        adapter and the personal part together, install the mix that scores best on the held-out samples."""
-        t = self.trainer
-        own_body, own_lora = t.personal_state(), t.shared_state()
-        fleet_lora = t.take_pending_global() or own_lora
-        held = [s.as_sample() for s in t.split()[1]]
-
-        def install(w: float) -> None:
-            t.install_shared(mix(fleet_lora, own_lora, w))
-            self._load_personal(mix(fleet, own_body, w))
-
-        best, best_acc = 1.0, -1.0
-        for w in sorted(self.arm.personalization.mix_grid, reverse=True):  # a tie keeps the larger weight
-            install(w)
-            acc = t.evaluate(held)["acc"] if held else 0.0
-            if acc > best_acc:
-                best, best_acc = w, acc
-        install(best)
-        return best
 
     # ---------------------------------------------------------------- evaluation
     def _probs(self, samples: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -228,11 +191,6 @@ class SimEdge:
         assert fleet is not None
         scores = [float(((g * own + (1 - g) * fleet).argmax(-1) == labels).mean()) for g in GATE_GRID]
         return GATE_GRID[int(np.argmax(scores))]
-
-
-def mix(fleet: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
-    """``w · fleet + (1 - w) · own`` per tensor; a tensor the fleet did not send stays the edge's own."""
-    return {k: w * fleet[k] + (1.0 - w) * v if k in fleet else v.clone() for k, v in own.items()}
 
 
 def _ranks(arm: FleetArm, edges: list[EdgeData]) -> list[int]:
@@ -303,5 +261,6 @@ def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet
         upload_bytes=up / plan.rounds, download_bytes=down / plan.rounds,
         wall_s=time.monotonic() - t0, gate=gates,
         train_steps=sum(e.train_steps for e in trained), train_s=sum(e.train_s for e in trained),
-        mix_weights={e.name: e.mix_weights for e in [*edges, *([late] if late else [])] if e.mix_weights},
+        mix_weights={e.name: e.trainer.mix_weights for e in [*edges, *([late] if late else [])]
+                     if e.trainer.mix_weights},
     )

@@ -125,7 +125,7 @@ class FleetTrainer(Trainer):
 
     def __init__(self, *args: Any, personalization: Personalization | None = None, **kwargs: Any) -> None:
         p = personalization if personalization is not None else Personalization()
-        super().__init__(*args, defer_global=p.defer_global, **kwargs)
+        super().__init__(*args, defer_global=p.defer_global, mix_grid=p.mix_grid, **kwargs)
         self.personalization = p
         if self.personalization.frozen:  # rebuild the trainable list and the optimizer without the frozen modules
             freeze(self.model, self.personalization)
@@ -162,16 +162,6 @@ class FleetTrainer(Trainer):
             checked = check_fleet(self.model, self.personalization, tensors)
             self._anchor = {n: t.to(self.device) for n, t in checked.items()}
             self._fleet_pending = checked
-
-    def take_pending_global(self) -> dict[str, torch.Tensor] | None:
-        """The deferred global adapter, removed (``mix_grid``: the edge mixes it in itself)."""
-        with self._lock:
-            pending, self._pending_global = self._pending_global, None
-            return pending
-
-    def install_shared(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load a complete adapter now, as an installed global is (Adam moments of LoRA reset)."""
-        self._install(tensors, strict=True)
 
     def _blend_pending(self) -> None:
         """Install a deferred global; blend the pending fleet aggregate in, resetting its modules' Adam moments."""
