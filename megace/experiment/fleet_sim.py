@@ -141,8 +141,8 @@ class SimEdge:
             own = self.trainer.personal_state()  # FedRep keeps its head: the fleet's subset over the own rest
             own.update({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in personal.items()})
             self.trainer.apply_global(shared, strict=False, personal=own)
-            return sum(np.asarray(v).nbytes for v in view.values())
-        self.trainer.apply_global(shared, strict=False)
+        else:
+            self.trainer.apply_global(shared, strict=False)
         if self.trainer.personalization.active:
             self.trainer.apply_fleet(personal)
             self.fleet_head = {k.removeprefix("head."): torch.from_numpy(np.array(v, dtype=np.float32))

@@ -41,9 +41,8 @@ class Personalization:
     defer_global: bool = False
     """The product's ``Trainer(defer_global=True)``: the one variant kept (it helps a late edge, costs nobody)."""
     mix_grid: tuple[float, ...] = ()
-    """Adaptive local aggregation (FedALA-style, one weight): with the whole model shared and deferred, each
-    round starts from ``w · fleet + (1 - w) · own`` with the ``w`` of this grid that scores best on the site's
-    held-out samples (ties: the larger ``w``), instead of from the fleet's model (``w = 1``, FedAvg-FT)."""
+    """The product's ``Trainer(mix_grid=...)`` (``[training] adaptive_mix``, checked there): with ``defer_global``
+    a round starts from the fleet/own mix that scores best on the site's held-out samples."""
 
     def __post_init__(self) -> None:
         for name in (*self.fleet_modules, *self.frozen):
@@ -55,10 +54,6 @@ class Personalization:
             raise ValueError(f"mix must be in [0, 1], got {self.mix}")
         if self.prox < 0:
             raise ValueError(f"prox must be >= 0, got {self.prox}")
-        if any(not 0.0 <= w <= 1.0 for w in self.mix_grid):
-            raise ValueError(f"mix_grid weights must be in [0, 1], got {self.mix_grid}")
-        if self.mix_grid and not self.defer_global:
-            raise ValueError("mix_grid needs defer_global (the fleet's model is mixed in when a round starts)")
 
     @property
     def active(self) -> bool:

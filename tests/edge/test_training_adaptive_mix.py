@@ -121,8 +121,9 @@ def test_the_mix_of_a_fleet_equal_to_the_site_keeps_the_largest_weight() -> None
 def test_settings_are_checked_and_build_the_trainer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="defer_global"):
         Trainer(toy_config(seed=1), device="cpu", mix_grid=(0.0, 1.0))
-    with pytest.raises(ValueError, match="mix_grid"):
-        Trainer(toy_config(seed=1), device="cpu", defer_global=True, mix_grid=(0.0, 1.5))
+    for bad in ((0.0, 1.5), (-0.5, 1.0)):
+        with pytest.raises(ValueError, match="mix_grid"):
+            Trainer(toy_config(seed=1), device="cpu", defer_global=True, mix_grid=bad)
     cfg = toy_config(seed=1)
     base = {
         "site": "site-0", "edge_id": "edge-0", "broker": "mqtt://127.0.0.1:1", "state_dir": str(tmp_path),

@@ -129,13 +129,6 @@ def test_default_uploads_no_personal_tensor_and_settings_are_checked() -> None:
         Personalization(fleet_modules=HEAD, mix=1.5)
     with pytest.raises(ValueError):
         Personalization(fleet_modules=HEAD, frozen=HEAD)
-    with pytest.raises(ValueError, match="defer_global"):
-        Personalization(mix_grid=(0.0, 1.0))
-    with pytest.raises(ValueError, match="mix_grid"):
-        Personalization(defer_global=True, mix_grid=(0.0, 1.5))
-    with pytest.raises(ValueError, match="mix_grid"):
-        Personalization(defer_global=True, mix_grid=(-0.5, 1.0))
-    assert Personalization(defer_global=True, mix_grid=(0.0, 1.0)).mix_grid == (0.0, 1.0)
 
 
 def test_frozen_modules_keep_the_shared_init() -> None:
