@@ -231,6 +231,24 @@ def test_personal_tensors_from_the_cloud_install_only_when_shared_and_well_forme
     assert all(torch.allclose(v, torch.full_like(v, 0.5)) for v in installed.values())
 
 
+def test_with_defer_global_the_fleets_personal_part_waits_for_the_next_round(tmp_path: Path) -> None:
+    """``share_personal`` + ``defer_global``: the site keeps serving its own body under its own adapter; the
+    fleet's whole model (adapter and body) starts the next round."""
+    core = make_core(tmp_path, {"training": {"min_new_samples": 5, "share_personal": True, "defer_global": True}})
+    assert core.trainer is not None
+    for sample in ToyTask(core.config.model, seed=4).samples(12):
+        core.trainer.add_sample(sample)
+    shared = {k: np.full(tuple(v.shape), 0.01, np.float32) for k, v in core.trainer.shared_state().items()}
+    served_lora, served_body = core.trainer.shared_state(), core.trainer.personal_state()
+    assert core.apply("global", 1, {**shared, **_personal(core, 0.5)}) is not None
+    assert core.state.global_version == 1
+    assert all(torch.equal(served_body[k], v) for k, v in core.trainer.personal_state().items())
+    assert all(torch.equal(served_lora[k], v) for k, v in core.trainer.shared_state().items())
+    core.trainer.train_round(steps=0)
+    assert all(torch.allclose(v, torch.full_like(v, 0.5)) for v in core.trainer.personal_state().values())
+    assert all(torch.allclose(v, torch.full_like(v, 0.01)) for v in core.trainer.shared_state().values())
+
+
 def test_personal_tensors_are_ignored_unless_the_edge_shares_its_personal_part(core: EdgeCore) -> None:
     assert core.trainer is not None
     shared = {k: np.full(tuple(v.shape), 0.01, np.float32) for k, v in core.trainer.shared_state().items()}
