@@ -97,7 +97,6 @@ class Trainer:
         self._pending_global: dict[str, torch.Tensor] | None = None  # defer_global: the next round's start
         self._pending_personal: dict[str, torch.Tensor] | None = None  # ... and its personal part (share_personal)
         self.mix_grid = tuple(mix_grid)
-        self.mix_weights: list[float] = []  # mix_grid: the fleet's weight chosen at each round's start
         self._param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._params, lr=lr, weight_decay=weight_decay)
@@ -153,7 +152,8 @@ class Trainer:
 
         Returns loss, ce_loss, contrastive_loss, train_acc (running, during the round),
         heldout_acc (after the round; None without held-out data), sample counts,
-        steps, skipped_steps (non-finite loss) and duration_s.
+        steps, skipped_steps (non-finite loss), duration_s and mix_weight (the fleet's weight in the
+        round's start under ``mix_grid``, else None).
         """
         if steps is not None and epochs is not None:
             raise ValueError("give steps or epochs, not both")
@@ -161,7 +161,7 @@ class Trainer:
         train, held = self.split()
         if not train:
             raise InsufficientDataError("no trainable samples in the replay buffer")
-        self._install_pending_global()
+        mix_weight = self._install_pending_global()
         sums = {"loss": 0.0, "ce": 0.0, "con": 0.0}
         correct = seen = done = skipped = 0
         for idx in self._batches(len(train), batch_size, steps, epochs):
@@ -199,6 +199,7 @@ class Trainer:
             "steps": done,
             "skipped_steps": skipped,
             "duration_s": time.perf_counter() - started,
+            "mix_weight": mix_weight,
         }
 
     # ------------------------------------------------------------- inference
@@ -247,22 +248,25 @@ class Trainer:
         the adapter.
         """
         with self._lock:
-            served, own = shared_state(self.model), personal_state(self.model)
+            own = personal_state(self.model) if personal is not None else None
+            served = shared_state(self.model) if self.defer_global else None
             if personal is not None:
                 load_personal(self.model, personal)  # validates before it writes
             try:
                 load_shared(self.model, tensors, strict=strict)
             except Exception:
-                load_personal(self.model, own)
+                if own is not None:
+                    load_personal(self.model, own)
                 raise
-            if not self.defer_global:
+            if served is None:
                 self._reset_lora_moments()
                 return
             # validated and captured now (the served model is put back), installed when the next round starts
             self._pending_global = shared_state(self.model)
-            self._pending_personal = personal_state(self.model) if personal is not None else None
+            self._pending_personal = personal_state(self.model) if own is not None else None
             load_shared(self.model, served, strict=True)
-            load_personal(self.model, own)
+            if own is not None:
+                load_personal(self.model, own)
 
     @property
     def pending_global(self) -> bool:
@@ -275,18 +279,19 @@ class Trainer:
         with self._lock:
             return None if self._pending_personal is None else dict(self._pending_personal)
 
-    def _install_pending_global(self) -> None:
+    def _install_pending_global(self) -> float | None:
+        """Install a deferred global (and its personal part); the fleet's weight when ``mix_grid`` chose one."""
         with self._lock:
             shared, personal = self._pending_global, self._pending_personal
             self._pending_global = self._pending_personal = None
             if shared is None:
-                return
+                return None
             if self.mix_grid:
-                self.mix_weights.append(self._start_from_mix(shared, personal))
-                return
+                return self._start_from_mix(shared, personal)
             self._install(shared, strict=True)
             if personal is not None:
                 load_personal(self.model, personal)
+            return None
 
     def _start_from_mix(self, shared: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor] | None) -> float:
         """Start the round from the fleet/own mix that does best on the held-out samples (``mix_grid``)."""

@@ -101,6 +101,7 @@ class SimEdge:
         self.counts = {m: len(data.train) for m in data.modalities}
         self.fleet_head: dict[str, torch.Tensor] | None = None
         self.compressor = BodyCompressor(arm.body_uplink) if arm.body_uplink.active else None
+        self.mix_weights: list[float] = []  # mix_grid: the fleet's weight chosen at each round's start
 
     def train(self) -> None:
         t0 = time.perf_counter()  # train_round reads its losses back every step: no CUDA sync needed here
@@ -109,6 +110,8 @@ class SimEdge:
             reference.update(self.trainer.pending_personal or {})
             self.compressor.start_round(reference)
         metrics = self.trainer.train_round(steps=self.plan.steps, batch_size=self.plan.batch_size)
+        if metrics["mix_weight"] is not None:
+            self.mix_weights.append(metrics["mix_weight"])
         self.train_s += time.perf_counter() - t0
         self.train_steps += int(metrics["steps"])
 
@@ -261,6 +264,5 @@ def run_fleet(plan: FleetPlan, setting: Setting, arm: FleetArm, seed: int, fleet
         upload_bytes=up / plan.rounds, download_bytes=down / plan.rounds,
         wall_s=time.monotonic() - t0, gate=gates,
         train_steps=sum(e.train_steps for e in trained), train_s=sum(e.train_s for e in trained),
-        mix_weights={e.name: e.trainer.mix_weights for e in [*edges, *([late] if late else [])]
-                     if e.trainer.mix_weights},
+        mix_weights={e.name: e.mix_weights for e in [*edges, *([late] if late else [])] if e.mix_weights},
     )

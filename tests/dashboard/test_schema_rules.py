@@ -41,6 +41,9 @@ def test_site_topics_are_built_and_parsed() -> None:
 def test_valid_documents_pass() -> None:
     assert check("megace/v1/status/edge/s1/e1", json.dumps(STATUS).encode()) == []
     assert check("megace/v1/events/edge/s1/e1", json.dumps(ROUND).encode()) == []
+    for mixed in (0.25, None):
+        event = {**ROUND, "data": {**ROUND["data"], "mix_weight": mixed}}
+        assert check("megace/v1/events/edge/s1/e1", json.dumps(event).encode()) == []
 
 
 @pytest.mark.parametrize("topic, doc, why", [
@@ -51,6 +54,7 @@ def test_valid_documents_pass() -> None:
     ("megace/v1/status/edge/s1/e1", {**STATUS, "detail": {"site": "s1"}}, "rank"),  # an edge says its rank
     ("megace/v1/events/edge/s1/e1", {**ROUND, "data": {**ROUND["data"], "train_acc": 1.5}}, "train_acc"),
     ("megace/v1/events/edge/s1/e1", {**ROUND, "data": {**ROUND["data"], "extra": 1}}, "extra"),
+    ("megace/v1/events/edge/s1/e1", {**ROUND, "data": {**ROUND["data"], "mix_weight": 1.5}}, "mix_weight"),
     ("megace/v1/events/edge/s1/e1", {**ROUND, "event": "global"}, "round"),
     ("megace/v1/metrics/broker/b1", {"v": 1, "role": "broker", "id": "b1", "ts": 1, "metrics": {}}, "dashboard"),
 ])

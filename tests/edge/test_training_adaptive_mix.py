@@ -49,9 +49,9 @@ def test_the_personal_part_is_deferred_with_the_adapter() -> None:
     t.apply_global(lora, personal=body)
     assert _same(t.shared_state(), served_lora) and _same(t.personal_state(), served_body)  # still the site's
     assert t.pending_personal is not None and _same(t.pending_personal, body)
-    t.train_round(steps=0)
+    assert t.train_round(steps=0)["mix_weight"] is None
     assert _same(t.shared_state(), lora) and _same(t.personal_state(), body)  # the round starts from the fleet's
-    assert t.pending_personal is None and t.mix_weights == []
+    assert t.pending_personal is None
 
 
 def test_without_deferral_the_personal_part_is_installed_at_once() -> None:
@@ -103,8 +103,7 @@ def test_a_round_starts_from_the_mix_that_does_best_on_held_out() -> None:
     assert best < 1.0, scores
     t.load_state_dict({**t.state_dict(), "shared": own_lora, "personal": own_body})  # undo the hand evaluation
     t.apply_global(lora, personal=far)
-    t.train_round(steps=0)
-    assert t.mix_weights == [best]
+    assert t.train_round(steps=0)["mix_weight"] == best
     want_lora, want_body = state(best)
     assert _close(t.shared_state(), want_lora) and _close(t.personal_state(), want_body)
 
@@ -112,8 +111,8 @@ def test_a_round_starts_from_the_mix_that_does_best_on_held_out() -> None:
 def test_the_mix_of_a_fleet_equal_to_the_site_keeps_the_largest_weight() -> None:
     t = _trained(grid=(0.0, 0.5, 1.0))
     t.apply_global(t.shared_state(), personal=t.personal_state())
-    t.train_round(steps=0)
-    assert t.mix_weights == [1.0]
+    assert t.train_round(steps=0)["mix_weight"] == 1.0
+    assert t.train_round(steps=0)["mix_weight"] is None  # nothing new from the fleet: nothing mixed
     calls: list[float] = []
     assert best_mix((0.0, 0.5), calls.append, lambda: 0.25) == 0.5 and calls == [0.5, 0.0, 0.5]
 
@@ -135,3 +134,21 @@ def test_settings_are_checked_and_build_the_trainer(tmp_path: Path) -> None:
     built = build_trainer(EdgeConfig.from_dict({**base, "training": {"defer_global": True, "adaptive_mix": True}}))
     assert built.mix_grid == MIX_GRID
     assert build_trainer(EdgeConfig.from_dict({**base, "training": {"defer_global": True}})).mix_grid == ()
+
+
+def test_the_round_event_tells_dashboards_the_chosen_weight(tmp_path: Path) -> None:
+    """docs/METRICS.md ``round``: ``mix_weight`` is the weight the round started from, null when none was chosen."""
+    import json
+
+    from broker.metrics import Counters
+    from edge_agent.reporting import round_event
+    from edge_agent.state import AgentState
+    from tests.edge.test_edge_core import NOWHERE
+    from tests.support.edge_testkit import edge_config
+
+    config = edge_config(tmp_path, NOWHERE, {})
+    state = AgentState()
+    state.round = 3
+    for chosen in (0.25, None):
+        event = json.loads(round_event(config, state, {"loss": 0.5, "mix_weight": chosen}, None, Counters()))
+        assert event["data"]["mix_weight"] == chosen

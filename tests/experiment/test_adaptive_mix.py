@@ -77,7 +77,7 @@ def test_a_round_starts_from_the_mix_that_does_best_on_held_out(tmp_path: Path,
             names[k].copy_(torch.from_numpy(v))
     site.plan = replace(site.plan, steps=0)
     site.train()
-    assert site.trainer.mix_weights == [best]
+    assert site.mix_weights == [best]
     now = _trainable(site)
     for k in own:
         np.testing.assert_allclose(now[k], best * fleet_state[k] + (1 - best) * own[k], rtol=1e-5, atol=1e-6)
@@ -90,7 +90,7 @@ def test_a_tie_keeps_the_fleets_larger_weight(tmp_path: Path, monkeypatch: pytes
     site.install(contribution.tensors)
     site.plan = replace(site.plan, steps=0)
     site.train()
-    assert site.trainer.mix_weights == [max(site.arm.personalization.mix_grid)]
+    assert site.mix_weights == [max(site.arm.personalization.mix_grid)]
 
 
 def test_the_compressed_update_is_measured_from_the_fleets_model(tmp_path: Path,
@@ -103,7 +103,7 @@ def test_the_compressed_update_is_measured_from_the_fleets_model(tmp_path: Path,
     fleet = {k: v.astype(np.float32) for k, v in contribution.tensors.items()}
     site.install(fleet)
     site.train()  # starts from a mix, then trains 4 steps
-    weights = site.trainer.mix_weights
+    weights = site.mix_weights
     assert weights and weights[0] < 1.0  # else the test could not tell the references apart
     sent, _ = site.upload(2)
     rank = site.arm.body_uplink.rank
