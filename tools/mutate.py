@@ -98,7 +98,8 @@ TARGETS: dict[str, Target] = {
         # seconds-long agent-over-Mosquitto tests for each mutant, out of reach of a 2-core run; its paths are
         # checked by tests/edge/test_service_*.py
         Target("edge", ("edge_agent/core.py", "edge_agent/registry.py", "edge_agent/training/trainer.py",
-                        "edge_agent/training/replay.py", "megace_model/adapters.py"),
+                        "edge_agent/training/adaptive_mix.py", "edge_agent/training/replay.py",
+                        "megace_model/adapters.py"),
                ("tests/edge",), 0.80, forkserver=True,
                deselect=("tests/edge/test_service_apply.py", "tests/edge/test_service_flow.py",
                          "tests/edge/test_service_rejects.py", "tests/edge/test_service_restart.py",
