@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+from edge_agent.training.adaptive_mix import MIX_GRID
 from megace.experiment.body_uplink import BodyUplink
 from megace.experiment.personalization import Personalization
 from megace_model.config import BACKBONE_HIDDEN
@@ -45,7 +46,10 @@ BASE = {"share_personal": True, "contrastive_weight": 0.0}
 HEAD_INIT = Personalization(fleet_modules=HEAD, mix=1.0)
 #: adaptive local aggregation: each round starts from the mix of the fleet's and the site's model (one weight
 #: of this grid, chosen on the site's held-out samples) instead of from the fleet's model
-ALA = Personalization(defer_global=True, mix_grid=(0.0, 0.25, 0.5, 0.75, 1.0))
+ALA = Personalization(defer_global=True, mix_grid=MIX_GRID)
+#: megace-ala: everything shared at LoRA-like traffic (int8 rank-8 LoRA, int8 rank-4 body updates), adaptive start
+MEGACE_ALA = {"share_personal": True, "ranks": (8,), "personalization": ALA,
+              "body_uplink": BodyUplink(rank=4, bits=8)}
 
 ARMS: list[FleetArm] = [
     FleetArm("local-only", "Local only (no federation)", "baseline", local_only=True, contrastive_weight=0.0),
@@ -64,11 +68,9 @@ ARMS: list[FleetArm] = [
              "megace", share_personal=True, personalization=Personalization(defer_global=True),
              body_uplink=BodyUplink(rank=2)),
     FleetArm("megace-ala", "megace + everything shared, body as rank-4 int8 updates, LoRA int8 r=8; a round starts "
-             "from the fleet/own mix that does best on held-out", "megace", share_personal=True, ranks=(8,),
-             personalization=ALA, body_uplink=BodyUplink(rank=4, bits=8)),
+             "from the fleet/own mix that does best on held-out", "megace", **MEGACE_ALA),
     FleetArm("megace-ala-fedavg", "megace-ala, plain FedAvg instead of modality-aware", "ablation",
-             strategy="fedavg", share_personal=True, ranks=(8,), personalization=ALA,
-             body_uplink=BodyUplink(rank=4, bits=8)),
+             strategy="fedavg", **MEGACE_ALA),
     FleetArm("megace-ala-842", "megace-ala with LoRA ranks 8/4/2 and float16 rank-2 body updates", "ablation",
              share_personal=True, personalization=ALA, body_uplink=BodyUplink(rank=2)),
     FleetArm("megace-fedavg", "megace, plain FedAvg instead of modality-aware", "ablation", strategy="fedavg"),
