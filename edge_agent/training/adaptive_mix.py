@@ -21,7 +21,7 @@ MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def mix(fleet: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
     """``w · fleet + (1 - w) · own`` per tensor (the same names in both)."""
-    return {k: w * fleet[k].to(v.dtype) + (1.0 - w) * v for k, v in own.items()}
+    return {k: w * fleet[k] + (1.0 - w) * v for k, v in own.items()}
 
 
 def best_mix(grid: tuple[float, ...], install: Callable[[float], None], score: Callable[[], float]) -> float:
