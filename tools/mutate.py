@@ -97,6 +97,11 @@ TARGETS: dict[str, Target] = {
         # application, under their fast unit tests. edge_agent/service.py (connect, run, shut down) needs the
         # seconds-long agent-over-Mosquitto tests for each mutant, out of reach of a 2-core run; its paths are
         # checked by tests/edge/test_service_*.py
+        # the adaptive start alone, against its own tests (the edge target's test set takes over 10 minutes to
+        # start on 2 cores)
+        Target("adaptive-mix", ("edge_agent/training/adaptive_mix.py",),
+               ("tests/edge/test_training_adaptive_mix.py", "tests/experiment/test_adaptive_mix.py"), 0.80,
+               forkserver=True),
         Target("edge", ("edge_agent/core.py", "edge_agent/registry.py", "edge_agent/training/trainer.py",
                         "edge_agent/training/adaptive_mix.py", "edge_agent/training/replay.py",
                         "megace_model/adapters.py"),
@@ -277,6 +282,10 @@ NOTES: dict[str, str] = {
     "path's texts), the metrics' branches for no evaluation yet and no onnxruntime installed, `_choose`'s "
     "'slower' strings (onnxruntime measured faster in every test run), `_fit_error`'s placeholder "
     "arguments that `fit_error` never reads, timing repetitions and batch-1 slices.",
+    "adaptive-mix": "`edge_agent/training/adaptive_mix.py` (the adaptive start, `[training] adaptive_mix`) against "
+    "its unit tests and the fleet benchmark's edge tests. The one survivor of the first run was a dtype cast that "
+    "type promotion made redundant; the cast was removed. `Trainer`'s side of it (deferral, rollback, the choice "
+    "on held-out) is in the `edge` target, whose re-run with it is still owed.",
     "edge": "Includes the network-free `edge_agent/core.py` (message handling, tested without a broker in "
     "`tests/edge/test_edge_core*.py`; alone it went from 60.3% to 80.3% with the new core tests). "
     "`edge_agent/service.py` and its asyncio collaborators (acks, outbox, downlinks) are not mutated: each "
